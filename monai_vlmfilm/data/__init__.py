@@ -1,0 +1,1 @@
+"""Data: synthetic XCA generator, datalist builder and converters for public XCA data sets."""
