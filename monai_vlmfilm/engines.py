@@ -1,0 +1,161 @@
+"""``prepare_batch`` callables for MONAI engines: rectified-flow training and profile-aware evaluation.
+
+Both follow MONAI's ``PrepareBatch`` protocol and return ``(inputs, targets, args, kwargs)``;
+``SupervisedTrainer`` / ``SupervisedEvaluator`` then call ``inferer(inputs, network, *args, **kwargs)``,
+which for the default ``SimpleInferer`` is ``network(inputs, **kwargs)``. The profile travels as the
+keyword ``profile`` and only when the batch holds one, so a FiLM-off pipeline (no ``vlm_profile`` in
+the batch) calls the network exactly as a plain ``DiffusionModelUNet``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch
+from monai.networks.schedulers import RFlowScheduler
+
+__all__ = ["FlowMatchingPrepareBatch", "ProfilePrepareBatch", "label_to_flow_space"]
+
+
+def label_to_flow_space(label: torch.Tensor) -> torch.Tensor:
+    """Map a mask to the flow's data space [-1, 1]: ``clamp(label, 0, 1) * 2 - 1``.
+
+    Binary masks stored as {0, 1} or {0, 255} both land on {-1, 1}; soft labels in [0, 1] keep their values.
+    """
+    return label.float().clamp(0, 1) * 2 - 1
+
+
+def _get(batchdata: Mapping, key: str, what: str) -> Any:
+    if not isinstance(batchdata, Mapping):
+        raise TypeError(f"prepare_batch expects a dict batch (keys {key!r}, ...), got {type(batchdata).__name__}.")
+    if key not in batchdata:
+        raise KeyError(f"batch has no {what} key {key!r}; keys present: {sorted(map(str, batchdata))}.")
+    return batchdata[key]
+
+
+def _profile_kwargs(batchdata: Mapping, profile_key: str | None, device: Any, non_blocking: bool, **kwargs) -> dict:
+    if profile_key is None or profile_key not in batchdata or batchdata[profile_key] is None:
+        return {}
+    p = batchdata[profile_key]
+    if not isinstance(p, torch.Tensor):
+        p = torch.as_tensor(p)
+    # the profile is an input, never something to learn through: keep the VLM out of the graph
+    return {"profile": p.detach().to(device=device, dtype=torch.float32, non_blocking=non_blocking)}
+
+
+class FlowMatchingPrepareBatch(PrepareBatch):
+    """Rectified-flow training pairs for mask generation conditioned on the image.
+
+    Conventions of MONAI's :class:`~monai.networks.schedulers.RFlowScheduler` (which this class uses
+    for timestep sampling and noising): timesteps ``t`` in ``[0, num_train_timesteps)``, with
+    ``s = t / num_train_timesteps``::
+
+        x0  = clamp(label, 0, 1) * 2 - 1          # mask in [-1, 1]
+        x_t = (1 - s) * x0 + s * noise            # t = T: pure noise, t = 0: the mask
+        v   = x0 - noise                          # velocity target; sampling integrates dx = v * ds from s=1 to 0
+
+    Returns ``(cat([x_t, image], 1), v, (), {"timesteps": t, "profile": p})`` for ``SupervisedTrainer``;
+    ``"profile"`` is present only when the batch has ``profile_key``.
+
+    Args:
+        num_train_timesteps: length of the time axis (``RFlowScheduler.num_train_timesteps``).
+        timestep_sampling: ``"uniform"`` or ``"logit-normal"`` (``t / T = sigmoid(N(loc, scale))``, which
+            concentrates training on intermediate times, as in Stable Diffusion 3).
+        image_key, label_key, profile_key: batch keys; ``profile_key=None`` never passes a profile.
+        use_discrete_timesteps: integer timesteps as ``RFlowScheduler``'s default; False keeps them continuous.
+        loc, scale: logit-normal parameters.
+        use_timestep_transform, transform_scale, base_img_size_numel: ``RFlowScheduler``'s resolution-dependent
+            timestep shift (off by default).
+        scheduler: use this ``RFlowScheduler`` instead of building one from the arguments above.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        timestep_sampling: str = "uniform",
+        image_key: str = "image",
+        label_key: str = "label",
+        profile_key: str | None = "vlm_profile",
+        use_discrete_timesteps: bool = True,
+        loc: float = 0.0,
+        scale: float = 1.0,
+        use_timestep_transform: bool = False,
+        transform_scale: float = 1.0,
+        base_img_size_numel: int = 32 * 32,
+        scheduler: RFlowScheduler | None = None,
+    ) -> None:
+        if scheduler is None:
+            scheduler = RFlowScheduler(
+                num_train_timesteps=num_train_timesteps,
+                use_discrete_timesteps=use_discrete_timesteps,
+                sample_method=timestep_sampling,
+                loc=loc,
+                scale=scale,
+                use_timestep_transform=use_timestep_transform,
+                transform_scale=transform_scale,
+                base_img_size_numel=base_img_size_numel,
+            )
+        self.scheduler = scheduler
+        self.num_train_timesteps = scheduler.num_train_timesteps
+        self.image_key = image_key
+        self.label_key = label_key
+        self.profile_key = profile_key
+
+    def get_noise(self, x0: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise like ``x0`` (override for other source distributions)."""
+        return torch.randn_like(x0)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        image = _get(batchdata, self.image_key, "image").to(device=device, non_blocking=non_blocking, **kwargs)
+        label = _get(batchdata, self.label_key, "label").to(device=device, non_blocking=non_blocking, **kwargs)
+        if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
+            raise ValueError(
+                f"image {tuple(image.shape)} and label {tuple(label.shape)} must share batch and spatial size."
+            )
+        x0 = label_to_flow_space(label).to(image.dtype)
+        noise = self.get_noise(x0)
+        timesteps = self.scheduler.sample_timesteps(x0).to(x0.device)
+        x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+        target = x0 - noise
+        infer_kwargs = {"timesteps": timesteps}
+        infer_kwargs.update(_profile_kwargs(batchdata, self.profile_key, device, non_blocking))
+        return torch.cat([x_t, image], dim=1), target, (), infer_kwargs
+
+
+class ProfilePrepareBatch(PrepareBatch):
+    """Evaluation ``prepare_batch``: ``(image, label, (), {"profile": p})``, or ``(image, label)`` without a profile.
+
+    With it, ``SupervisedEvaluator`` calls ``inferer(image, network, profile=p)`` (e.g. :class:`FlowSegInferer`).
+
+    Args:
+        image_key, label_key, profile_key: batch keys; a missing label gives ``None`` as target.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", profile_key: str | None = "vlm_profile"):
+        self.image_key = image_key
+        self.label_key = label_key
+        self.profile_key = profile_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple:
+        image = _get(batchdata, self.image_key, "image").to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata.get(self.label_key)
+        if isinstance(label, torch.Tensor):
+            label = label.to(device=device, non_blocking=non_blocking, **kwargs)
+        extra = _profile_kwargs(batchdata, self.profile_key, device, non_blocking)
+        if not extra:
+            return image, label
+        return image, label, (), extra

@@ -1,0 +1,212 @@
+"""Few-step ODE inference for a flow-matching segmentation network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer, sliding_window_inference
+from monai.utils import ensure_tuple
+
+__all__ = ["FlowSegInferer"]
+
+#: the key under which AttachVLMProfiled stores the profile in an image's meta dict (MONAI Label route).
+META_PROFILE_KEY = "vlm_profile"
+
+
+def _unwrap(network: Callable) -> Any:
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+class FlowSegInferer(Inferer):
+    """Segment by integrating the learned velocity from noise (``t = T``) to the mask (``t = 0``).
+
+    Time convention of MONAI's ``RFlowScheduler`` / :class:`~monai_vlmfilm.engines.FlowMatchingPrepareBatch`:
+    the network is called as ``network(cat([x_t, image], 1), timesteps=t, profile=p)`` and predicts
+    ``v = x0 - noise``; a step from ``t_i`` to ``t_{i+1}`` is ``x += v * (t_i - t_{i+1}) / T`` (Euler, exactly
+    ``RFlowScheduler.step``) or its trapezoidal correction (Heun, two network calls per step). The times are
+    ``t_i = T * (1 - i / num_steps)``. The final mask estimate in [-1, 1] is mapped to a foreground
+    probability ``clamp((x + 1) / 2, 0, 1)``.
+
+    Output: ``[B, C, *spatial]`` probability in [0, 1] (mean over ``num_samples`` noise draws), where ``C`` is
+    the network's ``out_channels``. With ``return_uncertainty=True`` the output is ``[B, 2C, *spatial]``:
+    channels ``[:C]`` the mean probability and ``[C:]`` the per-pixel standard deviation of the probability
+    over the samples (0 everywhere when ``num_samples=1``); slice channel ``[:C]`` before thresholding.
+    A MetaTensor input gives a MetaTensor output carrying the input's meta data.
+
+    The profile: the ``profile`` argument (``[B, P]`` or ``[P]``), else ``inputs.meta["vlm_profile"]`` when
+    ``inputs`` is a MetaTensor that carries one (MONAI Label calls ``inferer(inputs, network)`` with nothing
+    else), else none (the network's null profile). It is omitted from the network call when None, so a
+    plain ``DiffusionModelUNet`` works too. With sliding windows every window gets its own image's profile.
+
+    Args:
+        num_steps: ODE steps (network evaluations: ``num_steps`` for Euler, ``2 * num_steps`` for Heun).
+        solver: ``"euler"`` or ``"heun"``.
+        num_samples: noise draws per image, averaged.
+        roi_size: sliding-window size; None runs the whole image at once. The noise is drawn for the whole
+            image first, so overlapping windows integrate the same noise.
+        sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval: as ``monai.inferers.sliding_window_inference``.
+        return_uncertainty: append the per-pixel standard deviation over samples (see above).
+        num_train_timesteps: ``T`` of training.
+        seed: seed of a private ``torch.Generator`` drawn anew on every call (reproducible output, the global
+            RNG untouched); None draws from the global RNG.
+        mask_channels: channels of the mask; None reads ``network.out_channels``.
+    """
+
+    def __init__(
+        self,
+        num_steps: int = 4,
+        solver: str = "euler",
+        num_samples: int = 1,
+        roi_size: Sequence[int] | int | None = None,
+        sw_batch_size: int = 4,
+        overlap: Sequence[float] | float = 0.25,
+        return_uncertainty: bool = False,
+        num_train_timesteps: int = 1000,
+        seed: int | None = None,
+        mode: str = "constant",
+        sigma_scale: Sequence[float] | float = 0.125,
+        padding_mode: str = "constant",
+        cval: float = 0.0,
+        mask_channels: int | None = None,
+    ) -> None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        self.num_steps = num_steps
+        self.solver = solver
+        self.num_samples = num_samples
+        self.roi_size = roi_size
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.return_uncertainty = return_uncertainty
+        self.num_train_timesteps = num_train_timesteps
+        self.seed = seed
+        self.mode = mode
+        self.sigma_scale = sigma_scale
+        self.padding_mode = padding_mode
+        self.cval = cval
+        self.mask_channels = mask_channels
+
+    def timesteps(self) -> list[float]:
+        """``[T, ..., 0]``: the ``num_steps + 1`` integration times."""
+        n, t_max = self.num_steps, float(self.num_train_timesteps)
+        return [t_max * (1.0 - i / n) for i in range(n + 1)]
+
+    def integrate(
+        self, network: Callable, image: torch.Tensor, noise: torch.Tensor, profile: torch.Tensor | None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Run the ODE from ``noise`` conditioned on ``image``; returns the final mask estimate in flow space."""
+        x = noise.float()
+        ts = self.timesteps()
+        extra = dict(kwargs)
+        if profile is not None:
+            extra["profile"] = profile
+
+        def velocity(x_: torch.Tensor, t: float) -> torch.Tensor:
+            tt = torch.full((x_.shape[0],), t, device=x_.device, dtype=torch.float32)
+            v = network(torch.cat([x_.to(image.dtype), image], dim=1), timesteps=tt, **extra)
+            return v.float()
+
+        for t_cur, t_next in zip(ts[:-1], ts[1:]):
+            dt = (t_cur - t_next) / self.num_train_timesteps
+            v = velocity(x, t_cur)
+            if self.solver == "heun":
+                v = 0.5 * (v + velocity(x + v * dt, t_next))
+            x = x + v * dt
+        return x
+
+    def _profile_from(self, inputs: torch.Tensor, profile: Any) -> torch.Tensor | None:
+        if profile is None and isinstance(inputs, MetaTensor):
+            profile = inputs.meta.get(META_PROFILE_KEY)
+        if profile is None:
+            return None
+        if isinstance(profile, (list, tuple)):
+            profile = torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in profile])
+        p = torch.as_tensor(profile, dtype=torch.float32, device=inputs.device)
+        if isinstance(p, MetaTensor):
+            p = p.as_tensor()
+        p = p.detach()
+        if p.ndim == 1:
+            p = p[None]
+        if p.ndim != 2:
+            raise ValueError(f"profile must be [B, P] or [P], got shape {tuple(p.shape)}.")
+        if p.shape[0] == 1 and inputs.shape[0] > 1:
+            p = p.expand(inputs.shape[0], -1)
+        if p.shape[0] != inputs.shape[0]:
+            raise ValueError(f"profile batch size {p.shape[0]} does not match the image batch size {inputs.shape[0]}.")
+        return p
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs: image batch ``[B, C_img, *spatial]`` (the network's conditioning image).
+            network: velocity network called as ``network(cat([x_t, image], 1), timesteps=t, profile=p, **kwargs)``.
+            profile: ``[B, P]`` / ``[P]`` profile, or None (see the class docstring).
+            kwargs: further keyword arguments for the network.
+        """
+        if args:
+            raise TypeError(f"FlowSegInferer passes no positional arguments to the network, got {len(args)}.")
+        p = self._profile_from(inputs, profile)
+        image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        net = _unwrap(network)
+        c_m = self.mask_channels or getattr(net, "out_channels", None)
+        if c_m is None:
+            raise ValueError("set mask_channels: the network has no out_channels attribute.")
+        in_ch = getattr(net, "in_channels", None)
+        if in_ch is not None and in_ch != c_m + image.shape[1]:
+            raise ValueError(
+                f"network expects {in_ch} input channels but mask ({c_m}) + image ({image.shape[1]}) give "
+                f"{c_m + image.shape[1]}."
+            )
+        s = self.num_samples
+        b, c_img, *spatial = image.shape
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator(device=image.device)
+            gen.manual_seed(int(self.seed))
+        noise = torch.randn((b, s * c_m, *spatial), generator=gen, device=image.device, dtype=torch.float32)
+
+        def predict(rows: list[int], img: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
+            n = img.shape[0]
+            img_s = img.repeat_interleave(s, dim=0)
+            nz_s = nz.reshape(n * s, c_m, *nz.shape[2:])
+            p_s = None if p is None else p[rows].repeat_interleave(s, dim=0)
+            x0 = self.integrate(network, img_s, nz_s, p_s, **kwargs)
+            prob = ((x0 + 1) / 2).clamp(0, 1)
+            return prob.reshape(n, s * c_m, *prob.shape[2:])
+
+        if self.roi_size is None:
+            per_sample = predict(list(range(b)), image, noise.to(image.dtype))
+        else:
+
+            def window(win: torch.Tensor, coords: list) -> torch.Tensor:
+                rows = [int(c[0].start) for c in coords]
+                return predict(rows, win[:, :c_img], win[:, c_img:])
+
+            per_sample = sliding_window_inference(
+                torch.cat([image, noise.to(image.dtype)], dim=1),
+                roi_size=ensure_tuple(self.roi_size) if not isinstance(self.roi_size, int) else self.roi_size,
+                sw_batch_size=self.sw_batch_size,
+                predictor=window,
+                overlap=self.overlap,
+                mode=self.mode,
+                sigma_scale=self.sigma_scale,
+                padding_mode=self.padding_mode,
+                cval=self.cval,
+                with_coord=True,
+            )
+        per_sample = per_sample.float().reshape(b, s, c_m, *spatial)
+        out = per_sample.mean(dim=1)
+        if self.return_uncertainty:
+            out = torch.cat([out, per_sample.std(dim=1, unbiased=False)], dim=1)
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out).copy_meta_from(inputs)
+        return out
