@@ -1,0 +1,149 @@
+"""Statistics of the ablation on constructed data with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from monai_vlmfilm.ablation.stats import (
+    TERCILE_NAMES,
+    analyse,
+    bootstrap_ci,
+    difficulty_terciles,
+    mode_summary,
+    paired_by_image,
+    paired_difference,
+    t_interval,
+    verdicts,
+)
+
+
+def test_intervals_cover_the_true_mean_at_about_95_percent():
+    # 400 experiments of 30 pairs each with true mean difference 0.5: both intervals must cover it ~95% of the time
+    rng = np.random.default_rng(1)
+    true = 0.5
+    cover_boot = cover_t = 0
+    n_exp = 400
+    for e in range(n_exp):
+        d = true + rng.normal(0, 1.0, 30)
+        lo, hi = bootstrap_ci(d, n_boot=1000, seed=e)
+        cover_boot += lo <= true <= hi
+        lo, hi = t_interval(d)
+        cover_t += lo <= true <= hi
+    # binomial sd at p=0.95, n=400 is 1.1 points; the percentile bootstrap runs slightly narrow at n=30
+    assert 0.90 <= cover_t / n_exp <= 0.985
+    assert 0.88 <= cover_boot / n_exp <= 0.985
+
+
+def test_t_interval_matches_textbook_formula():
+    d = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    lo, hi = t_interval(d)
+    half = 2.7764451051977987 * np.std(d, ddof=1) / math.sqrt(5)  # t_{0.975, 4}
+    assert lo == pytest.approx(3.0 - half)
+    assert hi == pytest.approx(3.0 + half)
+
+
+def test_paired_difference_edge_cases():
+    p = paired_difference([])
+    assert p.n == 0 and math.isnan(p.mean)
+    p = paired_difference([0.2, 0.2, 0.2, float("nan"), float("inf")])
+    assert p.n == 3 and p.mean == pytest.approx(0.2)
+    assert (p.ci_lo, p.ci_hi) == pytest.approx((0.2, 0.2))
+    assert p.excludes_zero
+    assert math.isnan(paired_difference([1.0]).ci_lo)
+
+
+def test_terciles_by_rank_with_ties_and_order():
+    d = [5, 1, 3, 3, 3, 2, 4, 1, 5]
+    t = difficulty_terciles(d)
+    assert sorted(np.bincount(t).tolist()) == [3, 3, 3]
+    # every image of a higher tercile is at least as hard as every image of a lower one
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert max(np.asarray(d)[t == a]) <= min(np.asarray(d)[t == b])
+    assert t[1] == 0 and t[0] == 2 and t[8] == 2
+    assert np.bincount(difficulty_terciles(np.arange(10.0))).tolist() == [4, 3, 3]
+    with pytest.raises(ValueError, match="finite"):
+        difficulty_terciles([1.0, float("nan")])
+
+
+def _records(gain_hard: float, n_img: int = 60, seeds=(0, 1, 2), noise: float = 0.002):
+    """off vs on, on gains only on the hardest third; seed effects shared by both modes of one seed."""
+    rng = np.random.default_rng(0)
+    diff = np.linspace(1, 5, n_img)
+    recs = []
+    for s in seeds:
+        seed_shift = 0.01 * s
+        for mode in ("off", "on", "shuffle"):
+            for i in range(n_img):
+                base = 0.9 - 0.05 * diff[i] + seed_shift
+                gain = gain_hard if (mode == "on" and i >= 2 * n_img // 3) else 0.0
+                recs.append(
+                    {
+                        "mode": mode,
+                        "seed": s,
+                        "fold": None,
+                        "image": f"i{i:03d}",
+                        "difficulty": float(diff[i]),
+                        "dice": base + gain + rng.normal(0, noise),
+                        "betti1_error": 2.0 + (1.0 if mode == "on" else 0.0),
+                    }
+                )
+    return recs
+
+
+def test_mode_summary_is_mean_of_seed_means_with_std_across_seeds():
+    recs = _records(0.0, noise=0.0)
+    s = mode_summary(recs, "off", "dice")
+    per_seed = [0.9 - 0.05 * np.mean(np.linspace(1, 5, 60)) + 0.01 * k for k in range(3)]
+    assert s["mean"] == pytest.approx(np.mean(per_seed))
+    assert s["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert s["n_seeds"] == 3 and s["n_images"] == 60
+
+
+def test_pairing_is_by_seed_and_image():
+    recs = _records(0.03, noise=0.0)
+    images, d = paired_by_image(recs, "on", "off", "dice")
+    assert len(images) == 60
+    # seed shifts cancel in a paired difference: exactly 0 on easy images, exactly the gain on hard ones
+    assert np.allclose(d[:40], 0.0, atol=1e-12) and np.allclose(d[40:], 0.03)
+
+
+def test_analyse_and_verdicts_on_known_effects():
+    an = analyse(_records(0.045), ["off", "on", "shuffle"], n_boot=2000)
+    on = an["paired"]["on"]
+    assert on["overall"]["dice"]["mean"] == pytest.approx(0.015, abs=0.001)  # a third of the images gain 4.5 pt
+    assert on["hardest"]["dice"]["mean"] == pytest.approx(0.045, abs=0.001)
+    assert on["easiest"]["dice"]["ci_lo"] < 0 < on["easiest"]["dice"]["ci_hi"]
+    assert on["hardest"]["dice"]["n"] == 20
+    assert "on-vs-shuffle" in an["paired"]
+    assert [b[2] for b in an["tercile_bounds"]] == [20, 20, 20]
+    v = {x["name"]: x for x in verdicts(an)}
+    overall = next(x for n, x in v.items() if n.startswith("on − off") and "overall" in n)
+    hardest = next(x for n, x in v.items() if n.startswith("on − off") and "hardest" in n)
+    assert overall["met"] is True and "MET" in overall["text"]
+    assert hardest["met"] is True
+    betti1 = next(x for n, x in v.items() if "Betti-1" in n)
+    assert betti1["met"] is False and "NOT MET" in betti1["text"]  # on has one more Betti-1 error everywhere
+    shuffle = next(x for n, x in v.items() if n.startswith("shuffle"))
+    assert shuffle["met"] is True
+
+    # a gain below the target is NOT MET, even when it is significant
+    an_small = analyse(_records(0.015), ["off", "on"], n_boot=2000)
+    v_small = verdicts(an_small)
+    overall = next(x for x in v_small if x["name"].startswith("on − off") and "overall" in x["name"])
+    assert overall["met"] is False and "NOT MET" in overall["text"]
+    assert set(TERCILE_NAMES) <= set(an_small["paired"]["on"])
+
+
+def test_verdicts_without_data_say_so():
+    recs = [r for r in _records(0.03) if r["mode"] == "off"]
+    an = analyse(
+        recs + [{"mode": "on", "seed": 9, "fold": None, "image": "zz", "difficulty": 1.0, "dice": 0.5}],
+        ["off", "on"],
+        n_boot=100,
+    )
+    v = verdicts(an)
+    assert v and all(x["met"] is None and "NO DATA" in x["text"] for x in v if x["name"].startswith("on − off"))
