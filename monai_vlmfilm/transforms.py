@@ -1,0 +1,203 @@
+"""Dictionary transforms of monai-vlmfilm."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple_rep
+
+from .profiles.base import Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
+from .profiles.schema import DEFAULT_PROFILE, VLMProfile
+from .profiles.store import ProfileStore
+
+__all__ = ["AttachVLMProfiled", "PRECOMPUTE_HINT"]
+
+logger = logging.getLogger(__name__)
+
+PRECOMPUTE_HINT = (
+    "run `python -m monai_vlmfilm.profiles precompute --datalist <datalist.json> --cache-dir <cache> "
+    "--profiler <name>` before training so every image is a cache hit"
+)
+_POLICIES = ("compute", "default", "error")
+_MAX_WARNINGS = 10
+
+
+class _ProfilerStub:
+    """Stands in for a heavy profiler in pickled copies (DataLoader workers): keeps the key, never runs."""
+
+    def __init__(self, name: str, fingerprint: str) -> None:
+        self.name, self.fingerprint, self.heavy = name, fingerprint, True
+
+    def profile(self, images: Sequence[Any]) -> list[VLMProfile]:
+        raise RuntimeError(f"heavy profiler {self.name!r} is not available in this process; {PRECOMPUTE_HINT}")
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+class AttachVLMProfiled(MapTransform):
+    """Attach the cached profile of ``d[key]`` as ``d[profile_key]`` (float32 ``[PROFILE_DIM]``).
+
+    Works before ``LoadImaged`` (a path) or after it (a MetaTensor: the file named by
+    ``filename_or_obj`` is hashed through the store's path memo, so intensity transforms placed before
+    this one do not change the key; without a file the pixels themselves are hashed). When ``d[key]``
+    is a MetaTensor its ``meta["vlm_profile"]`` gets the same vector, for inferers that receive only
+    the image (MONAI Label calls ``inferer(inputs, network)``).
+
+    Args:
+        keys: image key(s) to profile.
+        store: a :class:`ProfileStore` or a cache directory path (opened lazily, read-write).
+        profiler: profiler instance, name (``"heuristic"``, ``"qwen"``, ``"oracle"``), dotted class path or
+            dict spec (``{"name": ..., **kwargs}``); built lazily. ``None`` means ``"heuristic"``. Its
+            fingerprint selects the cache entries.
+        on_missing: what a cache miss does: ``"compute"`` (run the profiler and store the result;
+            inside DataLoader workers a heavy profiler is never loaded and the default profile is used
+            instead, with a warning), ``"default"`` (``DEFAULT_PROFILE`` marked as fallback, with a
+            warning) or ``"error"`` (``KeyError`` naming the image).
+        profile_key: output key, or one per key.
+        allow_missing_keys: skip absent keys instead of raising.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        store: ProfileStore | str | os.PathLike,
+        profiler: Profiler | str | dict | None = None,
+        on_missing: str = "compute",
+        profile_key: str | Sequence[str] = "vlm_profile",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if on_missing not in _POLICIES:
+            raise ValueError(f"on_missing must be one of {_POLICIES}, got {on_missing!r}")
+        self.on_missing = on_missing
+        self.profile_keys = ensure_tuple_rep(profile_key, len(self.keys))
+        self._store_spec = store
+        self._store: ProfileStore | None = store if isinstance(store, ProfileStore) else None
+        self._profiler_spec = "heuristic" if profiler is None else profiler
+        self._profiler: Any = profiler if isinstance(profiler, Profiler) else None
+        self._fingerprint: str | None = None
+        self._counts = {"hits": 0, "misses": 0, "computed": 0, "fallbacks": 0}
+        self._warned = 0
+        self._heavy: bool | None = None
+
+    # -- lazy members (picklable: no open handles; heavy models are never pickled into workers)
+    @property
+    def store(self) -> ProfileStore:
+        if self._store is None:
+            self._store = ProfileStore(self._store_spec)  # type: ignore[arg-type]
+        return self._store
+
+    @property
+    def profiler(self) -> Any:
+        if self._profiler is None:
+            self._profiler = create_profiler(self._profiler_spec)
+        return self._profiler
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.profiler.fingerprint
+        return self._fingerprint
+
+    @property
+    def heavy(self) -> bool:
+        """Whether the profiler is heavy (decided from its class: nothing is built or loaded)."""
+        if self._heavy is None:
+            self._heavy = is_heavy(self._profiler if self._profiler is not None else self._profiler_spec)
+        return self._heavy
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.heavy:  # copies (DataLoader workers) get the key, never the model
+            fp = self.fingerprint  # builds the profiler object (models load lazily, on first profile())
+            state["_profiler"] = _ProfilerStub(getattr(self._profiler, "name", "profiler"), fp)
+            state["_fingerprint"] = fp
+            state["_heavy"] = True
+        if not isinstance(self._store_spec, ProfileStore):
+            state["_store"] = None
+        state["_counts"] = dict.fromkeys(self._counts, 0)
+        state["_warned"] = 0
+        return state
+
+    def stats(self) -> dict[str, float]:
+        """Per-process counts of hits, misses, computed profiles and fallbacks, and the hit rate."""
+        c = dict(self._counts)
+        total = c["hits"] + c["misses"]
+        return {**c, "total": total, "hit_rate": c["hits"] / total if total else 0.0}
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        if self._warned < _MAX_WARNINGS:
+            self._warned += 1
+            logger.warning(msg + ("" if self._warned < _MAX_WARNINGS else " (further warnings suppressed)"), *args)
+
+    # -- lookup
+    @staticmethod
+    def _source_path(img: Any) -> str | None:
+        if isinstance(img, (str, os.PathLike)):
+            return os.fspath(img)
+        if isinstance(img, MetaTensor):
+            src = img.meta.get("filename_or_obj")
+            if isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
+                return os.fspath(src)
+        return None
+
+    def _fallback(self, reason: str, name: str) -> VLMProfile:
+        self._counts["fallbacks"] += 1
+        self._warn("profile cache miss for %s: %s; using the default profile", name, reason)
+        return DEFAULT_PROFILE.as_fallback(reason)
+
+    def profile_of(self, img: Any) -> VLMProfile:
+        """The profile of one image (path, array, Tensor, MetaTensor) under the configured policy."""
+        store, fp = self.store, self.fingerprint
+        path = self._source_path(img)
+        arr: np.ndarray | None = None
+        if path is not None:
+            digest, arr = store.path_digest(path)
+        else:
+            arr = canonical_image(img)
+            digest = pixel_digest(arr)
+        key = store.make_key(digest, fp)
+        prof = store.get_by_key(key, fp)
+        if prof is not None:
+            self._counts["hits"] += 1
+            return prof
+        self._counts["misses"] += 1
+        name = path or f"<{type(img).__name__} {tuple(getattr(img, 'shape', ()))}>"
+        if self.on_missing == "error":
+            raise KeyError(f"no cached profile for image {name} (fingerprint {fp[:80]}...); {PRECOMPUTE_HINT}")
+        if self.on_missing == "default":
+            return self._fallback("cache miss", name)
+        if _in_worker() and self.heavy:
+            return self._fallback(
+                f"cache miss in a DataLoader worker (heavy profiler not loaded there); {PRECOMPUTE_HINT}", name
+            )
+        if arr is None:
+            arr = canonical_image(path)  # display orientation for the profiler
+        prof = self.profiler.profile([arr])[0]
+        store.put_by_key(key, prof, fp, digest)
+        self._counts["computed"] += 1
+        if prof.is_fallback:
+            self._counts["fallbacks"] += 1
+            self._warn(
+                "profiler %s gave a fallback profile for %s: %s", getattr(self.profiler, "name", "?"), name, prof.reason
+            )
+        return prof
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, pkey in self.key_iterator(d, self.profile_keys):
+            vec = torch.from_numpy(self.profile_of(d[key]).to_vector())
+            d[pkey] = vec
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["vlm_profile"] = vec.clone()
+        return d
