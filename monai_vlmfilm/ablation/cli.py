@@ -1,0 +1,628 @@
+"""``python -m monai_vlmfilm.ablation``: train and evaluate FiLM off / on / shuffle / oracle over seeds, then report.
+
+Steps:
+
+1. profiles, once: the configured profiler's (``--profiler``, default heuristic) and, when every item carries
+   ``factors`` (synthetic data), the oracle's, each in a :class:`~monai_vlmfilm.profiles.store.ProfileStore` under
+   ``DIR/profiles/``; ``shuffle`` is a third store whose entries hold the profiler's profiles permuted across
+   images by a seeded derangement (same keys, same multiset of profiles, no per-image information);
+2. one job per (mode, seed[, fold]): the bundle's own training (``python -m monai.bundle run training``) then its
+   evaluate config on the evaluation split, each a subprocess with its own log, K jobs per GPU in parallel;
+   a finished job is skipped on a rerun, a failing one is reported with its log and does not stop the others;
+3. per job: per-image metrics from the evaluate run's MetricsSaver CSVs, FiLM γ/β magnitudes from the trained
+   checkpoint's heads run on the evaluation images' profiles;
+4. ``DIR/report.md``, ``DIR/results.json`` and PNG plots (see :mod:`monai_vlmfilm.ablation.report`).
+
+Example::
+
+    python -m monai_vlmfilm.ablation --datalist data/datalist.json --out runs/ablation \\
+        --modes off,on,shuffle,oracle --seeds 0,1,2 --max-iterations 2000 --gpus 0,1 --jobs-per-gpu 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import data as D
+from .jobs import Job, JobOutcome, Step, make_slots, run_jobs
+from .report import write_report
+from .stats import METRICS
+
+__all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "main", "parse_metric_csvs", "metric_name"]
+
+MODES: tuple[str, ...] = ("off", "on", "shuffle", "oracle")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Names of the bundle config keys the ablation sets (one place to change if the bundle renames them).
+BUNDLE_KEYS: dict[str, str] = {
+    "switch": "use_vlm_film",
+    "seed": "seed",
+    "datalist": "datalist",
+    "output_dir": "output_dir",
+    "cache_dir": "profile_cache_dir",
+    "profiler": "profiler",
+    "on_missing": "profile_on_missing",
+    "epochs": "max_epochs",
+    "iterations": "max_iterations",
+    "image_size": "image_size",
+    "checkpoint": "checkpoint",
+    "eval_split": "eval_split",
+    "eval_output_dir": "eval_output_dir",
+    "num_workers": "num_workers",
+}
+
+#: canonical metric name -> substrings of a MetricsSaver file name that identify it (first match wins, in order)
+_METRIC_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cldice", ("cldice", "cl_dice")),
+    ("betti0_error", ("betti0", "betti_0", "b0_error")),
+    ("betti1_error", ("betti1", "betti_1", "b1_error")),
+    ("hd95", ("hd95", "hausdorff")),
+    ("dice", ("dice",)),
+)
+
+
+def metric_name(file_stem: str) -> str | None:
+    """Canonical metric name of a MetricsSaver ``<name>_raw.csv`` stem, or None when it is not one of ours."""
+    s = file_stem.lower().replace("-", "_")
+    for name, pats in _METRIC_PATTERNS:
+        if any(p in s for p in pats):
+            return name
+    return None
+
+
+def parse_metric_csvs(folder: Path) -> dict[str, dict[str, float]]:
+    """``{image path: {metric: value}}`` from MetricsSaver's ``*_raw.csv`` files in ``folder`` (searched recursively).
+
+    Each file has a header ``filename,class0[,...],mean`` and one row per image; the ``mean`` column is used.
+
+    Raises:
+        ValueError: when no metric CSV is found (the message names the folder).
+    """
+    import csv
+
+    out: dict[str, dict[str, float]] = {}
+    files = sorted(folder.rglob("*_raw.csv"))
+    for f in files:
+        name = metric_name(f.name[: -len("_raw.csv")])
+        if name is None:
+            continue
+        with open(f, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            continue
+        header = rows[0]
+        col = header.index("mean") if "mean" in header else len(header) - 1
+        for row in rows[1:]:
+            if len(row) < len(header):
+                continue
+            try:
+                v = float(row[col])
+            except ValueError:
+                v = float("nan")
+            out.setdefault(os.path.abspath(row[0]), {})[name] = v
+    if not out:
+        raise ValueError(f"no per-image metric CSV (*_raw.csv from MetricsSaver) found under {str(folder)!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip() != ""]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m monai_vlmfilm.ablation",
+        description="Train and evaluate FiLM off / on / shuffle / oracle over seeds (and folds) with the bundle, "
+        "then write DIR/report.md, DIR/results.json and PNG plots.",
+    )
+    p.add_argument("--datalist", required=True, help="MONAI datalist JSON (training / validation [/ test])")
+    p.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
+    p.add_argument("--modes", default="off,on,shuffle,oracle", help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated training seeds")
+    p.add_argument("--profiler", default="heuristic", help="profiler for on/shuffle (default heuristic)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=None, help="training epochs per job")
+    g.add_argument("--max-iterations", type=int, default=None, help="training iterations per job")
+    p.add_argument("--image-size", type=int, default=None, help="training / evaluation image size (pixels)")
+    p.add_argument("--gpus", default="auto", help="'auto' (every visible GPU, else CPU), 'cpu', or e.g. 0,1")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="parallel jobs per GPU (small models leave room)")
+    p.add_argument("--cpu-jobs", type=int, default=1, help="parallel jobs without a GPU")
+    p.add_argument("--folds", type=int, default=None, help="K-fold CV over training+validation items")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (fixed across training seeds)")
+    p.add_argument(
+        "--eval-split", default=None, help="split to evaluate without --folds (default test, else validation)"
+    )
+    p.add_argument("--bundle-root", default=None, help="bundle folder (default: the repository's bundle/)")
+    p.add_argument("--train-config", default=None, help="default <bundle>/configs/train.yaml")
+    p.add_argument("--eval-config", default=None, help="default <bundle>/configs/evaluate.yaml")
+    p.add_argument("--overlay-off", default=None, help="overlay for off (default <repo>/configs/flow.yaml if present)")
+    p.add_argument("--overlay-on", default=None, help="overlay for on/shuffle/oracle (default configs/flow_vlm.yaml)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra bundle override for training and evaluation (repeatable), e.g. --override num_workers=4",
+    )
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle derangement")
+    p.add_argument("--job-timeout", type=float, default=None, help="kill a job step after this many seconds")
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished jobs; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (errors exit with a message, as argparse does)."""
+    p = _build_parser()
+    a = p.parse_args(argv)
+    a.mode_list = [m.strip() for m in a.modes.split(",") if m.strip()]
+    bad = [m for m in a.mode_list if m not in MODES]
+    if bad or not a.mode_list:
+        p.error(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
+    if len(set(a.mode_list)) != len(a.mode_list):
+        p.error("--modes lists a mode twice")
+    if not a.seeds:
+        p.error("--seeds is empty")
+    for kv in a.override:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            p.error(f"--override expects KEY=VALUE, got {kv!r}")
+    if a.folds is not None and a.folds < 2:
+        p.error("--folds must be >= 2")
+    return a
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+
+
+def _gpus(spec: str) -> list[int]:
+    if spec == "cpu":
+        return []
+    if spec == "auto":
+        try:
+            import torch
+
+            return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        except Exception:  # a broken CUDA set-up means CPU, not a crash
+            return []
+    return _int_list(spec)
+
+
+def _card(gpus: Sequence[int]) -> str:
+    if not gpus:
+        return "CPU"
+    try:
+        import torch
+
+        names = [torch.cuda.get_device_name(g) for g in gpus]
+        return f"{len(names)} x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    except Exception:
+        return f"GPU {list(gpus)}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"  # fire (the bundle CLI) reads True/False, not true/false
+    return str(v)
+
+
+def bundle_cmd(workflow: str, bundle_root: Path, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
+    """``python -m monai.bundle run <workflow> --bundle_root ... --config_file "[...]" --key value ...``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        workflow,
+        "--bundle_root",
+        str(bundle_root),
+        "--config_file",
+        json.dumps([str(c) for c in configs]),
+    ]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", _fmt(v)]
+    return cmd
+
+
+class Ablation:
+    """One ablation run (see the module docstring); ``main`` drives it."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
+        self.args = args
+        self.argv = list(argv)
+        self.out = Path(args.out).resolve()
+        self.datalist_path = Path(args.datalist).resolve()
+        self.bundle_root = Path(args.bundle_root).resolve() if args.bundle_root else REPO_ROOT / "bundle"
+        cfg = self.bundle_root / "configs"
+        self.train_config = Path(args.train_config).resolve() if args.train_config else cfg / "train.yaml"
+        self.eval_config = Path(args.eval_config).resolve() if args.eval_config else cfg / "evaluate.yaml"
+
+        def overlay(given: str | None, default: str) -> Path | None:
+            if given:
+                return Path(given).resolve()
+            d = REPO_ROOT / "configs" / default
+            return d if d.is_file() else None
+
+        self.overlay_off = overlay(args.overlay_off, "flow.yaml")
+        self.overlay_on = overlay(args.overlay_on, "flow_vlm.yaml")
+        for f in (self.train_config, self.eval_config):
+            if not f.is_file():
+                raise ValueError(f"bundle config {str(f)!r} does not exist (see --bundle-root / --train-config)")
+        self.datalist = D.load_datalist(self.datalist_path)
+        self.synthetic = D.has_factors(D.unique_images(self.datalist))
+        if "oracle" in args.mode_list and not self.synthetic:
+            raise ValueError(
+                f"mode 'oracle' needs ground-truth 'factors' (with 'difficulty') on every item of "
+                f"{str(self.datalist_path)!r}; real data has none: leave oracle out of --modes"
+            )
+        self._collect_lock = threading.Lock()
+
+    # -------------------------------------------------------------------- splits
+    def splits(self) -> list[tuple[int | None, Path, list[dict[str, Any]]]]:
+        """``[(fold, datalist path, evaluation items)]``: one entry without ``--folds``, else one per fold.
+
+        The written datalists hold absolute paths; the evaluated items sit in both ``validation`` and ``test``,
+        so the bundle's evaluate config finds them whichever split it reads.
+        """
+        a, dl = self.args, self.datalist
+        out = []
+        if a.folds:
+            pool = list(dl["training"]) + list(dl.get("validation") or [])
+            for k, held in enumerate(D.make_folds(pool, a.folds, a.fold_seed)):
+                held_set = {it["image"] for it in held}
+                train = [it for it in pool if it["image"] not in held_set]
+                path = D.write_datalist(
+                    self.out / "datalists" / f"fold{k}.json",
+                    {"training": train, "validation": held, "test": held},
+                    f"fold {k} of {a.folds} (seed {a.fold_seed}) over training+validation of {self.datalist_path}",
+                )
+                out.append((k, path, list(held)))
+        else:
+            split = D.eval_split_of(dl, a.eval_split)
+            ev = list(dl[split])
+            path = D.write_datalist(
+                self.out / "datalists" / "main.json",
+                {"training": dl["training"], "validation": dl.get("validation") or ev, "test": ev},
+                f"{self.datalist_path} with absolute paths; test = its {split!r} split",
+            )
+            out.append((None, path, ev))
+        self.eval_split = "held-out fold" if a.folds else D.eval_split_of(dl, a.eval_split)
+        return out
+
+    # -------------------------------------------------------------------- profiles
+    def prepare_profiles(self) -> dict[str, dict[str, Any]]:
+        """Fill the profile stores; returns ``{source: {"dir", "profiler"}}`` for every store made."""
+        from monai_vlmfilm.profiles.base import create_profiler
+        from monai_vlmfilm.profiles.oracle import OracleProfiler
+
+        items = D.unique_images(self.datalist)
+        modes = self.args.mode_list
+        stores: dict[str, dict[str, Any]] = {}
+        prof = create_profiler(self.args.profiler)
+        pdir = self.out / "profiles" / prof.name
+        t0 = time.time()
+        # the profiler's profiles are always made: real data takes its difficulty terciles from them
+        D.prepare_profile_cache(pdir, items, prof)
+        stores[prof.name] = {"dir": pdir, "profiler": prof, "spec": self.args.profiler}
+        print(f"[ablation] {prof.name} profiles of {len(items)} images in {pdir} ({time.time() - t0:.1f} s)")
+        if "shuffle" in modes:
+            sdir = self.out / "profiles" / "shuffle"
+            D.build_shuffled_cache(pdir, sdir, items, prof, seed=self.args.shuffle_seed)
+            stores["shuffle"] = {"dir": sdir, "profiler": prof, "spec": self.args.profiler}
+        if self.synthetic:
+            odir = self.out / "profiles" / "oracle"
+            oracle = OracleProfiler(datalist=str(self.datalist_path))
+            D.prepare_profile_cache(odir, items, oracle)
+            stores["oracle"] = {"dir": odir, "profiler": oracle, "spec": "oracle"}
+        self.stores = stores
+        self.profiler_name = prof.name
+        return stores
+
+    def store_of(self, mode: str) -> dict[str, Any] | None:
+        return {
+            "off": None,
+            "on": self.stores.get(self.profiler_name),
+            "shuffle": self.stores.get("shuffle"),
+            "oracle": self.stores.get("oracle"),
+        }[mode]
+
+    # -------------------------------------------------------------------- jobs
+    def overrides(self, mode: str, seed: int, datalist: Path, run_dir: Path) -> dict[str, Any]:
+        a, K = self.args, BUNDLE_KEYS
+        ov: dict[str, Any] = {
+            K["switch"]: mode != "off",
+            K["seed"]: seed,
+            K["datalist"]: str(datalist),
+            K["output_dir"]: str(run_dir),
+        }
+        st = self.store_of(mode)
+        if st is not None:
+            ov[K["cache_dir"]] = str(st["dir"])
+            ov[K["profiler"]] = st["spec"]
+            # every image was profiled ahead: a miss would silently recompute (shuffle would see true profiles)
+            ov[K["on_missing"]] = "error"
+        if a.epochs is not None:
+            ov[K["epochs"]] = a.epochs
+        if a.max_iterations is not None:
+            ov[K["iterations"]] = a.max_iterations
+        if a.image_size is not None:
+            ov[K["image_size"]] = a.image_size
+        for kv in a.override:
+            k, v = kv.split("=", 1)
+            ov[k] = v
+        return ov
+
+    def configs(self, mode: str, base: Path) -> list[Path]:
+        ov = self.overlay_off if mode == "off" else self.overlay_on
+        return [base] + ([ov] if ov is not None else [])
+
+    def make_jobs(self, splits: Sequence[tuple[int | None, Path, list[dict[str, Any]]]]) -> list[Job]:
+        a = self.args
+        jobs = []
+        # seed-major order: a run cut short still holds complete (off, on, ...) sets for the first seeds
+        for seed in a.seeds:
+            for fold, dl_path, ev_items in splits:
+                for mode in a.mode_list:
+                    name = f"{mode}_seed{seed}" + (f"_fold{fold}" if fold is not None else "")
+                    wd = self.out / "jobs" / name
+                    ov = self.overrides(mode, seed, dl_path, wd / "train")
+                    train = bundle_cmd("training", self.bundle_root, self.configs(mode, self.train_config), ov)
+                    ev_ov = dict(ov)
+                    ev_ov[BUNDLE_KEYS["checkpoint"]] = str(wd / "train" / "model.pt")
+                    ev_ov[BUNDLE_KEYS["eval_output_dir"]] = str(wd / "eval")
+                    ev_ov[BUNDLE_KEYS["eval_split"]] = "test"
+                    ev_ov.pop(BUNDLE_KEYS["output_dir"], None)
+                    evaluate = bundle_cmd("evaluate", self.bundle_root, self.configs(mode, self.eval_config), ev_ov)
+                    info = {"mode": mode, "seed": seed, "fold": fold, "eval_items": ev_items}
+                    steps = [
+                        Step("train", train, a.job_timeout),
+                        Step("evaluate", evaluate, a.job_timeout),
+                        Step("collect", self.collect),
+                    ]
+                    env = {
+                        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
+                            os.pathsep
+                        )
+                    }
+                    jobs.append(Job(name, wd, steps, info, env))
+        return jobs
+
+    # -------------------------------------------------------------------- collection
+    def checkpoint_of(self, job: Job) -> Path:
+        train_dir = job.workdir / "train"
+        for cand in ("model.pt", "model_final.pt"):
+            if (train_dir / cand).is_file():
+                return train_dir / cand
+        pts = sorted(train_dir.rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+        if not pts:
+            raise FileNotFoundError(f"no checkpoint (*.pt) under {train_dir}")
+        return pts[-1]
+
+    def collect(self, job: Job, env: Mapping[str, str]) -> None:
+        """Per-image records and FiLM magnitudes of a finished job -> ``<job>/result.json``."""
+        info = job.info
+        metrics = parse_metric_csvs(job.workdir / "eval")
+        by_path = {os.path.abspath(it["image"]): it for it in info["eval_items"]}
+        by_base: dict[str, list[str]] = {}
+        for pth in by_path:
+            by_base.setdefault(os.path.basename(pth), []).append(pth)
+        records = []
+        unmatched = []
+        for fname, vals in metrics.items():
+            path = fname if fname in by_path else None
+            if path is None and len(by_base.get(os.path.basename(fname), [])) == 1:
+                path = by_base[os.path.basename(fname)][0]
+            if path is None:
+                unmatched.append(fname)
+                continue
+            rec = {
+                "mode": info["mode"],
+                "seed": info["seed"],
+                "fold": info["fold"],
+                "image": path,
+                "difficulty": self.difficulty_of(path),
+            }
+            rec.update({k: vals.get(k) for k in METRICS if k in vals})
+            records.append(rec)
+        if unmatched:
+            raise ValueError(f"evaluate wrote metrics for images not in the evaluation split: {unmatched[:3]}")
+        if len(records) != len(by_path):
+            missing = sorted(set(by_path) - {r["image"] for r in records})[:3]
+            raise ValueError(f"evaluate wrote {len(records)} of {len(by_path)} images; missing e.g. {missing}")
+        film = None
+        if info["mode"] != "off":
+            with self._collect_lock:  # one network at a time in this process
+                film = self.film_stats(job)
+        doc = {"mode": info["mode"], "seed": info["seed"], "fold": info["fold"], "records": records, "film": film}
+        tmp = job.workdir / "result.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, allow_nan=True))
+        tmp.replace(job.workdir / "result.json")
+
+    def film_stats(self, job: Job) -> dict[str, Any]:
+        import torch
+        from monai.bundle import ConfigParser
+
+        from .film import film_magnitudes, load_state_dict
+
+        mode = job.info["mode"]
+        parser = ConfigParser()
+        parser.read_config([str(c) for c in self.configs(mode, self.train_config)])
+        ov = self.overrides(mode, job.info["seed"], Path(), job.workdir / "train")
+        parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        net = parser.get_parsed_content("network_def", instantiate=True)
+        sd = load_state_dict(str(self.checkpoint_of(job)))
+        net.load_state_dict(sd)
+        st = self.store_of(mode)
+        vecs = D.profile_vectors(st["dir"], job.info["eval_items"], st["profiler"])
+        return film_magnitudes(net, vecs)
+
+    # -------------------------------------------------------------------- difficulty
+    def difficulty_of(self, path: str) -> float:
+        return self._difficulty[path]
+
+    def prepare_difficulty(self) -> str:
+        items = D.unique_images(self.datalist)
+        if self.synthetic:
+            self._difficulty = {it["image"]: float(it["factors"]["difficulty"]) for it in items}
+            return "factors.difficulty (the synthetic generator's ground truth, 1-5)"
+        st = self.stores[self.profiler_name]
+        vecs = D.profile_vectors(st["dir"], items, st["profiler"])
+        self._difficulty = {it["image"]: float(1.0 + 4.0 * v[0]) for it, v in zip(items, vecs)}
+        return f"{self.profiler_name} profile difficulty (1-5; no ground truth for real images)"
+
+    # -------------------------------------------------------------------- report
+    def results(self, outcomes: Sequence[JobOutcome], wall: float, card: str) -> dict[str, Any]:
+        a = self.args
+        records: list[dict[str, Any]] = []
+        film: list[dict[str, Any]] = []
+        jobs = []
+        for o in outcomes:
+            j = {
+                "name": o.job.name,
+                "mode": o.job.info["mode"],
+                "seed": o.job.info["seed"],
+                "fold": o.job.info["fold"],
+                "status": o.status,
+                "wall_s": round(o.wall_s, 1),
+                "slot": o.slot,
+                "log": o.log,
+                "error": o.error,
+            }
+            res = o.job.workdir / "result.json"
+            if o.status in ("ok", "skipped") and res.is_file():
+                doc = json.loads(res.read_text())
+                records += doc["records"]
+                if doc.get("film"):
+                    film.append({"mode": doc["mode"], "seed": doc["seed"], "fold": doc["fold"], "stages": doc["film"]})
+            elif o.status != "failed":
+                j["status"], j["error"] = "failed", f"no result.json in {o.job.workdir}"
+            jobs.append(j)
+        eval_items = {it["image"]: it for _, _, ev in self._splits for it in ev}
+        ev_list = sorted(eval_items.values(), key=lambda it: it["image"])
+        profiles = {}
+        for src, st in self.stores.items():
+            if src == "shuffle" and "shuffle" not in a.mode_list:
+                continue
+            v = D.profile_vectors(st["dir"], ev_list, st["profiler"])
+            from monai_vlmfilm.profiles.schema import VECTOR_FIELDS
+
+            profiles[src] = {
+                "fields": list(VECTOR_FIELDS),
+                "images": [it["image"] for it in ev_list],
+                "vectors": v.tolist(),
+            }
+        settings = {
+            "epochs": a.epochs,
+            "max_iterations": a.max_iterations,
+            "image_size": a.image_size,
+            "overrides": a.override,
+            "bundle_root": str(self.bundle_root),
+            "train_configs": [str(c) for c in self.configs("on", self.train_config)],
+            "gpus": a.gpus,
+            "jobs_per_gpu": a.jobs_per_gpu,
+        }
+        return {
+            "title": a.title,
+            "command": "python -m monai_vlmfilm.ablation " + " ".join(shlex.quote(x) for x in self.argv),
+            "datalist": str(self.datalist_path),
+            "card": card,
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "wall_time_s": wall,
+            "modes": a.mode_list,
+            "seeds": a.seeds,
+            "folds": a.folds,
+            "profiler": self.profiler_name,
+            "eval_split": self.eval_split,
+            "difficulty_source": self.difficulty_source,
+            "settings": {k: v for k, v in settings.items() if v not in (None, [], "")},
+            "jobs": jobs,
+            "records": records,
+            "film": film,
+            "profiles": profiles,
+        }
+
+    def run(self) -> int:
+        t0 = time.time()
+        a = self.args
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "command.txt").write_text(
+            " ".join(shlex.quote(x) for x in [sys.executable, "-m", "monai_vlmfilm.ablation", *self.argv]) + "\n"
+        )
+        self._splits = self.splits()
+        self.prepare_profiles()
+        self.difficulty_source = self.prepare_difficulty()
+        jobs = self.make_jobs(self._splits)
+        gpus = _gpus(a.gpus)
+        card = _card(gpus)
+        slots = make_slots(gpus, a.jobs_per_gpu, a.cpu_jobs)
+        if a.report_only:
+            outcomes = [
+                JobOutcome(
+                    j,
+                    "skipped" if j.done_file.exists() else "failed",
+                    0.0,
+                    error="" if j.done_file.exists() else "not run (--report-only)",
+                )
+                for j in jobs
+            ]
+        else:
+            print(f"[ablation] {len(jobs)} jobs on {len(slots)} slot(s) ({card}); logs under {self.out / 'jobs'}")
+
+            def show(o: JobOutcome) -> None:
+                if o.status == "failed":
+                    print(f"\n[ablation] FAILED {o.job.name}: {o.error}\n  log: {o.log}", file=sys.stderr)
+
+            outcomes = run_jobs(jobs, slots, progress=not a.no_progress, on_done=show)
+        results = self.results(outcomes, time.time() - t0, card)
+        report = write_report(results, self.out, n_boot=a.n_boot)
+        print(f"[ablation] report: {report}")
+        for v in results.get("verdicts", []):
+            print("  " + v["text"].replace("**", ""))
+        n_failed = sum(1 for j in results["jobs"] if j["status"] == "failed")
+        if n_failed:
+            print(f"[ablation] {n_failed} job(s) failed; see the report's job list", file=sys.stderr)
+        return 1 if n_failed else 0
+
+
+def _coerce(v: Any) -> Any:
+    """An override value as the bundle CLI (fire) would parse it: True/False/None/numbers/lists, else the string."""
+    if not isinstance(v, str):
+        return v
+    import ast
+
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        return Ablation(args, argv).run()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
