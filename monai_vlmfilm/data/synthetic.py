@@ -223,6 +223,7 @@ def _branch(
     side_rate: float,
     twig_rate: float,
     rmin: float,
+    twig_rng: np.random.Generator,
     target: float | None = None,
     relax: float = 50.0,
 ) -> None:
@@ -266,24 +267,25 @@ def _branch(
         clen = k * (rng.uniform(12, 22) * rc0 / k + rng.uniform(20, 50))
         _branch(
             rng, tubes, pts[i], ang, clen, rc0, max(rmin, rc0 * rng.uniform(0.3, 0.5)), k, size, depth + 1,
-            side_rate * 0.7, twig_rate, rmin, target=tgt,
+            side_rate * 0.7, twig_rate, rmin, twig_rng, target=tgt,
         )  # fmt: skip
-    # thin peripheral twigs (density set by the thin_fraction factor), anywhere along the vessel
-    n_twig = rng.poisson(twig_rate * n * step / (100.0 * k))
+    # thin peripheral twigs (density set by the thin_fraction factor), anywhere along the vessel; their own
+    # stream, so thin_fraction changes the twigs only and not the rest of the tree
+    n_twig = twig_rng.poisson(twig_rate * n * step / (100.0 * k))
     for _ in range(n_twig):
-        i = int(rng.integers(2, n - 1))
-        sgn = rng.choice([-1.0, 1.0])
-        tr = rmin * rng.uniform(1.0, 1.3)
+        i = int(twig_rng.integers(2, n - 1))
+        sgn = twig_rng.choice([-1.0, 1.0])
+        tr = rmin * twig_rng.uniform(1.0, 1.3)
         tp, _ = _curve(
-            rng, pts[i], theta[i] + sgn * math.radians(rng.uniform(35, 75)), k * rng.uniform(12, 40), step,
-            wiggle=0.015 / k, target=theta[i] + sgn * math.radians(rng.uniform(0, 30)), relax=20 * k,
+            twig_rng, pts[i], theta[i] + sgn * math.radians(twig_rng.uniform(35, 75)), k * twig_rng.uniform(12, 40), step,
+            wiggle=0.015 / k, target=theta[i] + sgn * math.radians(twig_rng.uniform(0, 30)), relax=20 * k,
         )  # fmt: skip
         tp = _in_view(tp, size, margin=2 * k)
         tubes.add(tp, np.linspace(tr, rmin, len(tp)))
 
 
 def _coronary_tree(
-    rng: np.random.Generator, size: int, k: float, rmin: float, thin_fraction: float
+    rng: np.random.Generator, twig_rng: np.random.Generator, size: int, k: float, rmin: float, thin_fraction: float
 ) -> tuple[_Tubes, np.ndarray, float]:
     """Left-coronary-like tree. Returns tubes, the ostium (x, y) and the left main's heading."""
     tubes = _Tubes()
@@ -316,26 +318,26 @@ def _coronary_tree(
     lad_h = bh + side_sign * math.radians(rng.uniform(-25, 5))
     _branch(
         rng, tubes, bif, lad_h, k * rng.uniform(230, 330), r_lm * rng.uniform(0.75, 0.9), k * rng.uniform(0.9, 1.4),
-        k, size, 1, side_rate, twig_rate, rmin, target=lad_h + side_sign * math.radians(rng.uniform(-10, 30)), relax=150,
+        k, size, 1, side_rate, twig_rate, rmin, twig_rng, target=lad_h + side_sign * math.radians(rng.uniform(-10, 30)), relax=150,
     )  # fmt: skip
     # LCx-like: turns away from the LAD, shorter
     lcx_h = bh + side_sign * math.radians(rng.uniform(45, 85))
     _branch(
         rng, tubes, bif, lcx_h, k * rng.uniform(150, 260), r_lm * rng.uniform(0.65, 0.85), k * rng.uniform(0.9, 1.4),
-        k, size, 1, side_rate * 0.8, twig_rate, rmin, target=lcx_h + side_sign * math.radians(rng.uniform(0, 60)), relax=120,
+        k, size, 1, side_rate * 0.8, twig_rate, rmin, twig_rng, target=lcx_h + side_sign * math.radians(rng.uniform(0, 60)), relax=120,
     )  # fmt: skip
     # sometimes a ramus intermedius between them
     if rng.random() < 0.35:
         ram_h = (lad_h + lcx_h) / 2 + rng.normal(0, 0.1)
         _branch(
             rng, tubes, bif, ram_h, k * rng.uniform(90, 170), r_lm * rng.uniform(0.45, 0.6), rmin, k, size, 2,
-            side_rate * 0.6, twig_rate, rmin, target=ram_h, relax=100,
+            side_rate * 0.6, twig_rate, rmin, twig_rng, target=ram_h, relax=100,
         )  # fmt: skip
     return tubes, ostium, lm_heading
 
 
 def _crossing_vessels(
-    rng: np.random.Generator, size: int, k: float, rmin: float, n: int, twig_rate: float
+    rng: np.random.Generator, twig_rng: np.random.Generator, size: int, k: float, rmin: float, n: int, twig_rate: float
 ) -> list[_Tubes]:
     """Vessels of another system that cross the tree in projection (each its own attenuation layer)."""
     layers = []
@@ -349,7 +351,7 @@ def _crossing_vessels(
         heading = math.atan2(target[1] - start[1], target[0] - start[0])
         _branch(
             rng, tubes, start, heading, k * rng.uniform(220, 380), k * rng.uniform(2.0, 3.6), k * rng.uniform(0.9, 1.3),
-            k, size, 2, 1.2, twig_rate * 0.5, rmin, target=heading, relax=150,
+            k, size, 2, 1.2, twig_rate * 0.5, rmin, twig_rng, target=heading, relax=150,
         )  # fmt: skip
         layers.append(tubes)
     return layers
@@ -517,6 +519,11 @@ def generate_sample(
     if unknown:
         raise ValueError(f"unknown factor override(s) {sorted(unknown)}; valid: {list(FACTOR_NAMES)}")
     factors = sample_factors(rng)
+    # one independent stream per image component, so that changing one factor (e.g. catheter on/off) changes
+    # only that component and leaves geometry, background and noise of the image as they were
+    r_geo, r_twig, r_cross, r_field, r_cath, r_bg, r_clut, r_noise = (
+        np.random.default_rng(int(x)) for x in rng.integers(0, 2**63 - 1, size=8)
+    )
     for name, v in overrides.items():
         v = float(v)
         if not 0.0 <= v <= 1.0:
@@ -530,15 +537,17 @@ def generate_sample(
 
     # collimator: circular field in some frames; nothing (image or label) is visible outside it
     field = np.ones(shape, bool)
-    if rng.random() < 0.3:
+    if r_field.random() < 0.3:
         yy, xx = np.mgrid[0:size, 0:size]
-        cx, cy = size * rng.uniform(0.3, 0.7), size * rng.uniform(0.3, 0.7)
-        field = (xx - cx) ** 2 + (yy - cy) ** 2 < (size * rng.uniform(0.62, 0.8)) ** 2
+        cx, cy = size * r_field.uniform(0.3, 0.7), size * r_field.uniform(0.3, 0.7)
+        field = (xx - cx) ** 2 + (yy - cy) ** 2 < (size * r_field.uniform(0.62, 0.8)) ** 2
 
     # vessel geometry; regrow (deterministically, same rng stream) when the label fraction is implausible
     for _attempt in range(6):
-        tree, ostium, lm_heading = _coronary_tree(rng, size, k, rmin, factors["thin_fraction"])
-        layers = [tree] + _crossing_vessels(rng, size, k, rmin, n_cross, 0.3 + 2.7 * factors["thin_fraction"])
+        tree, ostium, lm_heading = _coronary_tree(r_geo, r_twig, size, k, rmin, factors["thin_fraction"])
+        layers = [tree] + _crossing_vessels(
+            r_cross, r_twig, size, k, rmin, n_cross, 0.3 + 2.7 * factors["thin_fraction"]
+        )
         chords = [_chord_length(t, shape) for t in layers]
         covered = np.sum([c > 0 for c in chords], axis=0) * field
         frac = float((covered > 0).mean())
@@ -554,27 +563,27 @@ def generate_sample(
     for c in chords:
         att_v += np.where(c > 0, amp * (0.3 + 0.7 * (1.0 - np.exp(-c / l0))), 0.0).astype(np.float32)
     if factors["catheter"] >= 0.5:
-        cc = _chord_length(_catheter(rng, size, k, ostium, lm_heading), shape)
+        cc = _chord_length(_catheter(r_cath, size, k, ostium, lm_heading), shape)
         # the vessel is already dark where the catheter tip enters the ostium: no double attenuation there
         tube = (cc > 0) & (label == 0)
-        amp_c = amp * rng.uniform(1.0, 1.4)
+        amp_c = amp * r_cath.uniform(1.0, 1.4)
         att_v += np.where(tube, amp_c * (0.5 + 0.5 * (1.0 - np.exp(-cc / l0))), 0.0).astype(np.float32)
     # cardiac motion blurs the contrast-filled vessels (and catheter), not the chest wall
     if factors["blur"] > 0.02:
         att_v = ndi.convolve(
-            att_v, _motion_kernel(1.0 + 8.0 * k * factors["blur"], rng.uniform(0, math.pi)), mode="nearest"
+            att_v, _motion_kernel(1.0 + 8.0 * k * factors["blur"], r_noise.uniform(0, math.pi)), mode="nearest"
         )
 
-    bg = _background(rng, size, k, factors["clutter"])
-    att = att_v + _clutter_layer(rng, size, k, factors["clutter"], rmin)
+    bg = _background(r_bg, size, k, factors["clutter"])
+    att = att_v + _clutter_layer(r_clut, size, k, factors["clutter"], rmin)
     img = bg * np.exp(-att)
     img = ndi.gaussian_filter(img, 0.6)  # detector point-spread function
     # quantum noise: signal dependent (std ~ sqrt(I)), slightly correlated like a real detector's grain
-    grain = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.7)
+    grain = ndi.gaussian_filter(r_noise.standard_normal(shape).astype(np.float32), 0.7)
     grain /= grain.std() + 1e-8
     sigma = 0.005 + 0.032 * factors["noise"]
     img = img + sigma * np.sqrt(np.clip(img, 0, None) / 0.6) * grain
-    img = np.where(field, img, rng.uniform(0.02, 0.06))
+    img = np.where(field, img, r_field.uniform(0.02, 0.06))
     img = np.clip(img, 0.0, 1.0).astype(np.float32)
 
     multi = np.sum([c > 0 for c in chords], axis=0)
