@@ -378,6 +378,7 @@ class ProfileStore:
         fp = profiler.fingerprint
         out: list[VLMProfile | None] = [None] * len(images)
         todo: list[tuple[int, str, str, Any]] = []
+        dups: dict[str, list[int]] = {}  # same pixels twice in one call: compute once
         for i, img in enumerate(images):
             if isinstance(img, (str, os.PathLike)):
                 digest, arr = self.path_digest(img)
@@ -386,10 +387,14 @@ class ProfileStore:
                 digest = pixel_digest(arr)
                 self.stats.hashed += 1
             key = self.make_key(digest, fp)
+            if key in dups:
+                dups[key].append(i)
+                continue
             hit = self.get_by_key(key, fp)
             if hit is not None:
                 out[i] = hit
             else:
+                dups[key] = [i]
                 todo.append((i, key, digest, arr if arr is not None else img))
         bs = max(1, int(batch_size or getattr(profiler, "batch_size", 0) or 8))
         for s in range(0, len(todo), bs):
@@ -398,9 +403,13 @@ class ProfileStore:
             profs = profiler.profile(arrays)
             if len(profs) != len(arrays):
                 raise RuntimeError(f"{profiler!r} returned {len(profs)} profiles for {len(arrays)} images")
-            for (i, key, digest, _), prof in zip(chunk, profs):
+            for (_i, key, digest, _), prof in zip(chunk, profs):
                 self.put_by_key(key, prof, fp, digest)
-                out[i] = prof
+                for j in dups[key]:
+                    out[j] = prof
+        for idxs in dups.values():  # duplicates of hits
+            for j in idxs[1:]:
+                out[j] = out[idxs[0]]
         return out  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- listing / maintenance
