@@ -1,0 +1,347 @@
+"""Command line: ``python -m monai_vlmfilm.profiles {precompute,stats}``.
+
+precompute
+    Profiles every image of a datalist (all sections; paths relative to the datalist's folder unless
+    absolute) or an image folder into a :class:`ProfileStore`. Resumable (cached entries are skipped,
+    so a killed run just starts again), batched, and sharded by ``RANK`` / ``WORLD_SIZE`` when started
+    by ``torchrun`` or ``accelerate launch`` (one model per GPU, chosen by ``LOCAL_RANK``); all ranks
+    write the same store safely. Unreadable images are listed at the end with the reason, and the exit
+    code is 1, after all other images were processed.
+
+stats
+    Per-field mean / std / min / max of the cached profiles (optionally of a datalist's images only),
+    a histogram PNG, and a WARNING for every field that barely varies across images (std < 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import PIL_SUFFIXES, ImageReadError, canonical_image, create_profiler
+from .schema import FOCUS_KEYS, VLMProfile
+from .store import ProfileStore
+
+__all__ = ["main", "read_image_list", "precompute", "profile_stats"]
+
+logger = logging.getLogger("monai_vlmfilm.profiles")
+
+FIELDS = ("difficulty", "confidence", *FOCUS_KEYS)
+FLAT_STD = 0.05
+_OTHER_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd")
+
+
+def read_image_list(datalist: str | None = None, images: str | None = None, key: str = "image") -> list[str]:
+    """Image paths of a MONAI datalist (every list-valued section) or an image folder (recursive, sorted)."""
+    if datalist:
+        path = Path(datalist)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read datalist {datalist!r}: {e}") from e
+        if not isinstance(doc, dict):
+            raise SystemExit(f"error: datalist {datalist!r} is not a JSON object with sections")
+        out: list[str] = []
+        for items in doc.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                vals = item.get(key) if isinstance(item, dict) else item
+                for v in vals if isinstance(vals, list) else [vals]:
+                    if isinstance(v, str) and v:
+                        out.append(v if os.path.isabs(v) else str(path.parent / v))
+        if not out:
+            raise SystemExit(f"error: datalist {datalist!r} has no {key!r} entries")
+        return list(dict.fromkeys(os.path.normpath(p) for p in out))
+    if images:
+        root = Path(images)
+        if not root.is_dir():
+            raise SystemExit(f"error: image folder {images!r} does not exist")
+        suffixes = PIL_SUFFIXES + _OTHER_SUFFIXES
+        files = [
+            str(p)
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(suffixes)
+        ]
+        if not files:
+            raise SystemExit(f"error: no image files ({', '.join(suffixes)}) under {images!r}")
+        return files
+    raise SystemExit("error: give --datalist or --images")
+
+
+def _dist() -> tuple[int, int, int]:
+    env = os.environ
+    rank = int(env.get("RANK", env.get("ACCELERATE_PROCESS_INDEX", 0)) or 0)
+    world = int(env.get("WORLD_SIZE", env.get("ACCELERATE_NUM_PROCESSES", 1)) or 1)
+    local = int(env.get("LOCAL_RANK", env.get("ACCELERATE_LOCAL_PROCESS_INDEX", 0)) or 0)
+    if not 0 <= rank < world:
+        raise SystemExit(f"error: RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world, local
+
+
+def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
+    name = args.profiler.lower()
+    if name == "oracle":
+        from .oracle import OracleProfiler
+
+        if not args.datalist:
+            raise SystemExit("error: --profiler oracle needs --datalist (items with ground-truth 'factors')")
+        return OracleProfiler.from_datalist(args.datalist)
+    if name in ("qwen", "qwen2_5_vl"):
+        from .qwen import QwenVLProfiler
+
+        kw: dict[str, Any] = {"mode": args.mode, "batch_size": args.batch_size}
+        if args.model:
+            kw["model"] = args.model
+        if args.prompt_template:
+            try:  # a template is only ever text: read it, never import or evaluate it
+                kw["prompt_template"] = Path(args.prompt_template).read_text(encoding="utf-8")
+            except OSError as e:
+                raise SystemExit(f"error: cannot read prompt template {args.prompt_template!r}: {e}") from e
+        device = args.device
+        if device is None and args.device_map is None:
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
+        if device is not None:
+            kw["device"] = device
+        if args.dtype:
+            kw["dtype"] = args.dtype
+        if args.device_map:
+            kw["device_map"] = args.device_map
+        return QwenVLProfiler(**kw)
+    return create_profiler(args.profiler)
+
+
+def precompute(
+    paths: Sequence[str], store: ProfileStore, profiler: Any, batch_size: int = 8, progress: bool = True, desc: str = ""
+) -> dict[str, Any]:
+    """Profile ``paths`` into ``store``; returns counts and the unreadable images with reasons."""
+    from tqdm.auto import tqdm
+
+    fp = profiler.fingerprint
+    counts = {"total": len(paths), "cached": 0, "new": 0, "fallback": 0}
+    unreadable: list[tuple[str, str]] = []
+    pending: list[tuple[str, str, str, np.ndarray]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True)
+
+    def flush() -> None:
+        if not pending:
+            return
+        profs = profiler.profile([a for *_, a in pending])
+        if len(profs) != len(pending):
+            raise RuntimeError(f"profiler returned {len(profs)} profiles for {len(pending)} images")
+        for (_p, key, digest, _a), prof in zip(pending, profs):
+            store.put_by_key(key, prof, fp, digest)
+            counts["new"] += 1
+            counts["fallback"] += int(prof.is_fallback)
+        bar.update(len(pending))
+        pending.clear()
+
+    seen: set[str] = set()
+    for p in paths:
+        try:
+            digest, arr = store.path_digest(p)
+            key = store.make_key(digest, fp)
+            hit = store.get_by_key(key, fp)
+            if hit is None and key not in seen and arr is None:
+                arr = canonical_image(p)  # memo hit but no entry: read the pixels for the profiler
+        except (ImageReadError, OSError) as e:
+            unreadable.append((p, str(e)))
+            bar.update(1)
+            continue
+        if hit is not None or key in seen:  # duplicates of one image are profiled once
+            counts["cached"] += 1
+            counts["fallback"] += int(hit is not None and hit.is_fallback)
+            bar.update(1)
+            continue
+        seen.add(key)
+        pending.append((p, key, digest, arr))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    bar.close()
+    counts["seconds"] = time.perf_counter() - t0
+    counts["unreadable"] = unreadable
+    try:
+        store.save_path_memo()
+    except OSError as e:
+        logger.warning("could not save the path memo: %s", e)
+    return counts
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    rank, world, local = _dist()
+    paths = read_image_list(args.datalist, args.images, args.key)
+    shard = paths[rank::world]
+    store = ProfileStore(args.cache_dir, fsync=not args.no_fsync)
+    removed = store.cleanup_tmp()
+    if removed:
+        logger.warning("removed %d temporary file(s) left by interrupted writers in %s", removed, store.root)
+    profiler = build_profiler(args, local)
+    tag = f"rank {rank}/{world}: " if world > 1 else ""
+    print(f"{tag}{len(shard)} of {len(paths)} images, profiler {profiler!r}, cache {store.cache_dir}", flush=True)
+    res = precompute(shard, store, profiler, args.batch_size, progress=not args.no_progress, desc=f"{tag}profiles")
+    rate = (res["new"] + res["cached"]) / max(res["seconds"], 1e-9)
+    print(
+        f"{tag}summary: total {res['total']}, cached {res['cached']}, new {res['new']}, "
+        f"fallback {res['fallback']}, unreadable {len(res['unreadable'])}, "
+        f"{res['seconds']:.1f} s, {rate:.1f} images/s",
+        flush=True,
+    )
+    if store.stats.corrupt:
+        print(f"{tag}recomputed {store.stats.corrupt} corrupt cache entries", flush=True)
+    if res["unreadable"]:
+        print(f"{tag}{len(res['unreadable'])} unreadable image(s):", file=sys.stderr)
+        for p, why in res["unreadable"]:
+            print(f"  {p}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def profile_stats(profiles: Sequence[VLMProfile]) -> dict[str, dict[str, float]]:
+    """Per-field mean / std / min / max (difficulty on its [1, 5] scale) and the fallback rate."""
+    if not profiles:
+        return {}
+    vals = {
+        "difficulty": [p.difficulty for p in profiles],
+        "confidence": [p.confidence for p in profiles],
+        **{k: [p.focus[k] for p in profiles] for k in FOCUS_KEYS},
+    }
+    out = {
+        f: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+        for f, v in vals.items()
+    }
+    out["fallback"] = {"rate": float(np.mean([p.is_fallback for p in profiles]))}
+    return out
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    store = ProfileStore(args.cache_dir, read_only=True)
+    fp = args.fingerprint
+    if fp is None and args.profiler:
+        fp = build_profiler(args).fingerprint
+    profiles: list[VLMProfile] = []
+    if args.datalist or args.images:
+        if fp is None:
+            raise SystemExit("error: selecting images needs --profiler or --fingerprint (part of every key)")
+        paths = read_image_list(args.datalist, args.images, args.key)
+        missing = 0
+        for p in paths:
+            try:
+                prof = store.get(p, fp)
+            except (ImageReadError, OSError):
+                prof = None
+            if prof is None:
+                missing += 1
+            else:
+                profiles.append(prof)
+        if missing:
+            print(f"WARNING: {missing} of {len(paths)} images have no cached profile for this fingerprint")
+    else:
+        fps = store.fingerprints()
+        if fp is None and len(fps) > 1:
+            fp = max(fps, key=lambda k: fps[k])
+            print(f"note: {len(fps)} profiler fingerprints in the cache; showing the largest ({fps[fp]} entries):")
+            print(f"  {fp}\n  (choose with --fingerprint or --profiler)")
+        profiles = [p for _, p in store.items(fp)]
+    if not profiles:
+        print(f"no cached profiles found in {store.cache_dir}", file=sys.stderr)
+        return 1
+    st = profile_stats(profiles)
+    print(f"{len(profiles)} profiles, fallback rate {st['fallback']['rate']:.3f}")
+    print(f"{'field':<16}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}")
+    flat = []
+    for f in FIELDS:
+        s = st[f]
+        print(f"{f:<16}{s['mean']:>8.3f}{s['std']:>8.3f}{s['min']:>8.3f}{s['max']:>8.3f}")
+        # difficulty is judged on the network's [0, 1] scale, like the other fields
+        std01 = s["std"] / 4.0 if f == "difficulty" else s["std"]
+        if std01 < FLAT_STD:
+            flat.append((f, std01))
+    for f, s in flat:
+        print(
+            f"WARNING: field {f!r} barely varies across images (std {s:.3f} < {FLAT_STD} on a [0, 1] scale): "
+            "the profiles carry little information about the images"
+        )
+    if args.out:
+        _histogram(profiles, args.out)
+        print(f"histogram: {args.out}")
+    return 0
+
+
+def _histogram(profiles: Sequence[VLMProfile], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vecs = np.stack([p.to_vector() for p in profiles])
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    for i, (ax, f) in enumerate(zip(axes.ravel(), FIELDS)):
+        v = vecs[:, i] * 4 + 1 if f == "difficulty" else vecs[:, i]
+        rng = (1, 5) if f == "difficulty" else (0, 1)
+        ax.hist(v, bins=20, range=rng, color="tab:blue", alpha=0.8)
+        ax.set_title(f"{f}  (std {v.std():.3f})")
+        ax.set_xlim(*rng)
+    fig.suptitle(f"{len(profiles)} profiles, fallback rate {vecs[:, -1].mean():.3f}")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m monai_vlmfilm.profiles", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--datalist", help="MONAI datalist JSON (all sections are used)")
+        src.add_argument("--images", help="folder of images (searched recursively)")
+        p.add_argument("--key", default="image", help="datalist item key of the image (default: image)")
+        p.add_argument("--cache-dir", required=True, help="profile cache directory")
+        p.add_argument("--model", help="Qwen2.5-VL hub id or local folder")
+        p.add_argument("--mode", default="scored", choices=("scored", "generate"), help="Qwen profiling mode")
+        p.add_argument("--prompt-template", help="text file with a custom prompt (generate mode)")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--device", help="torch device for the profiler (default: cuda:LOCAL_RANK when available)")
+        p.add_argument("--dtype", help="model dtype, e.g. bfloat16")
+        p.add_argument("--device-map", help='accelerate device map, e.g. "auto"')
+        p.add_argument("-v", "--verbose", action="store_true")
+
+    pre = sub.add_parser("precompute", help="profile images into the cache (resumable, sharded under torchrun)")
+    common(pre)
+    pre.add_argument("--profiler", default="heuristic", help="heuristic | qwen | oracle | dotted class path")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--no-fsync", action="store_true", help="skip fsync per entry (faster, less crash-safe)")
+
+    st = sub.add_parser("stats", help="per-field distribution of cached profiles, histogram PNG, flat-field warning")
+    common(st)
+    st.add_argument("--profiler", help="select entries of this profiler (its fingerprint)")
+    st.add_argument("--fingerprint", help="select entries with this exact fingerprint")
+    st.add_argument("--out", help="histogram PNG path")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be >= 1")
+    if args.cmd == "precompute":
+        return _cmd_precompute(args)
+    return _cmd_stats(args)
