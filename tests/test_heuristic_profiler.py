@@ -67,9 +67,13 @@ def test_speed_300px():
     x = _vessel_image(4, 0.5, 0.1, 300)
     prof = HeuristicProfiler()
     prof.profile([x])
-    t0 = time.perf_counter()
-    prof.profile([x] * 5)
-    assert (time.perf_counter() - t0) / 5 < 0.05  # ~15 ms measured; loose bound for a busy CI machine
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        prof.profile([x])
+        times.append(time.perf_counter() - t0)
+    # ~15 ms measured on an idle core; the minimum of several runs is robust to a busy machine
+    assert min(times) < 0.05, f"{min(times) * 1000:.1f} ms per 300x300 image"
 
 
 @pytest.mark.dca1
@@ -85,3 +89,20 @@ def test_fields_spread_across_dca1():
     assert (vecs[:, :6].min(0) < 0.35).all() and (vecs[:, :6].max(0) > 0.65).all()
     feats = image_features(files[0])
     assert set(feats) == {"noise", "contrast", "cnr", "ridge", "thin", "small", "clutter"}
+
+
+def test_calibration_file(tmp_path):
+    imgs = [_vessel_image(s, c, n) for s, c, n in [(5, 0.9, 0.3), (6, 0.3, 0.5), (7, 0.6, 0.4)]]
+    cal = HeuristicProfiler.calibrate(imgs)
+    path = tmp_path / "cal.json"
+    path.write_text(__import__("json").dumps({"calibration": {k: list(v) for k, v in cal.items()}}))
+    own = HeuristicProfiler(calibration=str(path))
+    assert own.fingerprint != HeuristicProfiler().fingerprint
+    vec = np.stack([p.to_vector() for p in own.profile(imgs)])
+    # calibrated on these very images: z-scores centre on them, so no field sits at the rails
+    assert (np.abs(vec[:, :6].mean(0) - 0.5) < 0.35).all()
+    path.write_text('{"noise": [0, 0]}')
+    with pytest.raises(ValueError, match="std > 0"):
+        HeuristicProfiler(calibration=str(path))
+    with pytest.raises(ValueError, match="cannot read heuristic calibration"):
+        HeuristicProfiler(calibration=str(tmp_path / "missing.json"))

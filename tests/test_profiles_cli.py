@@ -165,3 +165,16 @@ def test_module_entry_point(tmp_path):
 def test_bad_arguments(argv, msg):
     with pytest.raises(SystemExit, match=msg):
         main(argv)
+
+
+def test_calibrate_then_precompute_with_it(tmp_path, capsys):
+    _write_pngs(tmp_path / "imgs", 4)
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", "--images", str(tmp_path / "imgs"), "--out", str(cal)]) == 0
+    doc = json.loads(cal.read_text())
+    assert doc["images"] == 4 and set(doc["calibration"]) >= {"noise", "cnr", "thin"}
+    cache = str(tmp_path / "cache")
+    args = ["precompute", "--images", str(tmp_path / "imgs"), "--cache-dir", cache, "--no-progress"]
+    assert main([*args, "--calibration", str(cal)]) == 0
+    assert main(args) == 0  # default calibration: another fingerprint, new entries
+    assert len(ProfileStore(cache).fingerprints()) == 2 and len(ProfileStore(cache)) == 8

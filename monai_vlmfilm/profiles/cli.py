@@ -1,4 +1,4 @@
-"""Command line: ``python -m monai_vlmfilm.profiles {precompute,stats}``.
+"""Command line: ``python -m monai_vlmfilm.profiles {precompute,stats,calibrate}``.
 
 precompute
     Profiles every image of a datalist (all sections; paths relative to the datalist's folder unless
@@ -11,6 +11,10 @@ precompute
 stats
     Per-field mean / std / min / max of the cached profiles (optionally of a datalist's images only),
     a histogram PNG, and a WARNING for every field that barely varies across images (std < 0.05).
+
+calibrate
+    Feature mean / std of the heuristic profiler on a data set, as JSON for ``--calibration`` (and for
+    ``HeuristicProfiler(calibration=path)`` in configs); the default is calibrated on real DCA1 images.
 """
 
 from __future__ import annotations
@@ -120,6 +124,10 @@ def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
         if args.device_map:
             kw["device_map"] = args.device_map
         return QwenVLProfiler(**kw)
+    if name == "heuristic" and getattr(args, "calibration", None):
+        from .heuristic import HeuristicProfiler
+
+        return HeuristicProfiler(calibration=args.calibration)
     return create_profiler(args.profiler)
 
 
@@ -281,6 +289,30 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .heuristic import HEURISTIC_VERSION, HeuristicProfiler
+
+    paths = read_image_list(args.datalist, args.images, args.key)
+    good, bad = [], []
+    for p in paths:
+        try:
+            good.append(canonical_image(p))
+        except (ImageReadError, OSError) as e:
+            bad.append((p, str(e)))
+    if not good:
+        raise SystemExit("error: no readable images to calibrate on")
+    cal = HeuristicProfiler.calibrate(good)
+    doc = {"version": HEURISTIC_VERSION, "images": len(good), "calibration": {k: list(v) for k, v in cal.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"heuristic calibration of {len(good)} images written to {args.out}")
+    for k, (m, s) in cal.items():
+        print(f"  {k:<10} mean {m:>9.4f}  std {s:>8.4f}")
+    for p, why in bad:
+        print(f"  unreadable {p}: {why}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def _histogram(profiles: Sequence[VLMProfile], out: str) -> None:
     import matplotlib
 
@@ -311,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
         src.add_argument("--datalist", help="MONAI datalist JSON (all sections are used)")
         src.add_argument("--images", help="folder of images (searched recursively)")
         p.add_argument("--key", default="image", help="datalist item key of the image (default: image)")
-        p.add_argument("--cache-dir", required=True, help="profile cache directory")
+        p.add_argument("--cache-dir", help="profile cache directory")
         p.add_argument("--model", help="Qwen2.5-VL hub id or local folder")
         p.add_argument("--mode", default="scored", choices=("scored", "generate"), help="Qwen profiling mode")
         p.add_argument("--prompt-template", help="text file with a custom prompt (generate mode)")
@@ -319,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="torch device for the profiler (default: cuda:LOCAL_RANK when available)")
         p.add_argument("--dtype", help="model dtype, e.g. bfloat16")
         p.add_argument("--device-map", help='accelerate device map, e.g. "auto"')
+        p.add_argument("--calibration", help="heuristic calibration JSON (from the calibrate command)")
         p.add_argument("-v", "--verbose", action="store_true")
 
     pre = sub.add_parser("precompute", help="profile images into the cache (resumable, sharded under torchrun)")
@@ -326,6 +359,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--profiler", default="heuristic", help="heuristic | qwen | oracle | dotted class path")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--no-fsync", action="store_true", help="skip fsync per entry (faster, less crash-safe)")
+
+    cal = sub.add_parser("calibrate", help="measure the heuristic profiler's feature statistics on a data set")
+    common(cal)
+    cal.add_argument("--out", required=True, help="calibration JSON to write (use with --calibration)")
 
     st = sub.add_parser("stats", help="per-field distribution of cached profiles, histogram PNG, flat-field warning")
     common(st)
@@ -342,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.batch_size < 1:
         raise SystemExit("error: --batch-size must be >= 1")
+    if args.cmd == "calibrate":
+        return _cmd_calibrate(args)
+    if not args.cache_dir:
+        raise SystemExit("error: --cache-dir is required")
     if args.cmd == "precompute":
         return _cmd_precompute(args)
     return _cmd_stats(args)

@@ -18,8 +18,11 @@ measures the same constants on another data set.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,16 +136,29 @@ class HeuristicProfiler(Profiler):
     """Image statistics -> profile; deterministic, no weights, cheap (safe in DataLoader workers).
 
     Args:
-        calibration: ``{feature: (mean, std)}`` for the z-scores; default :data:`DCA1_CALIBRATION`.
+        calibration: ``{feature: (mean, std)}`` for the z-scores, or the path of a JSON file holding that
+            mapping (``python -m monai_vlmfilm.profiles calibrate`` writes one); features not given keep
+            :data:`DCA1_CALIBRATION`. Calibrate on a data set whose statistics differ from real XCA (e.g.
+            the synthetic set) or fields saturate at 0 or 1.
         gain: slope of the logistic mapping (larger spreads fields further toward 0 / 1).
     """
 
     name = "heuristic"
     heavy = False
 
-    def __init__(self, calibration: dict[str, Sequence[float]] | None = None, gain: float = _GAIN) -> None:
+    def __init__(
+        self, calibration: dict[str, Sequence[float]] | str | os.PathLike | None = None, gain: float = _GAIN
+    ) -> None:
+        if isinstance(calibration, (str, os.PathLike)):
+            calibration = self.load_calibration(calibration)
         cal = dict(DCA1_CALIBRATION)
-        cal.update({k: (float(v[0]), float(v[1])) for k, v in (calibration or {}).items()})
+        for k, v in (calibration or {}).items():
+            if not (isinstance(v, (list, tuple)) and len(v) == 2):
+                raise ValueError(f"calibration of {k!r} must be [mean, std], got {v!r}")
+            mean, std = float(v[0]), float(v[1])
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise ValueError(f"calibration of {k!r} needs a finite mean and a std > 0, got {v!r}")
+            cal[k] = (mean, std)
         unknown = set(cal) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown heuristic features in calibration: {sorted(unknown)}")
@@ -177,4 +193,20 @@ class HeuristicProfiler(Profiler):
     def calibrate(images: Sequence[Any]) -> dict[str, tuple[float, float]]:
         """Feature ``(mean, std)`` over ``images`` (paths or arrays), for ``HeuristicProfiler(calibration=...)``."""
         feats = [image_features(img) for img in images]
-        return {k: (float(np.mean([f[k] for f in feats])), float(np.std([f[k] for f in feats]))) for k in FEATURES}
+        out = {}
+        for k in FEATURES:
+            v = [f[k] for f in feats]
+            out[k] = (round(float(np.mean(v)), 6), round(max(float(np.std(v)), 1e-6), 6))
+        return out
+
+    @staticmethod
+    def load_calibration(path: str | os.PathLike) -> dict[str, list[float]]:
+        """Read a calibration JSON (``{feature: [mean, std]}``, or ``{"calibration": {...}}``); only data, no code."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read heuristic calibration {os.fspath(path)!r}: {e}") from e
+        doc = doc.get("calibration", doc) if isinstance(doc, dict) else doc
+        if not isinstance(doc, dict):
+            raise ValueError(f"heuristic calibration {os.fspath(path)!r} must be a JSON object of [mean, std] pairs")
+        return doc
