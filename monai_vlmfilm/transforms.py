@@ -16,7 +16,7 @@ from monai.utils import ensure_tuple_rep
 
 from .profiles.base import Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
 from .profiles.schema import DEFAULT_PROFILE, VLMProfile
-from .profiles.store import ProfileStore
+from .profiles.store import ProfileStore, ProfileStoreError
 
 __all__ = ["AttachVLMProfiled", "PRECOMPUTE_HINT"]
 
@@ -86,7 +86,7 @@ class AttachVLMProfiled(MapTransform):
         self._profiler_spec = "heuristic" if profiler is None else profiler
         self._profiler: Any = profiler if isinstance(profiler, Profiler) else None
         self._fingerprint: str | None = None
-        self._counts = {"hits": 0, "misses": 0, "computed": 0, "fallbacks": 0}
+        self._counts = {"hits": 0, "misses": 0, "computed": 0, "fallbacks": 0, "write_errors": 0}
         self._warned = 0
         self._heavy: bool | None = None
 
@@ -130,7 +130,7 @@ class AttachVLMProfiled(MapTransform):
         return state
 
     def stats(self) -> dict[str, float]:
-        """Per-process counts of hits, misses, computed profiles and fallbacks, and the hit rate."""
+        """Per-process counts of hits, misses, computed profiles, fallbacks, cache write errors, and the hit rate."""
         c = dict(self._counts)
         total = c["hits"] + c["misses"]
         return {**c, "total": total, "hit_rate": c["hits"] / total if total else 0.0}
@@ -184,8 +184,12 @@ class AttachVLMProfiled(MapTransform):
         if arr is None:
             arr = canonical_image(path)  # display orientation for the profiler
         prof = self.profiler.profile([arr])[0]
-        store.put_by_key(key, prof, fp, digest)
         self._counts["computed"] += 1
+        try:
+            store.put_by_key(key, prof, fp, digest)
+        except ProfileStoreError as e:  # read-only / full cache: keep training on the computed profile
+            self._counts["write_errors"] += 1
+            self._warn("profile for %s computed but not cached: %s", name, e)
         if prof.is_fallback:
             self._counts["fallbacks"] += 1
             self._warn(

@@ -91,7 +91,15 @@ def test_policies(tmp_path, pngs, caplog):
         AttachVLMProfiled("image", cache, on_missing="error")({"image": pngs[1]})
     t = AttachVLMProfiled("image", cache, on_missing="compute")
     assert t({"image": pngs[1]})["vlm_profile"][-1] == 0.0
-    assert t.stats() == {"hits": 0, "misses": 1, "computed": 1, "fallbacks": 0, "total": 1, "hit_rate": 0.0}
+    assert t.stats() == {
+        "hits": 0,
+        "misses": 1,
+        "computed": 1,
+        "fallbacks": 0,
+        "write_errors": 0,
+        "total": 1,
+        "hit_rate": 0.0,
+    }
     e = AttachVLMProfiled("image", cache, on_missing="error")
     assert e({"image": pngs[1]})["vlm_profile"][-1] == 0.0 and e.stats()["hits"] == 1
     with pytest.raises(ValueError, match="on_missing"):
@@ -135,3 +143,14 @@ def test_cheap_profiler_computes_in_workers(tmp_path, pngs):
     ds = Dataset([{"image": p} for p in pngs], AttachVLMProfiled("image", cache, profiler="heuristic"))
     vecs = torch.cat([b["vlm_profile"] for b in DataLoader(ds, batch_size=3, num_workers=2)])
     assert (vecs[:, -1] == 0).all() and len(ProfileStore(cache)) == len(pngs)
+
+
+def test_read_only_store_still_serves_and_computes(tmp_path, pngs, caplog):
+    cache = tmp_path / "cache"
+    AttachVLMProfiled("image", str(cache))({"image": pngs[0]})
+    ro = AttachVLMProfiled("image", ProfileStore(cache, read_only=True))
+    assert ro({"image": pngs[0]})["vlm_profile"][-1] == 0.0 and ro.stats()["hits"] == 1
+    with caplog.at_level(logging.WARNING):
+        v = ro({"image": pngs[1]})["vlm_profile"]
+    assert v[-1] == 0.0 and ro.stats()["write_errors"] == 1 and "read-only" in caplog.text
+    assert len(ProfileStore(cache)) == 1
