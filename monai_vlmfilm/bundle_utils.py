@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, load_decathlon_datalist
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SaveImaged
 from monai.utils import optional_import
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -35,6 +35,7 @@ __all__ = [
     "image_list",
     "EnsureGrayscale2Dd",
     "VesselOverlayd",
+    "SaveVesselOverlayd",
     "load_network_weights",
     "NetworkCheckpointLoader",
     "ProgressHandler",
@@ -253,6 +254,56 @@ class VesselOverlayd(MapTransform):
                 out.copy_meta_from(img, copy_attr=False)
             d[self.overlay_key if len(keys) == 1 else f"{key}_{self.overlay_key}"] = out
         return d
+
+
+class SaveVesselOverlayd(SaveImaged):
+    """Write the :class:`VesselOverlayd` preview of each mask key as an RGB PNG (``<name>_overlay.png``).
+
+    A ``SaveImaged`` (MONAI's writer stack, file names from the image's meta data) that builds the overlay on
+    the fly and leaves the data dict unchanged. Being a ``SaveImaged``, it is dropped by MONAI Label, which
+    removes every ``SaveImaged`` from a bundle's post-processing.
+
+    Args:
+        keys: mask key(s), e.g. ``"pred"``.
+        image_key: the image shown under the mask.
+        output_dir, output_postfix, separate_folder, data_root_dir, print_log: as ``SaveImaged``.
+        color, alpha, threshold: as :class:`VesselOverlayd`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        output_dir: str = "./",
+        output_postfix: str = "overlay",
+        separate_folder: bool = False,
+        data_root_dir: str = "",
+        print_log: bool = True,
+        color: Sequence[float] = (1.0, 0.1, 0.1),
+        alpha: float = 0.5,
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        self.overlay = VesselOverlayd(keys, image_key, "_overlay", color, alpha, threshold, allow_missing_keys)
+        mask_keys = list(self.overlay.keys)
+        overlay_keys = ["_overlay"] if len(mask_keys) == 1 else [f"{k}__overlay" for k in mask_keys]
+        super().__init__(
+            keys=overlay_keys,
+            output_dir=output_dir,
+            output_postfix=output_postfix,
+            output_ext=".png",
+            resample=False,
+            scale=255,
+            output_dtype=np.uint8,
+            separate_folder=separate_folder,
+            data_root_dir=data_root_dir,
+            print_log=print_log,
+            allow_missing_keys=True,
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        super().__call__(self.overlay(data))
+        return dict(data)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

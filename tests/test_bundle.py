@@ -1,0 +1,253 @@
+"""The MONAI bundle through the real `python -m monai.bundle` CLI (subprocesses), on tiny synthetic data.
+
+One session fixture generates 64x64 synthetic angiograms and precomputes heuristic profiles; a FiLM-off and a
+FiLM-on training run are shared by the inference, evaluation and resume tests. Tiny network sizes come in as
+command-line overrides, exactly as a user would pass them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+CONFIGS = BUNDLE / "configs"
+PY = sys.executable
+
+# tiny network and schedule, as command-line overrides (they exist in train.yaml and inference.yaml alike)
+TINY_NET = [
+    "--network_def#channels", "[8,16,16]",
+    "--network_def#norm_num_groups", "8",
+    "--network_def#cond_dim", "16",
+    "--network_def#film_hidden_dim", "16",
+    "--patch_size", "[64,64]",
+    "--num_inference_steps", "2",
+]  # fmt: skip
+TINY_TRAIN = ["--epochs", "1", "--batch_size", "2", "--cache_rate", "0"]
+
+
+def run_cli(args: list[str], timeout: int = 300, env: dict | None = None) -> str:
+    """Run a command from the repository root; return stdout+stderr, fail the test with its tail on error."""
+    proc = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(args)}\n{out[-6000:]}"
+    return out
+
+
+def bundle_run(run_id: str, config_file: str | list[str], *overrides: str, timeout: int = 300) -> str:
+    cfg = config_file if isinstance(config_file, str) else "[" + ",".join(f"'{c}'" for c in config_file) + "]"
+    return run_cli([PY, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *overrides], timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Synthetic 64x64 data set (8 train / 2 val / 2 test) with precomputed heuristic profiles."""
+    root = tmp_path_factory.mktemp("bundle_data")
+    run_cli([PY, "-m", "monai_vlmfilm.data.synthetic", "--out", str(root / "data"), "--n-train", "8", "--n-val", "2",
+             "--n-test", "2", "--size", "64", "--seed", "3"])  # fmt: skip
+    datalist = root / "data" / "datalist.json"
+    cache = root / "profiles"
+    run_cli([PY, "-m", "monai_vlmfilm.profiles", "precompute", "--datalist", str(datalist), "--cache-dir", str(cache),
+             "--profiler", "heuristic", "--no-progress"])  # fmt: skip
+    return {"root": root, "datalist": datalist, "cache": cache}
+
+
+def _common(data, bundle_root: Path) -> list[str]:
+    return ["--bundle_root", str(bundle_root), "--datalist", str(data["datalist"]),
+            "--profile_cache_dir", str(data["cache"]), *TINY_NET]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def run_off(data):
+    """FiLM-off training (plain train.yaml, switch given as the string "false" as typed on a shell)."""
+    root = data["root"] / "run_off"
+    log = bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, root), *TINY_TRAIN,
+                     "--use_vlm_film", "false")  # fmt: skip
+    return {"root": root, "log": log}
+
+
+@pytest.fixture(scope="session")
+def run_on(data):
+    """FiLM-on training through the experiment overlay configs/flow_vlm.yaml."""
+    root = data["root"] / "run_on"
+    log = bundle_run("training", [str(CONFIGS / "train.yaml"), str(REPO / "configs" / "flow_vlm.yaml")],
+                     *_common(data, root), *TINY_TRAIN, "--film_log_every", "1")  # fmt: skip
+    return {"root": root, "log": log}
+
+
+def _tiny_unet_kwargs() -> dict:
+    return {"spatial_dims": 2, "in_channels": 2, "out_channels": 1, "channels": (8, 16, 16),
+            "attention_levels": (False, False, False), "num_res_blocks": 1, "norm_num_groups": 8}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ metadata / network
+def test_verify_metadata():
+    out = run_cli([PY, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+                   "--filepath", str(REPO.parent / "shared" / "schema" / "meta_schema_20240725.json")])  # fmt: skip
+    assert "metadata is verified with no error" in out
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert list(meta["network_data_format"]["inputs"]) == ["image"]
+    assert list(meta["network_data_format"]["outputs"]) == ["pred"]
+
+
+def test_verify_net_in_out():
+    # inference.yaml's network_def (what MONAI Label builds); train.yaml's is the same item (test_switch_in_parsed_config)
+    out = run_cli([PY, "-m", "monai.bundle", "verify_net_in_out", "network_verify", "--meta_file",
+                   str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"),
+                   "--device", "cpu"])  # fmt: skip
+    assert "data shape of network is verified with no error" in out
+
+
+def test_switch_in_parsed_config():
+    """use_vlm_film switches transform, FiLM heads and handler; OFF has exactly DiffusionModelUNet's state_dict keys."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import DiffusionModelUNet
+
+    from monai_vlmfilm.handlers import FiLMStatsHandler
+    from monai_vlmfilm.transforms import AttachVLMProfiled
+
+    def parsed(flag):
+        p = ConfigParser()
+        p.read_config(str(CONFIGS / "train.yaml"))
+        p["use_vlm_film"] = flag
+        p["datalist"] = "unused.json"
+        return p
+
+    for flag, on in ((True, True), ("false", False), (False, False), ("true", True)):
+        p = parsed(flag)
+        net = p.get_parsed_content("network_def")
+        transforms = p.get_parsed_content("train#deterministic_transforms")
+        handlers = p.get_parsed_content("train#handlers")
+        assert any(isinstance(t, AttachVLMProfiled) for t in transforms) is on
+        assert any(isinstance(h, FiLMStatsHandler) for h in handlers) is on
+        assert net.use_vlm_film is on
+        kwargs = {k: p[f"network_def#{k}"] for k in ("spatial_dims", "in_channels", "out_channels", "channels",
+                                                     "attention_levels", "num_res_blocks", "norm_num_groups")}  # fmt: skip
+        ref_keys = set(DiffusionModelUNet(**kwargs).state_dict())
+        keys = set(net.state_dict())
+        if on:
+            extra = keys - ref_keys
+            assert ref_keys < keys and extra and all(k.startswith(("profile_encoder.", "film_heads.")) for k in extra)
+        else:
+            assert keys == ref_keys
+    with pytest.raises(Exception, match="use_vlm_film must be true or false"):
+        parsed("maybe").get_parsed_content("network_def")
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_train_off(run_off):
+    models = run_off["root"] / "models"
+    assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
+    sd = torch.load(models / "model.pt", weights_only=True)
+    from monai.networks.nets import DiffusionModelUNet
+
+    assert set(sd) == set(DiffusionModelUNet(**_tiny_unet_kwargs()).state_dict())
+    log = run_off["log"]
+    assert re.search(r"val_mean_dice: \d\.\d+", log) and "val_cldice" in log
+    assert "FiLM:" not in log and "film/" not in log
+    assert "progress: finished epoch 1/1" in log  # the progress / ETA line
+    assert list((run_off["root"] / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_on_overlay(run_on):
+    sd = torch.load(run_on["root"] / "models" / "model.pt", weights_only=True)
+    assert any(k.startswith("film_heads.") for k in sd) and any(k.startswith("profile_encoder.") for k in sd)
+    log = run_on["log"]
+    assert "FiLM:" in log and "film/stage0/gamma_mean" in log
+    # every profile came from the precomputed cache (same image content + heuristic fingerprint)
+    rates = [float(r) for r in re.findall(r"cache_hit_rate=([0-9.e+-]+)", log)]
+    assert rates and all(r == 1.0 for r in rates), rates
+    fallback = [float(r) for r in re.findall(r"fallback_rate=([0-9.e+-]+)", log)]
+    assert fallback and max(fallback) == 0.0
+
+
+def test_resume(data, run_off, tmp_path):
+    ckpt = run_off["root"] / "models" / "checkpoint_final.pt"
+    log = bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, tmp_path), "--epochs", "2",
+                     "--batch_size", "2", "--cache_rate", "0", "--use_vlm_film", "False",
+                     "--resume_from", str(ckpt))  # fmt: skip
+    assert f"Restored all variables from {ckpt}" in log
+    assert "Epoch: 2/2, Iter: 1/" in log and "Epoch: 1/2" not in log
+    final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["max_epochs"] == 2 and final["trainer"]["iteration"] == 8  # 2 epochs x 4 iterations
+
+
+# ------------------------------------------------------------------------------------------------ inference / evaluation
+def test_inference_png_and_nifti(data, run_on, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    src = json.loads(Path(data["datalist"]).read_text())["test"][0]["image"]
+    png = Path(data["datalist"]).parent / src
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(png, inputs / "case_png.png")
+    arr = np.asarray(Image.open(png)).astype(np.float32)
+    nib.save(nib.Nifti1Image(arr.T.copy(), np.eye(4)), str(inputs / "case_nii.nii.gz"))  # MONAI's (W, H) layout
+    out_dir = tmp_path / "out"
+    log = bundle_run("inference", str(CONFIGS / "inference.yaml"), "--bundle_root", str(run_on["root"]),
+                     "--datalist", str(inputs), "--output_dir", str(out_dir),
+                     "--profile_cache_dir", str(data["cache"]), *TINY_NET)  # fmt: skip
+    assert "inference: wrote 2 masks" in log
+    for stem in ("case_png", "case_nii"):
+        seg = np.asarray(nib.load(str(out_dir / f"{stem}_seg.nii.gz")).dataobj)
+        assert seg.shape == arr.T.shape and seg.dtype == np.uint8 and set(np.unique(seg)) <= {0, 1}
+        overlay = np.asarray(Image.open(out_dir / f"{stem}_overlay.png"))
+        assert overlay.shape == (*arr.shape, 3) and overlay.dtype == np.uint8
+        # the overlay shows the image in its own orientation (gray where the mask is 0)
+        bg = seg.T == 0
+        assert np.corrcoef(overlay[..., 1][bg].astype(float), arr[bg])[0, 1] > 0.99
+        tinted = overlay[..., 0][~bg].astype(int) - overlay[..., 1][~bg].astype(int)
+        assert (tinted > 0).all()
+
+
+def test_evaluate(data, run_on, tmp_path):
+    log = bundle_run("evaluating", [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+                     *_common(data, tmp_path), "--ckpt_path", str(run_on["root"] / "models" / "model.pt"))  # fmt: skip
+    eval_dir = tmp_path / "eval" / "evaluation"
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"dice", "cldice", "betti0_error", "betti1_error", "hd95"}
+    assert summary["num_images"] == 2 and summary["extra"]["use_vlm_film"] is True
+    with open(eval_dir / "dice_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["filename"]).name for r in rows] == ["test_0000.png", "test_0001.png"]
+    per_image = [float(r["class0"]) for r in rows]
+    assert all(0.0 <= d <= 1.0 for d in per_image)
+    assert summary["metrics"]["dice"] == pytest.approx(np.mean(per_image), abs=1e-5)
+    for name in ("cldice", "betti0_error", "betti1_error", "hd95"):
+        assert (eval_dir / f"{name}_raw.csv").is_file() and (eval_dir / f"{name}_summary.csv").is_file()
+    assert "evaluation summary (2 images)" in log
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+def test_torchrun_two_processes_gloo(data, tmp_path):
+    torchrun = str(Path(PY).parent / "torchrun")
+    out = run_cli([torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+                   "--config_file", f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']",
+                   *_common(data, tmp_path), *TINY_TRAIN], timeout=400)  # fmt: skip
+    # 8 training images over 2 ranks at batch size 2: 2 iterations per rank and epoch (4 in one process)
+    assert "Epoch: 1/1, Iter: 2/2" in out and "Iter: 3/" not in out
+    assert (tmp_path / "models" / "model.pt").is_file()
+    sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in sd) and any(k.startswith("film_heads.") for k in sd)
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+def test_mlflow_tracking(data, tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is optional (pip install 'monai-vlmfilm[mlflow]')")
+    bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, tmp_path), *TINY_TRAIN, "--tracking", "mlflow",
+               "--use_vlm_film", "False")  # fmt: skip
+    assert (tmp_path / "eval" / "mlruns.db").is_file()
