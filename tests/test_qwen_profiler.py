@@ -67,6 +67,14 @@ def test_lazy_load_and_frozen_model(tiny_qwen_dir):
     assert p.dtype == torch.float32 and p.model.dtype == torch.float32  # CPU default
 
 
+def test_pickled_copy_is_unloaded_and_equivalent(scored):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(scored))
+    assert scored.is_loaded and not copy.is_loaded
+    assert copy.fingerprint == scored.fingerprint
+
+
 def test_remote_code_is_never_executed(tiny_qwen_dir, tmp_path):
     """A checkpoint that asks for remote code (auto_map + a module) gets no code run."""
     folder = tmp_path / "evil"

@@ -304,6 +304,8 @@ class QwenVLProfiler(Profiler):
             if not isinstance(self.dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {dtype!r}")
         self.stats: dict[str, float] = {"images": 0, "fallbacks": 0, "allowed_mass_sum": 0.0}
+        self._prep_threads = min(8, os.cpu_count() or 1)
+        self._prep_pool: ThreadPoolExecutor | None = None
         self.last_texts: list[str] = []  # raw generated text of the last batch (``generate`` mode)
         self.load_kwargs: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -486,8 +488,10 @@ class QwenVLProfiler(Profiler):
             except Exception as e:
                 new = None
                 logger.warning("packed vision attention failed (%s): keeping %s", e, stock)
-        tol = 1e-4 if visual.dtype == torch.float32 else 5e-2
-        if new is None or not torch.allclose(ref.float(), new.float(), atol=tol, rtol=tol):
+        # relative error of the whole output: same maths, only the summation order differs
+        tol = 1e-5 if visual.dtype == torch.float32 else 2e-2
+        rel = float((new.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)) if new is not None else 1
+        if new is None or not rel <= tol:
             cfg._attn_implementation = stock
             if new is not None:
                 logger.warning("packed vision attention disagrees with %s: keeping %s", stock, stock)
@@ -537,14 +541,21 @@ class QwenVLProfiler(Profiler):
         out = self.image_processor(images=[Image.fromarray(u, mode="L").convert("RGB") for u in images_u8])
         return {k: torch.as_tensor(np.asarray(out[k])) for k in ("pixel_values", "image_grid_thw")}
 
+    def _prepare_one(self, x: Any) -> np.ndarray:
+        arr = x if isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == np.float32 else canonical_image(x)
+        u8 = to_uint8(arr, self.intensity)
+        return self._resize(u8) if self._fast_pixels else u8
+
     def _prepare_cpu(self, images: Sequence[Any]) -> list[np.ndarray]:
-        """CPU part of the input pipeline (runs on the prefetch thread): canonical -> uint8 -> resized."""
-        out = []
-        for x in images:
-            arr = x if isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype == np.float32 else canonical_image(x)
-            u8 = to_uint8(arr, self.intensity)
-            out.append(self._resize(u8) if self._fast_pixels else u8)
-        return out
+        """CPU part of the input pipeline: canonical -> uint8 -> resized, images in parallel threads.
+
+        numpy and PIL release the GIL here, so a few threads keep up with a GPU at large batches.
+        """
+        if len(images) < 4 or self._prep_threads < 2:
+            return [self._prepare_one(x) for x in images]
+        if self._prep_pool is None:
+            self._prep_pool = ThreadPoolExecutor(max_workers=self._prep_threads, thread_name_prefix="qwen-img")
+        return list(self._prep_pool.map(self._prepare_one, images))
 
     def _build_inputs(self, prepared: list[np.ndarray]) -> dict[str, torch.Tensor]:
         if self._fast_pixels:
@@ -647,6 +658,16 @@ class QwenVLProfiler(Profiler):
                 logger.info("qwen raw output: %s -> %s", json.dumps(text), prof.reason or "ok")
             profiles.append(prof)
         return profiles
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled / copied without the model, threads or lock: a copy (e.g. in a DataLoader worker) is unloaded."""
+        state = self.__dict__.copy()
+        state.update(model=None, tokenizer=None, image_processor=None, _lock=None, _prep_pool=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
