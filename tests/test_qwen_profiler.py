@@ -67,6 +67,14 @@ def test_lazy_load_and_frozen_model(tiny_qwen_dir):
     assert p.dtype == torch.float32 and p.model.dtype == torch.float32  # CPU default
 
 
+def test_device_map_auto_through_accelerate(scored, tiny_qwen_dir):
+    p = QwenVLProfiler(tiny_qwen_dir, mode="scored", device_map="auto").load()
+    assert p.load_kwargs["device_map"] == "auto"
+    imgs = _images(2, seed=4)
+    a = np.stack([o.to_vector() for o in p.profile(imgs)])
+    np.testing.assert_allclose(a, np.stack([o.to_vector() for o in scored.profile(imgs)]), atol=1e-6)
+
+
 def test_pickled_copy_is_unloaded_and_equivalent(scored):
     import pickle
 
