@@ -35,6 +35,8 @@ __all__ = [
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 _DIGEST_VERSION = b"vlmfilm-pixels/v1"
+# PIL modes whose values are intensities (plus "I;16*"); others are converted to RGB(A) first
+_PIL_INTENSITY_MODES = ("1", "L", "LA", "I", "F", "RGB", "RGBA")
 
 
 class ImageReadError(ValueError):
@@ -83,9 +85,15 @@ def _read_file(path: str) -> np.ndarray:
 
         try:
             with Image.open(path) as im:
-                if im.mode == "P":  # palette indices are not intensities
-                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                if im.mode not in _PIL_INTENSITY_MODES and not im.mode.startswith("I;16"):
+                    # palette indices, CMYK, YCbCr, LAB, HSV are not intensities: convert like PIL's own "RGB"
+                    alpha = "a" in im.mode.lower() or "transparency" in im.info
+                    im = im.convert("RGBA" if alpha else "RGB")
                 arr = np.asarray(im)
+        except Image.DecompressionBombError as e:  # PIL's size limit: say which file and how to lift it
+            raise ImageReadError(
+                f"image file {path!r} is too large: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted)"
+            ) from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
         return arr
@@ -95,7 +103,10 @@ def _read_file(path: str) -> np.ndarray:
         arr = LoadImage(image_only=True)(path)
     except Exception as e:  # MONAI raises several types for unreadable files
         raise ImageReadError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
-    return np.asarray(arr.detach().cpu() if isinstance(arr, torch.Tensor) else arr)
+    arr = np.asarray(arr.detach().cpu() if isinstance(arr, torch.Tensor) else arr)
+    if sum(s > 1 for s in arr.shape) > 2:  # a volume with 3 or 4 slices is not an RGB(A) picture
+        raise ImageReadError(f"image file {path!r}: expected a 2D image, got a volume of shape {arr.shape}")
+    return arr
 
 
 def _drop_channels(arr: np.ndarray, what: str) -> np.ndarray:
@@ -103,6 +114,8 @@ def _drop_channels(arr: np.ndarray, what: str) -> np.ndarray:
         arr = arr[0]
     while arr.ndim > 2 and arr.shape[-1] == 1:
         arr = arr[..., 0]
+    if arr.ndim == 3 and 2 in (arr.shape[0], arr.shape[-1]):  # gray + alpha: alpha is not an intensity
+        arr = arr[..., 0] if arr.shape[-1] == 2 and arr.shape[0] != 2 else arr[0]
     if arr.ndim == 3:
         if arr.shape[-1] in (3, 4) and arr.shape[0] not in (3, 4):
             rgb = arr[..., :3]
@@ -128,7 +141,8 @@ def canonical_image(x: Any, *, check_finite: bool = True) -> np.ndarray:
         x: a file path (PNG/PGM/JPEG/... through PIL in display orientation ``(H, W)``, other formats
             such as NIfTI through MONAI ``LoadImage``), a numpy array, a torch Tensor or a MONAI
             MetaTensor; shapes ``(H, W)``, ``(1, H, W)``, ``(H, W, 1)``, ``(3|4, H, W)``,
-            ``(H, W, 3|4)`` (equal channels are collapsed, colour goes to luma, alpha is dropped).
+            ``(H, W, 3|4)``, gray + alpha ``(H, W, 2)`` / ``(2, H, W)`` (equal channels are collapsed, colour
+            goes to luma, alpha is dropped; CMYK / YCbCr / palette files are converted to RGB first).
         check_finite: raise on NaN / Inf pixels (a profile of such an image would be silently wrong).
 
     Raises:
