@@ -7,6 +7,7 @@ that the transform counts; never in a silent wrong profile, and never in a cache
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -17,9 +18,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from monai_vlmfilm.profiles import PROFILE_DIM, HeuristicProfiler, ProfileStore, canonical_image
+from monai_vlmfilm.profiles import DEFAULT_PROFILE, PROFILE_DIM, HeuristicProfiler, ProfileStore, canonical_image
 from monai_vlmfilm.profiles.base import ImageReadError
 from monai_vlmfilm.profiles.cli import precompute
+from monai_vlmfilm.profiles.schema import FALLBACK_INDEX
 from monai_vlmfilm.transforms import AttachVLMProfiled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,3 +180,26 @@ def test_too_large_image_names_the_file(tmp_path, monkeypatch):
         t({"image": str(p)})
     res = precompute([str(p)], ProfileStore(tmp_path / "cache"), HeuristicProfiler(), progress=False)
     assert [q for q, _ in res["unreadable"]] == [str(p)]  # listed by precompute, not a crash
+
+
+@pytest.mark.parametrize("value", [0, 77, 255])
+def test_constant_image_gives_a_flagged_profile_never_a_made_up_one(tmp_path, value, caplog):
+    """Regression (fault campaign): a constant image used to get an unflagged heuristic profile whose fields
+    were z-scores of all-zero features (difficulty 1.2, 'easy'); now a neutral fallback, flagged and counted."""
+    p = tmp_path / f"const{value}.png"
+    Image.fromarray(np.full((48, 64), value, np.uint8)).save(p)
+    cache = tmp_path / "cache"
+    for where, (pipe, t) in _pipelines(cache).items():
+        with caplog.at_level(logging.WARNING):
+            vec = pipe({"image": str(p)})["vlm_profile"].numpy()
+        assert np.isfinite(vec).all() and vec[FALLBACK_INDEX] == 1.0, where
+        np.testing.assert_allclose(
+            vec[:FALLBACK_INDEX], DEFAULT_PROFILE.to_vector()[:FALLBACK_INDEX] * [1, 0, 1, 1, 1, 1]
+        )
+        if where == "before":  # computed here: counted and reported with the file name
+            assert t.stats()["fallbacks"] == 1 and "constant image" in caplog.text and p.name in caplog.text
+    (key, prof), *rest = ProfileStore(cache).items()
+    assert not rest and prof.is_fallback and "constant image" in prof.reason and prof.confidence == 0.0
+    # the precompute CLI counts it as a fallback
+    res = precompute([str(p)], ProfileStore(tmp_path / "cache2"), HeuristicProfiler(), progress=False)
+    assert res["fallback"] == 1 and res["unreadable"] == []

@@ -14,6 +14,10 @@ Each field is a logistic of a weighted sum of z-scored features; the z-scores us
 mean / std measured on the 80 DCA1 angiograms (``DCA1_CALIBRATION``), so fields spread over
 their range on real XCA images instead of sitting at one value. ``HeuristicProfiler.calibrate``
 measures the same constants on another data set.
+
+A constant image (equal 1st and 99th intensity percentiles) has no statistic to map: it gets the neutral
+profile with confidence 0, marked as a fallback (``is_fallback``), so the network, the transform's counters
+and ``precompute`` all see it flagged.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ _WEIGHTS: dict[str, dict[str, float]] = {
     "clutter": {"clutter": 1.0, "ridge": -0.3},
 }
 _GAIN = 1.4
+#: reason of the flagged neutral profile a constant image gets (its z-scored features would be made up)
+CONSTANT_IMAGE_REASON = (
+    "constant image (no contrast between its 1st and 99th intensity percentiles): nothing to profile"
+)
 
 
 def _smooth(x: np.ndarray, s: float) -> np.ndarray:
@@ -175,6 +183,8 @@ class HeuristicProfiler(Profiler):
         }
 
     def profile_from_features(self, feats: dict[str, float]) -> VLMProfile:
+        if not any(feats.values()):  # what image_features gives a constant image: no statistic to map
+            return VLMProfile(confidence=0.0, source="fallback", reason=CONSTANT_IMAGE_REASON)
         z = {k: (feats[k] - m) / (s if s > 0 else 1.0) for k, (m, s) in self.calibration.items()}
         vals = {f: _sigmoid(self.gain * sum(wt * z[k] for k, wt in ws.items())) for f, ws in _WEIGHTS.items()}
         if feats["contrast"] <= 0.0 and feats["ridge"] <= 0.0:  # constant / empty image: nothing to trust
