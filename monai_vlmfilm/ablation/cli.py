@@ -48,18 +48,24 @@ BUNDLE_KEYS: dict[str, str] = {
     "switch": "use_vlm_film",
     "seed": "seed",
     "datalist": "datalist",
+    "ckpt_dir": "ckpt_dir",
     "output_dir": "output_dir",
     "cache_dir": "profile_cache_dir",
     "profiler": "profiler",
     "on_missing": "profile_on_missing",
-    "epochs": "max_epochs",
-    "iterations": "max_iterations",
-    "image_size": "image_size",
-    "checkpoint": "checkpoint",
-    "eval_split": "eval_split",
-    "eval_output_dir": "eval_output_dir",
-    "num_workers": "num_workers",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "patch_size": "patch_size",
+    "val_interval": "val_interval",
+    "ckpt_interval": "ckpt_interval",
+    "ckpt_path": "ckpt_path",
+    "eval_dir": "eval_dir",
+    "data_split": "data_split",
 }
+#: the final training checkpoint (CheckpointSaver ``save_final``): evaluated instead of the best-on-validation
+#: ``model.pt``, because without a test split the validation images are the evaluation images (no selection bias)
+FINAL_CHECKPOINT = "checkpoint_final.pt"
+NEVER = 10**9  # an epoch interval that never fires
 
 #: canonical metric name -> substrings of a MetricsSaver file name that identify it (first match wins, in order)
 _METRIC_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -138,8 +144,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profiler", default="heuristic", help="profiler for on/shuffle (default heuristic)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, default=None, help="training epochs per job")
-    g.add_argument("--max-iterations", type=int, default=None, help="training iterations per job")
-    p.add_argument("--image-size", type=int, default=None, help="training / evaluation image size (pixels)")
+    g.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="training iterations per job (rounded to whole epochs; the bundle counts epochs)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square training patch and sliding-window size (the bundle's patch_size)",
+    )
     p.add_argument("--gpus", default="auto", help="'auto' (every visible GPU, else CPU), 'cpu', or e.g. 0,1")
     p.add_argument("--jobs-per-gpu", type=int, default=1, help="parallel jobs per GPU (small models leave room)")
     p.add_argument("--cpu-jobs", type=int, default=1, help="parallel jobs without a GPU")
@@ -159,6 +175,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra bundle override for training and evaluation (repeatable), e.g. --override num_workers=4",
+    )
+    p.add_argument(
+        "--train-validation",
+        action="store_true",
+        help="keep the bundle's per-epoch validation and interim checkpoints during training (off by default: "
+        "the ablation evaluates the final checkpoint on its own split)",
     )
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle derangement")
     p.add_argument("--job-timeout", type=float, default=None, help="kill a job step after this many seconds")
@@ -344,12 +366,34 @@ class Ablation:
         }[mode]
 
     # -------------------------------------------------------------------- jobs
-    def overrides(self, mode: str, seed: int, datalist: Path, run_dir: Path) -> dict[str, Any]:
+    def bundle_value(self, key: str) -> Any:
+        """A top-level value of the training config (with overlays and ``--override``), e.g. ``batch_size``."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(c) for c in self.configs("off", self.train_config)])
+        for kv in self.args.override:
+            k, v = kv.split("=", 1)
+            parser[k] = _coerce(v)
+        return parser.get_parsed_content(key) if key in parser else None
+
+    def epochs_for(self, n_train: int) -> int:
+        """``--epochs``, or ``--max-iterations`` turned into whole epochs of ``n_train`` items."""
+        a = self.args
+        if a.epochs is not None:
+            return a.epochs
+        bs = int(self.bundle_value(BUNDLE_KEYS["batch_size"]) or 1)
+        per_epoch = max(1, -(-n_train // bs))  # DataLoader keeps the last partial batch
+        return max(1, round(a.max_iterations / per_epoch))
+
+    def overrides(self, mode: str, seed: int, datalist: Path, run_dir: Path, n_train: int) -> dict[str, Any]:
+        """Bundle overrides of one job (training; evaluation adds its own on top)."""
         a, K = self.args, BUNDLE_KEYS
         ov: dict[str, Any] = {
             K["switch"]: mode != "off",
             K["seed"]: seed,
             K["datalist"]: str(datalist),
+            K["ckpt_dir"]: str(run_dir),
             K["output_dir"]: str(run_dir),
         }
         st = self.store_of(mode)
@@ -358,62 +402,69 @@ class Ablation:
             ov[K["profiler"]] = st["spec"]
             # every image was profiled ahead: a miss would silently recompute (shuffle would see true profiles)
             ov[K["on_missing"]] = "error"
-        if a.epochs is not None:
-            ov[K["epochs"]] = a.epochs
-        if a.max_iterations is not None:
-            ov[K["iterations"]] = a.max_iterations
+        if a.epochs is not None or a.max_iterations is not None:
+            ov[K["epochs"]] = self.epochs_for(n_train)
         if a.image_size is not None:
-            ov[K["image_size"]] = a.image_size
+            ov[K["patch_size"]] = f"[{a.image_size},{a.image_size}]"
+        if not a.train_validation:
+            # the ablation evaluates the final checkpoint itself: no validation or interim checkpoints in training
+            ov[K["val_interval"]] = NEVER
+            ov[K["ckpt_interval"]] = NEVER
         for kv in a.override:
             k, v = kv.split("=", 1)
             ov[k] = v
         return ov
 
-    def configs(self, mode: str, base: Path) -> list[Path]:
+    def configs(self, mode: str, base: Path, evaluate: bool = False) -> list[Path]:
         ov = self.overlay_off if mode == "off" else self.overlay_on
-        return [base] + ([ov] if ov is not None else [])
+        # evaluate.yaml is an overlay of train.yaml (network, transforms, inferer come from training)
+        return [base] + ([self.eval_config] if evaluate else []) + ([ov] if ov is not None else [])
 
     def make_jobs(self, splits: Sequence[tuple[int | None, Path, list[dict[str, Any]]]]) -> list[Job]:
-        a = self.args
+        a, K = self.args, BUNDLE_KEYS
         jobs = []
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         # seed-major order: a run cut short still holds complete (off, on, ...) sets for the first seeds
         for seed in a.seeds:
             for fold, dl_path, ev_items in splits:
+                n_train = len(json.loads(dl_path.read_text())["training"])
                 for mode in a.mode_list:
                     name = f"{mode}_seed{seed}" + (f"_fold{fold}" if fold is not None else "")
                     wd = self.out / "jobs" / name
-                    ov = self.overrides(mode, seed, dl_path, wd / "train")
+                    ov = self.overrides(mode, seed, dl_path, wd / "train", n_train)
                     train = bundle_cmd("training", self.bundle_root, self.configs(mode, self.train_config), ov)
-                    ev_ov = dict(ov)
-                    ev_ov[BUNDLE_KEYS["checkpoint"]] = str(wd / "train" / "model.pt")
-                    ev_ov[BUNDLE_KEYS["eval_output_dir"]] = str(wd / "eval")
-                    ev_ov[BUNDLE_KEYS["eval_split"]] = "test"
-                    ev_ov.pop(BUNDLE_KEYS["output_dir"], None)
-                    evaluate = bundle_cmd("evaluate", self.bundle_root, self.configs(mode, self.eval_config), ev_ov)
-                    info = {"mode": mode, "seed": seed, "fold": fold, "eval_items": ev_items}
+                    ev_ov = {
+                        **ov,
+                        K["output_dir"]: str(wd / "eval"),
+                        K["ckpt_path"]: str(wd / "train" / FINAL_CHECKPOINT),
+                        K["eval_dir"]: str(wd / "eval"),
+                        K["data_split"]: "test",
+                    }
+                    evaluate = bundle_cmd(
+                        "evaluating", self.bundle_root, self.configs(mode, self.train_config, evaluate=True), ev_ov
+                    )
+                    info = {
+                        "mode": mode,
+                        "seed": seed,
+                        "fold": fold,
+                        "eval_items": ev_items,
+                        "epochs": ov.get(K["epochs"]),
+                        "n_train": n_train,
+                    }
                     steps = [
                         Step("train", train, a.job_timeout),
                         Step("evaluate", evaluate, a.job_timeout),
                         Step("collect", self.collect),
                     ]
-                    env = {
-                        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
-                            os.pathsep
-                        )
-                    }
-                    jobs.append(Job(name, wd, steps, info, env))
+                    jobs.append(Job(name, wd, steps, info, {"PYTHONPATH": pythonpath}))
         return jobs
 
     # -------------------------------------------------------------------- collection
     def checkpoint_of(self, job: Job) -> Path:
-        train_dir = job.workdir / "train"
-        for cand in ("model.pt", "model_final.pt"):
-            if (train_dir / cand).is_file():
-                return train_dir / cand
-        pts = sorted(train_dir.rglob("*.pt"), key=lambda p: p.stat().st_mtime)
-        if not pts:
-            raise FileNotFoundError(f"no checkpoint (*.pt) under {train_dir}")
-        return pts[-1]
+        path = job.workdir / "train" / FINAL_CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"training left no {FINAL_CHECKPOINT} in {path.parent}")
+        return path
 
     def collect(self, job: Job, env: Mapping[str, str]) -> None:
         """Per-image records and FiLM magnitudes of a finished job -> ``<job>/result.json``."""
@@ -464,7 +515,7 @@ class Ablation:
         mode = job.info["mode"]
         parser = ConfigParser()
         parser.read_config([str(c) for c in self.configs(mode, self.train_config)])
-        ov = self.overrides(mode, job.info["seed"], Path(), job.workdir / "train")
+        ov = self.overrides(mode, job.info["seed"], Path(), job.workdir / "train", job.info["n_train"])
         parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         net = parser.get_parsed_content("network_def", instantiate=True)

@@ -139,7 +139,8 @@ def _run_job(job: Job, slot: Slot, base_env: Mapping[str, str], threads: int) ->
                         check=False,
                     )
                 if proc.returncode != 0:
-                    last = tail(log, 6)
+                    # the last non-empty line is usually the exception; the log has the rest
+                    last = next((ln.strip() for ln in reversed(tail(log, 40).splitlines()) if ln.strip()), "")
                     return JobOutcome(
                         job,
                         "failed",

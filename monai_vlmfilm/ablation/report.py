@@ -98,7 +98,8 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     n_ok = sum(1 for j in jobs if j.get("status") in ("ok", "skipped"))
     add(f"Jobs: {n_ok} of {len(jobs)} finished" + (f", **{len(failed)} failed**:" if failed else "."))
     for j in failed:
-        add(f"- {j['mode']} seed {j['seed']} fold {j.get('fold')}: {j.get('error', '')} — log `{j.get('log', '')}`")
+        fold = f" fold {j['fold']}" if j.get("fold") is not None else ""
+        add(f"- {j['mode']} seed {j['seed']}{fold}: {j.get('error', '')} — log `{j.get('log', '')}`")
     add("")
 
     add("## Verdicts\n")
