@@ -203,3 +203,33 @@ def test_constant_image_gives_a_flagged_profile_never_a_made_up_one(tmp_path, va
     # the precompute CLI counts it as a fallback
     res = precompute([str(p)], ProfileStore(tmp_path / "cache2"), HeuristicProfiler(), progress=False)
     assert res["fallback"] == 1 and res["unreadable"] == []
+
+
+def _bundle_parser(tmp_path: Path, **overrides):
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(str(REPO / "bundle" / "configs" / "train.yaml"))
+    p["profile_cache_dir"] = str(tmp_path / "cache")
+    for k, v in overrides.items():
+        p[k] = v
+    return p
+
+
+@pytest.mark.parametrize("use_vlm_film", [True, False])
+def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
+    """Regression (fault campaign): a label of another size used to be cropped with the image's random window
+    (silently misaligned training pairs); now the bundle's preprocessing refuses it, naming the label file."""
+    img, lab, wide = tmp_path / "img.png", tmp_path / "lab.png", tmp_path / "lab_wide.png"
+    Image.fromarray(_vessels(160, 144)).save(img)
+    Image.fromarray(((_vessels(160, 144) < 150) * 255).astype(np.uint8)).save(lab)
+    Image.fromarray(((_vessels(160, 200) < 150) * 255).astype(np.uint8)).save(wide)
+    p = _bundle_parser(tmp_path, use_vlm_film=use_vlm_film)
+    for section in ("train#preprocessing", "validate#preprocessing"):
+        t = p.get_parsed_content(section)
+        out = t({"image": str(img), "label": str(lab)})
+        assert out["image"].shape[1:] == out["label"].shape[1:]
+        with pytest.raises(Exception) as info:
+            t({"image": str(img), "label": str(wide)})
+        err = _root_cause(info.value)
+        assert "lab_wide.png" in str(err) and "shape" in str(err), str(err)
