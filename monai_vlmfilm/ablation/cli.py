@@ -456,6 +456,7 @@ class Ablation:
                         Step("evaluate", evaluate, a.job_timeout),
                         Step("collect", self.collect),
                     ]
+                    _invalidate_if_changed(wd, {"train": train, "evaluate": evaluate})
                     jobs.append(Job(name, wd, steps, info, {"PYTHONPATH": pythonpath}))
         return jobs
 
@@ -554,6 +555,7 @@ class Ablation:
                 "status": o.status,
                 "wall_s": round(o.wall_s, 1),
                 "slot": o.slot,
+                "step_s": o.steps,
                 "log": o.log,
                 "error": o.error,
             }
@@ -637,7 +639,13 @@ class Ablation:
         else:
             print(f"[ablation] {len(jobs)} jobs on {len(slots)} slot(s) ({card}); logs under {self.out / 'jobs'}")
 
+            n_done = [0]
+
             def show(o: JobOutcome) -> None:
+                n_done[0] += 1
+                if a.no_progress:  # one line per job instead of the bar (logs of non-interactive runs)
+                    steps = " ".join(f"{k}={v:.0f}s" for k, v in o.steps.items())
+                    print(f"[ablation] {n_done[0]}/{len(jobs)} {o.job.name} {o.status} on {o.slot} {steps}", flush=True)
                 if o.status == "failed":
                     print(f"\n[ablation] FAILED {o.job.name}: {o.error}\n  log: {o.log}", file=sys.stderr)
 
@@ -651,6 +659,18 @@ class Ablation:
         if n_failed:
             print(f"[ablation] {n_failed} job(s) failed; see the report's job list", file=sys.stderr)
         return 1 if n_failed else 0
+
+
+def _invalidate_if_changed(workdir: Path, spec: Mapping[str, Any]) -> None:
+    """Resume only what the same commands produced: a job folder from other settings is run again."""
+    path = workdir / "spec.json"
+    text = json.dumps(spec, indent=1)
+    if path.is_file() and path.read_text() != text:
+        print(f"[ablation] {workdir.name}: settings changed since the last run; running it again", file=sys.stderr)
+        for f in [*workdir.glob("*.done"), workdir / "result.json"]:
+            f.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _coerce(v: Any) -> Any:

@@ -8,6 +8,7 @@ skipped, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -60,6 +61,7 @@ class JobOutcome:
     log: str = ""
     error: str = ""
     slot: str = ""
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,14 +114,28 @@ def _slot_env(base: Mapping[str, str], slot: Slot, threads: int) -> dict[str, st
 def _run_job(job: Job, slot: Slot, base_env: Mapping[str, str], threads: int) -> JobOutcome:
     t0 = time.time()
     if job.done_file.exists():
-        return JobOutcome(job, "skipped", 0.0, slot=slot.label)
+        try:  # keep the step times of the run that did the work
+            prev = json.loads(job.done_file.read_text()).get("step_s", {})
+        except (OSError, ValueError, AttributeError):
+            prev = {}
+        return JobOutcome(job, "skipped", float(sum(prev.values())), slot=slot.label, steps=prev)
     job.workdir.mkdir(parents=True, exist_ok=True)
     env = _slot_env({**base_env, **job.env}, slot, threads)
+    times: dict[str, float] = {}
+
+    def failed(log: Path, error: str) -> JobOutcome:
+        return JobOutcome(job, "failed", time.time() - t0, str(log), error, slot.label, times)
+
     for step in job.steps:
         done = job.workdir / f"{step.name}.done"
         log = job.workdir / f"{step.name}.log"
-        if done.exists():
+        if done.exists():  # finished by an earlier run: keep its time
+            try:
+                times[step.name] = float(done.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
             continue
+        ts = time.time()
         try:
             if callable(step.cmd):
                 with open(log, "w") as f:
@@ -141,32 +157,17 @@ def _run_job(job: Job, slot: Slot, base_env: Mapping[str, str], threads: int) ->
                 if proc.returncode != 0:
                     # the last non-empty line is usually the exception; the log has the rest
                     last = next((ln.strip() for ln in reversed(tail(log, 40).splitlines()) if ln.strip()), "")
-                    return JobOutcome(
-                        job,
-                        "failed",
-                        time.time() - t0,
-                        str(log),
-                        f"step {step.name!r} exited with code {proc.returncode}: {last}",
-                        slot.label,
-                    )
+                    return failed(log, f"step {step.name!r} exited with code {proc.returncode}: {last}")
         except subprocess.TimeoutExpired:
-            return JobOutcome(
-                job,
-                "failed",
-                time.time() - t0,
-                str(log),
-                f"step {step.name!r} timed out after {step.timeout_s} s",
-                slot.label,
-            )
+            return failed(log, f"step {step.name!r} timed out after {step.timeout_s} s")
         except Exception as e:  # an in-process step: report it against this job, keep the queue going
             with open(log, "a") as f:
                 f.write(f"\nERROR: {type(e).__name__}: {e}\n")
-            return JobOutcome(
-                job, "failed", time.time() - t0, str(log), f"step {step.name!r}: {type(e).__name__}: {e}", slot.label
-            )
-        done.write_text(f"{time.time()}\n")
-    job.done_file.write_text(f"{time.time()}\n")
-    return JobOutcome(job, "ok", time.time() - t0, slot=slot.label)
+            return failed(log, f"step {step.name!r}: {type(e).__name__}: {e}")
+        times[step.name] = round(time.time() - ts, 2)
+        done.write_text(f"{times[step.name]}\n")
+    job.done_file.write_text(json.dumps({"finished": time.time(), "step_s": times}) + "\n")
+    return JobOutcome(job, "ok", time.time() - t0, slot=slot.label, steps=times)
 
 
 def run_jobs(

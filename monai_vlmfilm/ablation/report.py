@@ -151,17 +151,24 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     film = results.get("film") or []
     if film:
         add("## FiLM modulation\n")
-        add("Mean |γ| and |β| over channels and evaluation images per decoder stage (0 = deepest), mean over seeds.\n")
+        add(
+            "Per decoder stage (0 = deepest), mean over seeds: mean |γ| and |β| over channels and evaluation images, "
+            "the mean difficulty gate, and the spread of γ across images (std over images, mean over channels; "
+            "0 means every image gets the same modulation, i.e. the profile is ignored).\n"
+        )
         table = _film_table(film)
         stages = sorted({st for m in table for st in table[m]}, key=lambda x: int(x))
-        add("| mode | " + " | ".join(f"stage {st} |γ| / |β| / gate" for st in stages) + " |")
+        add("| mode | " + " | ".join(f"stage {st}: \\|γ\\| / \\|β\\| / gate / γ spread" for st in stages) + " |")
         add("|---" * (len(stages) + 1) + "|")
         for m, per_stage in table.items():
             cells = []
             for st in stages:
                 v = per_stage.get(st)
                 cells.append(
-                    f"{v['gamma_abs_mean']:.4f} / {v['beta_abs_mean']:.4f} / {v['gate_mean']:.2f}" if v else "n/a"
+                    f"{v['gamma_abs_mean']:.4f} / {v['beta_abs_mean']:.4f} / {v['gate_mean']:.2f} / "
+                    f"{v.get('gamma_image_std', float('nan')):.4f}"
+                    if v
+                    else "n/a"
                 )
             add(f"| {m} | " + " | ".join(cells) + " |")
         add("")
