@@ -7,7 +7,12 @@ that the transform counts; never in a silent wrong profile, and never in a cache
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +23,14 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from monai_vlmfilm.profiles import DEFAULT_PROFILE, PROFILE_DIM, HeuristicProfiler, ProfileStore, canonical_image
+from monai_vlmfilm.profiles import (
+    DEFAULT_PROFILE,
+    PROFILE_DIM,
+    HeuristicProfiler,
+    ProfileStore,
+    ProfileStoreError,
+    canonical_image,
+)
 from monai_vlmfilm.profiles.base import ImageReadError
 from monai_vlmfilm.profiles.cli import precompute
 from monai_vlmfilm.profiles.schema import FALLBACK_INDEX
@@ -233,3 +245,162 @@ def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
             t({"image": str(img), "label": str(wide)})
         err = _root_cause(info.value)
         assert "lab_wide.png" in str(err) and "shape" in str(err), str(err)
+
+
+def test_bundle_datalist_with_a_missing_file_names_it(tmp_path):
+    """One real `python -m monai.bundle run training` (about 10 s): the error names the missing image."""
+    img, lab = tmp_path / "a.png", tmp_path / "a_mask.png"
+    Image.fromarray(_vessels()).save(img)
+    Image.fromarray(((_vessels() < 150) * 255).astype(np.uint8)).save(lab)
+    missing = tmp_path / "no_such_image.png"
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(
+        json.dumps(
+            {
+                "training": [{"image": str(img), "label": str(lab)}, {"image": str(missing), "label": str(lab)}],
+                "validation": [{"image": str(img), "label": str(lab)}],
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(tmp_path / "bundle"),
+           "--config_file", str(REPO / "bundle" / "configs" / "train.yaml"), "--datalist", str(datalist),
+           "--epochs", "1", "--profile_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert f"image file {str(missing)!r} does not exist" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "bundle" / "models").exists() or not any((tmp_path / "bundle" / "models").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ cache faults
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+@pytest.fixture()
+def half_cached(tmp_path) -> tuple[Path, list[str]]:
+    """Three images, the first two precomputed into ``cache``."""
+    paths = []
+    for i in range(3):
+        p = tmp_path / "imgs" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(_vessels(seed=i)).save(p)
+        paths.append(str(p))
+    precompute(paths[:2], ProfileStore(tmp_path / "cache"), HeuristicProfiler(), progress=False)
+    return tmp_path / "cache", paths
+
+
+def test_read_only_store_trains_from_the_entries_present(half_cached, caplog):
+    from monai.data import DataLoader, Dataset
+
+    cache, paths = half_cached
+    before = _files(cache)
+    ro = ProfileStore(cache, read_only=True)
+    t = AttachVLMProfiled("image", ro, HeuristicProfiler(), on_missing="default")
+    ds = Dataset([{"image": p} for p in paths], Compose([LoadImaged("image"), EnsureChannelFirstd("image"), t]))
+    vecs = torch.cat([b["vlm_profile"] for b in DataLoader(ds, batch_size=3, num_workers=2)])
+    assert vecs[:2, FALLBACK_INDEX].eq(0).all() and vecs[2, FALLBACK_INDEX] == 1  # hits, then a flagged default
+    ref = HeuristicProfiler().profile([canonical_image(p) for p in paths[:2]])
+    np.testing.assert_allclose(vecs[:2].numpy(), np.stack([r.to_vector() for r in ref]), atol=1e-6)
+    # "compute" computes the miss, cannot store it: the profile is used, the failed write counted and reported
+    c = AttachVLMProfiled("image", ro, HeuristicProfiler(), on_missing="compute")
+    assert c({"image": paths[0]})["vlm_profile"][FALLBACK_INDEX] == 0
+    with caplog.at_level(logging.WARNING):
+        vec = c({"image": paths[2]})["vlm_profile"].numpy()
+    np.testing.assert_allclose(vec, HeuristicProfiler().profile([canonical_image(paths[2])])[0].to_vector(), atol=1e-6)
+    assert c.stats()["write_errors"] == 1 and c.stats()["computed"] == 1
+    assert "2.png" in caplog.text and str(cache) in caplog.text and "read-only" in caplog.text
+    with pytest.raises(ProfileStoreError, match=rf"{cache}.*read-only"):  # the store API itself refuses
+        ro.get_or_compute([paths[2]], HeuristicProfiler())
+    assert _files(cache) == before  # nothing written, no temporary file left
+    assert ro.cleanup_tmp() == 0 and ro.save_path_memo() is None
+
+
+def _unwritable_dir_child(cache: str, paths: list[str], q) -> None:
+    try:
+        if os.geteuid() == 0:  # root ignores permissions: drop to nobody so the kernel really says EACCES
+            os.setgid(65534)
+            os.setuid(65534)
+        t = AttachVLMProfiled("image", cache, HeuristicProfiler(), on_missing="compute")  # a plain read-write store
+        flags = [float(t({"image": p})["vlm_profile"][FALLBACK_INDEX]) for p in paths]
+        try:
+            ProfileStore(cache).get_or_compute([paths[2]], HeuristicProfiler())
+            q.put(("no error", flags, t.stats(), ""))
+        except ProfileStoreError as e:
+            q.put(("ProfileStoreError", flags, t.stats(), f"{e} | errno={e.errno}"))
+    except Exception as e:  # report to the parent instead of dying silently
+        q.put(("unexpected", [], {}, repr(e)))
+
+
+def test_unwritable_cache_directory_real_permissions():
+    """A cache directory the process may read but not write (real EACCES, not a simulation): hits are served,
+    a miss is computed and used but not stored; the store API fails with a clear error naming the directory;
+    nothing is left behind."""
+    import multiprocessing as mp
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="vlmfilm-ro-"))  # under /tmp, reachable by the unprivileged child
+    try:
+        os.chmod(top, 0o755)
+        paths = []
+        for i in range(3):
+            p = top / f"{i}.png"
+            Image.fromarray(_vessels(seed=i)).save(p)
+            os.chmod(p, 0o644)
+            paths.append(str(p))
+        cache = top / "cache"
+        precompute(paths[:2], ProfileStore(cache), HeuristicProfiler(), progress=False)
+        before = _files(cache)
+        for d in [cache, *cache.rglob("*")]:
+            os.chmod(d, 0o555 if d.is_dir() else 0o444)
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_unwritable_dir_child, args=(str(cache), paths, q))
+        proc.start()
+        status, flags, stats, msg = q.get(timeout=60)
+        proc.join(10)
+        assert status == "ProfileStoreError", (status, msg)
+        assert flags == [0.0, 0.0, 0.0]  # two hits and one computed profile, none a fallback
+        assert stats["hits"] == 2 and stats["computed"] == 1 and stats["write_errors"] == 1
+        assert f"cannot write to profile cache directory {cache}" in msg and f"errno={errno.EACCES}" in msg
+        assert _files(cache) == before
+    finally:
+        for d in [top, *top.rglob("*")]:
+            os.chmod(d, 0o755)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "call, err", [("replace", errno.ENOSPC), ("fsync", errno.EIO), ("replace", errno.EROFS)], ids=str
+)
+def test_disk_full_or_io_error_on_commit_leaves_no_partial_file(half_cached, monkeypatch, call, err):
+    """rename() failing with ENOSPC / EROFS and fsync() with EIO cannot be produced on this machine's disk
+    (a real EFBIG on write() is in test_profile_store), so those two calls are made to fail here."""
+    cache, paths = half_cached
+    # a corrupt entry for image 2: the failed recompute must neither remove it nor leave half a file
+    store = ProfileStore(cache)
+    key = store.key(paths[2], HeuristicProfiler().fingerprint)
+    entry = store.entry_path(key)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_text('{"format": "monai_vlmfilm.profile", "trunc')
+    before = {f: (cache / f).read_bytes() for f in _files(cache) if (cache / f).is_file()}
+
+    def fail(*a, **k):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, call, fail)
+    t = AttachVLMProfiled("image", ProfileStore(cache), HeuristicProfiler())
+    assert t({"image": paths[0]})["vlm_profile"][FALLBACK_INDEX] == 0  # hits still work
+    assert t({"image": paths[2]})["vlm_profile"][FALLBACK_INDEX] == 0  # computed and used, not stored
+    assert t.stats()["write_errors"] == 1
+    with pytest.raises(ProfileStoreError, match=rf"cannot write to profile cache directory {cache}") as info:
+        precompute(paths, ProfileStore(cache), HeuristicProfiler(), progress=False)
+    assert info.value.errno == err and os.strerror(err) in str(info.value)
+    monkeypatch.undo()
+    after = {f: (cache / f).read_bytes() for f in _files(cache) if (cache / f).is_file()}
+    assert after == before  # no temp file, the old entry untouched
+    # the disk recovers: a fresh transform computes and stores a valid entry
+    t = AttachVLMProfiled("image", ProfileStore(cache), HeuristicProfiler())
+    assert t({"image": paths[2]})["vlm_profile"][FALLBACK_INDEX] == 0 and t.stats()["write_errors"] == 0
+    v = ProfileStore(cache).verify()
+    assert v["valid"] == 3 and v["corrupt"] == [] and v["tmp"] == []
