@@ -111,7 +111,7 @@ def test_verify_net_in_out():
     assert "data shape of network is verified with no error" in out
 
 
-def test_switch_in_parsed_config():
+def test_switch_in_parsed_config(data, tmp_path):
     """use_vlm_film switches transform, FiLM heads and handler; OFF has exactly DiffusionModelUNet's state_dict keys."""
     from monai.bundle import ConfigParser
     from monai.networks.nets import DiffusionModelUNet
@@ -122,8 +122,8 @@ def test_switch_in_parsed_config():
     def parsed(flag):
         p = ConfigParser()
         p.read_config(str(CONFIGS / "train.yaml"))
-        p["use_vlm_film"] = flag
-        p["datalist"] = "unused.json"
+        p.update({"use_vlm_film": flag, "datalist": str(data["datalist"]), "bundle_root": str(tmp_path),
+                  "profile_cache_dir": str(data["cache"]), "cache_rate": 0})  # fmt: skip
         return p
 
     for flag, on in ((True, True), ("false", False), (False, False), ("true", True)):
