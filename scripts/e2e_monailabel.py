@@ -1,0 +1,504 @@
+"""End-to-end check of the bundle inside a real MONAI Label server (``monaibundle`` sample app).
+
+Run by ``scripts/e2e_monailabel.sh`` with the interpreter of a virtual env that has ``monailabel`` and this
+package installed. Nothing is mocked: it lays out a studies folder in MONAI Label's datastore layout, copies
+the sample app and our ``bundle/`` twice into ``<app>/model/`` (``use_vlm_film`` on and off), starts
+``monailabel start_server`` on 127.0.0.1 offline, runs ``/infer`` for both models, a one-epoch ``/train``,
+and stops the server's whole process group. The HTTP part uses only ``urllib``.
+
+Exit status 0 only when every check passed; the last lines printed are a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # loopback only
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class E2EError(RuntimeError):
+    """A check of the end-to-end run failed."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+def make_studies(work: Path, size: int) -> tuple[Path, list[str], list[str]]:
+    """Synthetic angiograms in MONAI Label's local datastore layout.
+
+    Labelled images (train + val) go to ``studies/`` with masks in ``studies/labels/final/`` (same file name),
+    the test image goes to ``studies/`` without a label (what an annotator would open). Returns the studies
+    folder, the labelled ids and the unlabelled ids.
+    """
+    synth = work / "synthetic"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai_vlmfilm.data.synthetic",
+        "--out",
+        str(synth),
+        "--n-train",
+        "4",
+        "--n-val",
+        "1",
+        "--n-test",
+        "1",
+        "--size",
+        str(size),
+    ]
+    log("generating synthetic data: " + " ".join(cmd[2:]))
+    subprocess.run(cmd, check=True, timeout=300, cwd=REPO)
+    datalist = json.loads((synth / "datalist.json").read_text())
+    studies = work / "studies"
+    (studies / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    labelled, unlabelled = [], []
+    for split in ("training", "validation", "test"):
+        for item in datalist.get(split, []):
+            img = synth / item["image"]
+            shutil.copy2(img, studies / img.name)
+            image_id = img.name.split(".")[0]
+            if split == "test":
+                unlabelled.append(image_id)
+            else:
+                shutil.copy2(synth / item["label"], studies / "labels" / "final" / img.name)
+                labelled.append(image_id)
+    if not labelled or not unlabelled:
+        raise E2EError(f"synthetic data set in {synth} has no labelled or no test images")
+    return studies, labelled, unlabelled
+
+
+# ------------------------------------------------------------------------------------------------ app
+def sample_app_dir() -> Path:
+    """The ``monaibundle`` app shipped in the monailabel wheel (``<venv>/monailabel/sample-apps``)."""
+    import monailabel
+
+    candidates = [
+        Path(sys.prefix) / "monailabel" / "sample-apps" / "monaibundle",
+        Path(monailabel.__file__).parent / "sample-apps" / "monaibundle",
+    ]
+    for c in candidates:
+        if (c / "main.py").is_file():
+            return c
+    raise E2EError(f"monaibundle sample app not found in {[str(c) for c in candidates]}")
+
+
+def set_use_vlm_film(config_file: Path, value: bool) -> None:
+    """Rewrite a copied bundle config with ``use_vlm_film`` set (MONAI Label reads exactly one config file)."""
+    from monai.bundle import ConfigParser
+
+    cfg = ConfigParser.load_config_file(str(config_file))
+    if "use_vlm_film" not in cfg:
+        raise E2EError(f"{config_file}: no top-level 'use_vlm_film' key to switch")
+    cfg["use_vlm_film"] = value
+    ConfigParser.export_config_file(cfg, str(config_file), fmt="yaml", sort_keys=False)
+
+
+def ensure_checkpoint(bundle_dir: Path) -> str:
+    """MONAI Label only serves a bundle that has ``models/model.pt``; say where ours comes from."""
+    ckpt = bundle_dir / "models" / "model.pt"
+    if ckpt.is_file():
+        return "shipped bundle/models/model.pt"
+    # No shipped checkpoint yet: save the freshly initialised network so the server can still be exercised.
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.yaml"))
+    parser["bundle_root"] = str(bundle_dir)
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), ckpt)
+    return "FRESHLY INITIALISED network (bundle/models/model.pt not shipped yet)"
+
+
+def make_app(work: Path, models: dict[str, bool], bundle: Path) -> tuple[Path, str]:
+    app = work / "apps" / "monaibundle"
+    shutil.copytree(sample_app_dir(), app, ignore=shutil.ignore_patterns("__pycache__"))
+    ckpt_source = ""
+    for name, on in models.items():
+        dst = app / "model" / name
+        shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("__pycache__", "eval", "runs", "mlruns"))
+        for cfg in ("inference.yaml", "train.yaml"):
+            if not (dst / "configs" / cfg).is_file():
+                raise E2EError(f"{bundle}/configs/{cfg} is missing")
+            set_use_vlm_film(dst / "configs" / cfg, on)
+        ckpt_source = ensure_checkpoint(dst)
+        log(f"bundle copy {dst} (use_vlm_film={on}; weights: {ckpt_source})")
+    return app, ckpt_source
+
+
+# --------------------------------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_server(app: Path, studies: Path, models: list[str], port: int, logfile: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # the `monailabel` launcher runs `python` from PATH
+    env["MONAILABEL_PYEXE"] = sys.executable
+    env["BUNDLE_DOWNLOAD_SRC"] = "github"  # anything but "monaihosting": no zoo look-up (MONAILabel issue 1490)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("PYTHONPATH", "")  # monailabel's train task reads it unguarded
+    cmd = [
+        str(Path(bindir) / "monailabel"),
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--conf",
+        "models",
+        ",".join(models),
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",  # SAM2 tasks would download weights at start-up
+        "--conf",
+        "preload",
+        "false",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
+    log("starting: " + " ".join(cmd))
+    fh = open(logfile, "w")
+    # own session / process group: the server's training subprocesses are stopped with it
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(app))
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    pgid = proc.pid  # start_new_session: the process group id is the leader's pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log("server did not stop on SIGTERM; SIGKILL")
+    deadline = time.time() + timeout
+    while time.time() < deadline and group_members(pgid):
+        time.sleep(0.5)
+    if group_members(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(1.0)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def group_members(pgid: int, marker: str | None = None) -> list[str]:
+    """Processes (``pid cmd``) still in the process group ``pgid`` or naming ``marker`` (the app folder), from ``ps``."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    left = []
+    for line in out.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) < 3 or parts[2].startswith("Z") or int(parts[0]) == os.getpid():
+            continue
+        if parts[1] == str(pgid) or (marker and len(parts) > 3 and marker in parts[3]):
+            left.append(f"{parts[0]} {parts[3] if len(parts) > 3 else ''}")
+    return left
+
+
+# ----------------------------------------------------------------------------------------------- http
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60.0):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.headers, r.read()
+
+
+def wait_info(base: str, proc: subprocess.Popen, logfile: Path, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise E2EError(f"server exited with {proc.returncode} before /info/ answered; log tail:\n{tail(logfile)}")
+        try:
+            _, _, data = http("GET", f"{base}/info/", timeout=10)
+            return json.loads(data)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            last = str(e)
+        time.sleep(2.0)
+    raise E2EError(f"/info/ did not answer within {timeout:.0f} s ({last}); log tail:\n{tail(logfile)}")
+
+
+def multipart(fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    buf = io.BytesIO()
+    for k, v in fields.items():
+        buf.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    buf.write(f"--{boundary}--\r\n".encode())
+    return buf.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def infer(base: str, model: str, image_id: str, timeout: float, params: dict | None = None) -> tuple[bytes, float]:
+    body, ctype = multipart({"params": json.dumps({"device": "cpu", **(params or {})})})
+    t0 = time.time()
+    try:
+        status, _, data = http(
+            "POST",
+            f"{base}/infer/{model}?image={image_id}&output=image",
+            body,
+            {"Content-Type": ctype},
+            timeout=timeout,
+        )
+    except urllib.error.HTTPError as e:
+        raise E2EError(f"/infer/{model} answered {e.code}: {e.read()[:2000]!r}") from e
+    if status != 200:
+        raise E2EError(f"/infer/{model} answered {status}")
+    return data, time.time() - t0
+
+
+def check_mask(data: bytes, ref_image: Path, what: str) -> tuple[dict[str, Any], Any]:
+    """Decode a returned label file and check it is a mask of the image's shape with some vessel pixels."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        mask = np.asarray(Image.open(io.BytesIO(data)))
+    except Exception as e:  # noqa: BLE001 - report whatever came back
+        raise E2EError(f"{what}: response is not an image ({len(data)} bytes: {data[:200]!r})") from e
+    ref = np.asarray(Image.open(ref_image))
+    vessel = int((mask > 0).sum())
+    info = {
+        "shape": list(mask.shape),
+        "dtype": str(mask.dtype),
+        "vessel_pixels": vessel,
+        "values": sorted(set(np.unique(mask).tolist()))[:5],
+    }
+    if mask.shape != ref.shape[:2]:
+        raise E2EError(f"{what}: mask shape {mask.shape} != image shape {ref.shape[:2]}")
+    if vessel == 0:
+        raise E2EError(f"{what}: mask has no vessel pixels")
+    if vessel == mask.size:
+        raise E2EError(f"{what}: every pixel is vessel")
+    return info, mask
+
+
+def probe_profile(bundle_dir: Path, image: Path, film_on: bool) -> dict[str, Any]:
+    """Which profile reaches the network on MONAI Label's own inference path.
+
+    Runs MONAI Label's ``BundleInferTask`` (the class the server uses for ``/infer``) in this process with a
+    forward pre-hook on the network it builds, so the check sees exactly the ``profile`` argument the network
+    gets when MONAI Label calls ``inferer(inputs, network)``. ON: the image's own profile (the configured
+    profiler's, not the fallback); OFF: none.
+    """
+    import numpy as np
+    from monailabel.tasks.infer.bundle import BundleInferTask
+
+    from monai_vlmfilm.profiles import DEFAULT_PROFILE, FALLBACK_INDEX, HeuristicProfiler, canonical_image
+
+    task = BundleInferTask(str(bundle_dir), {"preload": "false"})
+    if not task.is_valid():
+        raise E2EError(f"MONAI Label's BundleInferTask rejects {bundle_dir}")
+    net = task._get_network("cpu", None)  # cached by the task; the same object runs below
+    seen: list[Any] = []
+
+    def hook(_module, _args, kwargs):
+        p = kwargs.get("profile")
+        seen.append(None if p is None else p.detach().cpu().numpy().copy())
+
+    handle = net.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        task({"image": str(image), "device": "cpu", "skip_writer": True})
+    finally:
+        handle.remove()
+    if not seen:
+        raise E2EError(f"{bundle_dir.name}: the network was never called")
+    if not film_on:
+        if any(p is not None for p in seen):
+            raise E2EError(f"{bundle_dir.name}: use_vlm_film off but the network got a profile")
+        return {"network_calls": len(seen), "profile": None}
+    if any(p is None for p in seen):
+        raise E2EError(f"{bundle_dir.name}: use_vlm_film on but MONAI Label's call passed no profile to the network")
+    vec = seen[0][0]
+    if vec[FALLBACK_INDEX] != 0.0 or np.allclose(vec, DEFAULT_PROFILE.to_vector()):
+        raise E2EError(f"{bundle_dir.name}: the network got the fallback/default profile {vec.tolist()}")
+    expected = HeuristicProfiler().profile([canonical_image(str(image))])[0].to_vector()
+    return {
+        "network_calls": len(seen),
+        "profile": [round(float(v), 4) for v in vec],
+        "equals_heuristic_profile_of_image": bool(np.allclose(vec, expected, atol=1e-5)),
+    }
+
+
+def train(base: str, model: str, params: dict, ckpt_dir: Path, timeout: float, logfile: Path) -> dict[str, Any]:
+    before = {p: p.stat().st_mtime for p in ckpt_dir.glob("*.pt")}
+    t0 = time.time()
+    try:
+        _, _, data = http(
+            "POST",
+            f"{base}/train/{model}",
+            json.dumps(params).encode(),
+            {"Content-Type": "application/json"},
+            timeout=60,
+        )
+    except urllib.error.HTTPError as e:
+        raise E2EError(f"/train/{model} answered {e.code}: {e.read()[:2000]!r}") from e
+    task = json.loads(data)
+    task_id = task.get("id")
+    log(f"training task {task_id} submitted: {task.get('status')}")
+    deadline = time.time() + timeout
+    status = task
+    while time.time() < deadline:
+        time.sleep(3.0)
+        try:
+            _, _, data = http("GET", f"{base}/train/?all=true", timeout=30)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                continue
+            raise
+        tasks = json.loads(data)
+        tasks = tasks if isinstance(tasks, list) else [tasks]
+        status = next((t for t in tasks if t.get("id") == task_id), status)
+        if status.get("status") in ("DONE", "ERROR", "STOPPED"):
+            break
+    else:
+        http("DELETE", f"{base}/train/", timeout=30)
+        raise E2EError(f"training did not finish within {timeout:.0f} s; log tail:\n{tail(logfile)}")
+    wall = time.time() - t0
+    details = "\n".join(status.get("details", []) or [])
+    if status.get("status") != "DONE":
+        raise E2EError(f"training ended with status {status.get('status')}; last lines:\n{details}\n{tail(logfile)}")
+    written = sorted(p for p in ckpt_dir.glob("*.pt") if p.stat().st_mtime > before.get(p, 0.0))
+    if not written:
+        raise E2EError(f"training finished but wrote no checkpoint in {ckpt_dir}; last lines:\n{details}")
+    return {"wall_s": round(wall, 1), "checkpoints": [str(p) for p in written]}
+
+
+def tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="scratch folder (studies, app copy, logs)")
+    p.add_argument("--bundle", default=str(REPO / "bundle"), help="bundle folder to serve (default: this repo's)")
+    p.add_argument("--size", type=int, default=128, help="synthetic image size")
+    p.add_argument("--train-model", default="vlmfilm_on", help="model trained through /train ('' to skip)")
+    p.add_argument("--max-epochs", type=int, default=1)
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--infer-timeout", type=float, default=300.0)
+    p.add_argument("--train-timeout", type=float, default=900.0)
+    args = p.parse_args(argv)
+
+    t_start = time.time()
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    models = {"vlmfilm_on": True, "vlmfilm_off": False}
+    studies, labelled, unlabelled = make_studies(work, args.size)
+    app, ckpt_source = make_app(work, models, Path(args.bundle).resolve())
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    logfile = work / "server.log"
+    summary: dict[str, Any] = {"weights": ckpt_source, "infer": {}, "train": None}
+    proc = start_server(app, studies, list(models), port, logfile)
+    pgid = proc.pid
+    ok = False
+    try:
+        t0 = time.time()
+        info = wait_info(base, proc, logfile, args.start_timeout)
+        summary["server_start_s"] = round(time.time() - t0, 1)
+        served = sorted(info.get("models", {}))
+        log(f"/info/ after {summary['server_start_s']} s: models {served}, trainers {sorted(info.get('trainers', {}))}")
+        for m in models:
+            if m not in info.get("models", {}):
+                raise E2EError(f"model {m} not served (models: {served}); log tail:\n{tail(logfile)}")
+            log(f"{m}: labels {info['models'][m].get('labels')}, dimension {info['models'][m].get('dimension')}")
+        image_id = unlabelled[0]
+        ref = next(studies.glob(image_id + ".*"))
+        masks = {}
+        runs = [(m, m, None) for m in models] + [("vlmfilm_on+request_off", "vlmfilm_on", {"use_vlm_film": False})]
+        for label, m, params in runs:
+            data, dt = infer(base, m, image_id, args.infer_timeout, params)
+            res, masks[label] = check_mask(data, ref, f"/infer/{m} {params or ''}")
+            res["latency_s"] = round(dt, 2)
+            summary["infer"][label] = res
+            log(f"/infer/{m}?image={image_id} params {params or {}}: {res}")
+        a, b = summary["infer"]["vlmfilm_on"]["vessel_pixels"], summary["infer"]["vlmfilm_off"]["vessel_pixels"]
+        same = "equal, as expected when the FiLM heads of the served weights are zero"
+        log(f"vessel pixels on/off: {a}/{b} ({'differ' if a != b else same})")
+        # displayable_configs#use_vlm_film=false on the FiLM bundle: no profile -> null profile == the OFF bundle
+        toggled_equal = bool((masks["vlmfilm_on+request_off"] == masks["vlmfilm_off"]).all())
+        summary["request_toggle_off_equals_off_bundle"] = toggled_equal
+        if not toggled_equal:
+            raise E2EError("vlmfilm_on with use_vlm_film=false in the request differs from the vlmfilm_off bundle")
+        log("vlmfilm_on with request use_vlm_film=false gives the vlmfilm_off mask exactly")
+        for m, on in models.items():
+            res = probe_profile(app / "model" / m, ref, on)
+            summary.setdefault("profile_probe", {})[m] = res
+            log(f"profile reaching the network in MONAI Label's BundleInferTask ({m}): {res}")
+        if args.train_model:
+            params = {
+                "max_epochs": args.max_epochs,
+                "val_split": 0.2,
+                "multi_gpu": False,
+                "device": "cpu",
+                "pretrained": True,
+                "tracking": "None",
+            }
+            ckpt_dir = app / "model" / args.train_model / "models"
+            res = train(base, args.train_model, params, ckpt_dir, args.train_timeout, logfile)
+            summary["train"] = {"model": args.train_model, **res}
+            log(f"/train/{args.train_model}: {res}")
+            # the server reloads models/model.pt when its mtime changes: infer again with the new weights
+            data, dt = infer(base, args.train_model, image_id, args.infer_timeout)
+            res, _ = check_mask(data, ref, f"/infer/{args.train_model} after training")
+            res["latency_s"] = round(dt, 2)
+            summary["infer"][args.train_model + "_after_train"] = res
+            log(f"/infer/{args.train_model} after training: {res}")
+        ok = True
+    finally:
+        stop_server(proc)
+        left = group_members(pgid, str(app))
+        summary["processes_left"] = left
+        if left:
+            log(f"processes left in group {pgid}: {left}")
+            ok = False
+        else:
+            log(f"server stopped (process group {pgid}); no process left")
+        summary["wall_s"] = round(time.time() - t_start, 1)
+        log("summary " + json.dumps(summary))
+        if not ok:
+            log(f"server log: {logfile}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except E2EError as e:
+        print(f"[e2e] FAILED: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
