@@ -184,6 +184,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle derangement")
     p.add_argument("--job-timeout", type=float, default=None, help="kill a job step after this many seconds")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after the start when no new job starts; the report covers the jobs that finished "
+        "(jobs run seed by seed, so the first seeds are complete); rerun the same command to finish the rest",
+    )
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs")
     p.add_argument("--title", default=None, help="report title")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished jobs; train nothing")
@@ -565,7 +572,7 @@ class Ablation:
                 records += doc["records"]
                 if doc.get("film"):
                     film.append({"mode": doc["mode"], "seed": doc["seed"], "fold": doc["fold"], "stages": doc["film"]})
-            elif o.status != "failed":
+            elif o.status not in ("failed", "not_run"):
                 j["status"], j["error"] = "failed", f"no result.json in {o.job.workdir}"
             jobs.append(j)
         eval_items = {it["image"]: it for _, _, ev in self._splits for it in ev}
@@ -649,15 +656,19 @@ class Ablation:
                 if o.status == "failed":
                     print(f"\n[ablation] FAILED {o.job.name}: {o.error}\n  log: {o.log}", file=sys.stderr)
 
-            outcomes = run_jobs(jobs, slots, progress=not a.no_progress, on_done=show)
+            deadline = t0 + a.time_budget if a.time_budget is not None else None
+            outcomes = run_jobs(jobs, slots, progress=not a.no_progress, on_done=show, deadline=deadline)
         results = self.results(outcomes, time.time() - t0, card)
         report = write_report(results, self.out, n_boot=a.n_boot)
         print(f"[ablation] report: {report}")
         for v in results.get("verdicts", []):
             print("  " + v["text"].replace("**", ""))
         n_failed = sum(1 for j in results["jobs"] if j["status"] == "failed")
+        n_not_run = sum(1 for j in results["jobs"] if j["status"] == "not_run")
         if n_failed:
             print(f"[ablation] {n_failed} job(s) failed; see the report's job list", file=sys.stderr)
+        if n_not_run:
+            print(f"[ablation] {n_not_run} job(s) not started (--time-budget); rerun the same command to resume")
         return 1 if n_failed else 0
 
 

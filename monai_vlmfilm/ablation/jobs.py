@@ -56,7 +56,7 @@ class Job:
 @dataclass
 class JobOutcome:
     job: Job
-    status: str  # "ok" | "skipped" (already done) | "failed"
+    status: str  # "ok" | "skipped" (already done) | "failed" | "not_run" (time budget spent)
     wall_s: float
     log: str = ""
     error: str = ""
@@ -176,6 +176,7 @@ def run_jobs(
     env: Mapping[str, str] | None = None,
     progress: bool = True,
     on_done: Callable[[JobOutcome], None] | None = None,
+    deadline: float | None = None,
 ) -> list[JobOutcome]:
     """Run ``jobs`` over ``slots`` (one job per slot at a time), in the order given.
 
@@ -185,6 +186,7 @@ def run_jobs(
         env: base environment of every command (default: this process's).
         progress: show a tqdm bar over jobs (to stderr).
         on_done: called (in the caller's thread) with each outcome as it arrives.
+        deadline: a ``time.time()`` after which no job starts (reported as "not_run"); running jobs finish.
 
     Returns:
         the outcomes in the order of ``jobs``.
@@ -201,6 +203,8 @@ def run_jobs(
     def work(job: Job) -> JobOutcome:
         slot = free.get()
         try:
+            if deadline is not None and time.time() > deadline and not job.done_file.exists():
+                return JobOutcome(job, "not_run", 0.0, error="not started: the time budget was spent", slot=slot.label)
             return _run_job(job, slot, base_env, threads)
         finally:
             free.put(slot)

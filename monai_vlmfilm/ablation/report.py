@@ -96,10 +96,24 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     jobs = results.get("jobs", [])
     failed = [j for j in jobs if j.get("status") == "failed"]
     n_ok = sum(1 for j in jobs if j.get("status") in ("ok", "skipped"))
+    not_run = [j["name"] for j in jobs if j.get("status") == "not_run"]
     add(f"Jobs: {n_ok} of {len(jobs)} finished" + (f", **{len(failed)} failed**:" if failed else "."))
     for j in failed:
         fold = f" fold {j['fold']}" if j.get("fold") is not None else ""
         add(f"- {j['mode']} seed {j['seed']}{fold}: {j.get('error', '')} — log `{j.get('log', '')}`")
+    if not_run:
+        add(
+            f"\n**{len(not_run)} jobs not started** (time budget spent): {', '.join(not_run)}. "
+            "Differences are paired, so they use only images evaluated in both modes of a seed."
+        )
+    steps = [j.get("step_s") or {} for j in jobs if j.get("step_s")]
+    if steps:
+        parts = []
+        for name in ("train", "evaluate", "collect"):
+            v = [s_[name] for s_ in steps if name in s_]
+            if v:
+                parts.append(f"{name} {np.median(v):.0f} s")
+        add(f"\nMedian time per job step: {', '.join(parts)} ({len(steps)} jobs).")
     add("")
 
     add("## Verdicts\n")

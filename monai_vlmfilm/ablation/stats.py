@@ -297,6 +297,10 @@ def _pd(d: Mapping[str, float]) -> PairedDifference:
 
 
 def _fmt_ci(p: PairedDifference, scale: float, unit: str) -> str:
+    if p.n == 0:
+        return "no paired results (mode not run, or its jobs failed)"
+    if not math.isfinite(p.ci_lo):
+        return f"{p.mean * scale:+.2f}{unit}, n={p.n} (too few images for an interval)"
     return f"{p.mean * scale:+.2f}{unit} [95% CI {p.ci_lo * scale:+.2f}, {p.ci_hi * scale:+.2f}], n={p.n}"
 
 
