@@ -563,6 +563,8 @@ class Ablation:
                 "wall_s": round(o.wall_s, 1),
                 "slot": o.slot,
                 "step_s": o.steps,
+                "epochs": o.job.info.get("epochs"),
+                "n_train": o.job.info.get("n_train"),
                 "log": o.log,
                 "error": o.error,
             }
