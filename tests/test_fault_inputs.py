@@ -404,3 +404,39 @@ def test_disk_full_or_io_error_on_commit_leaves_no_partial_file(half_cached, mon
     assert t({"image": paths[2]})["vlm_profile"][FALLBACK_INDEX] == 0 and t.stats()["write_errors"] == 0
     v = ProfileStore(cache).verify()
     assert v["valid"] == 3 and v["corrupt"] == [] and v["tmp"] == []
+
+
+def _old_pixel_digest(arr: np.ndarray) -> str:
+    """The digest as first written (whole-array copies), to prove the block-wise version hashes the same bytes."""
+    import hashlib
+
+    arr = arr + np.float32(0.0)
+    out = []
+    for a in (arr, arr.T):
+        h = hashlib.sha256(b"vlmfilm-pixels/v1")
+        h.update(f"|{a.shape[0]}x{a.shape[1]}|float32-le|".encode())
+        h.update(np.ascontiguousarray(a, dtype="<f4").tobytes())
+        out.append(h.hexdigest())
+    return min(out)
+
+
+def test_pixel_digest_of_a_large_image_needs_no_full_size_copies():
+    """Regression (fault campaign): hashing an 8000 x 8000 image took ~1.1 GB on top of the image (four
+    full-size float32 copies); now the digest is computed in row blocks with the same result."""
+    import tracemalloc
+
+    from monai_vlmfilm.profiles import pixel_digest
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 7), (7, 1), (5, 3), (300, 200), (3000, 1100)]:
+        a = rng.normal(size=shape).astype(np.float32)
+        a.flat[:: max(1, a.size // 5)] = -0.0  # negative zeros hash like zeros
+        assert pixel_digest(a) == _old_pixel_digest(a) == pixel_digest(a.T), shape
+    big = rng.integers(0, 256, (4096, 2048)).astype(np.float32)  # 32 MiB
+    tracemalloc.start()
+    try:
+        pixel_digest(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.6 * big.nbytes, f"peak {peak / 2**20:.1f} MiB for a {big.nbytes / 2**20:.0f} MiB image"

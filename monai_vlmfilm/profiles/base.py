@@ -174,7 +174,10 @@ def canonical_image(x: Any, *, check_finite: bool = True) -> np.ndarray:
 def _orientation_digest(arr: np.ndarray) -> str:
     h = hashlib.sha256(_DIGEST_VERSION)
     h.update(f"|{arr.shape[0]}x{arr.shape[1]}|float32-le|".encode())
-    h.update(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    # row blocks of ~8 MiB: the bytes of the whole array in order, without full-size copies of large images
+    rows = max(1, (8 << 20) // max(4 * arr.shape[1], 1))
+    for i in range(0, arr.shape[0], rows):
+        h.update(np.ascontiguousarray(arr[i : i + rows] + np.float32(0.0), dtype="<f4"))  # -0.0 -> 0.0
     return h.hexdigest()
 
 
@@ -187,7 +190,6 @@ def pixel_digest(image: Any) -> str:
     arr = image if isinstance(image, np.ndarray) and image.ndim == 2 and image.dtype == np.float32 else None
     if arr is None:
         arr = canonical_image(image)
-    arr = arr + np.float32(0.0)  # -0.0 -> 0.0 so equal values hash equally
     return min(_orientation_digest(arr), _orientation_digest(arr.T))
 
 
