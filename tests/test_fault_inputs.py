@@ -440,3 +440,16 @@ def test_pixel_digest_of_a_large_image_needs_no_full_size_copies():
     finally:
         tracemalloc.stop()
     assert peak < 0.6 * big.nbytes, f"peak {peak / 2**20:.1f} MiB for a {big.nbytes / 2**20:.0f} MiB image"
+
+
+@pytest.mark.parametrize("shape", [(60464, 40), (20000, 3), (2, 9000), (1, 4000)])
+def test_extreme_aspect_ratio_images_are_profiled(tmp_path, shape):
+    """Regression (fault campaign, a damaged TIFF header decoded as 60464 x 40): downsampling the long side to
+    512 px used to shrink the short side to 0 px and crash the heuristic with a bare IndexError."""
+    x = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    p = tmp_path / "strip.png"
+    Image.fromarray(x).save(p)
+    vec = AttachVLMProfiled("image", ProfileStore(tmp_path / "cache"), HeuristicProfiler())({"image": str(p)})
+    v = vec["vlm_profile"].numpy()
+    assert np.isfinite(v).all() and (v >= 0).all() and (v <= 1).all()
+    assert ProfileStore(tmp_path / "cache").verify()["valid"] == 1

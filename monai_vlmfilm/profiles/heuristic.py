@@ -94,7 +94,8 @@ def image_features(image: Any) -> dict[str, float]:
     h, w = x.shape
     if max(h, w) > _MAX_SIDE:  # keep cost and the pixel scales bounded on large images
         f = _MAX_SIDE / max(h, w)
-        x = ndi.zoom(x, f, order=1, prefilter=False)
+        # keep a few pixels on the short side (a 60000 x 40 strip would otherwise become 512 x 0)
+        x = ndi.zoom(x, [max(f, min(1.0, 8.0 / s)) for s in (h, w)], order=1, prefilter=False)
     flat = x.ravel()
     k1, k99 = int(0.01 * (flat.size - 1)), int(0.99 * (flat.size - 1))
     part = np.partition(flat, (k1, k99))
