@@ -453,3 +453,23 @@ def test_extreme_aspect_ratio_images_are_profiled(tmp_path, shape):
     v = vec["vlm_profile"].numpy()
     assert np.isfinite(v).all() and (v >= 0).all() and (v <= 1).all()
     assert ProfileStore(tmp_path / "cache").verify()["valid"] == 1
+
+
+def test_values_beyond_float32_are_named_as_such(tmp_path):
+    """Regression (fault campaign): finite float64 pixels of 1e39 overflow the canonical float32 and were
+    reported as 'NaN or Inf pixels' (with a numpy overflow warning); the message now says what is wrong."""
+    import warnings
+
+    x = np.full((16, 16), 3.0)
+    x[2, 2] = -1e39
+    p = tmp_path / "wide.nii.gz"
+    nib.save(nib.Nifti1Image(x, np.eye(4)), p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from the cast
+        for img in (x, str(p)):
+            with pytest.raises(ImageReadError, match=r"beyond the float32 range \(\|x\| up to 1e\+39\)"):
+                canonical_image(img)
+    with pytest.raises(ImageReadError, match="wide.nii.gz.*float32 range"):
+        AttachVLMProfiled("image", ProfileStore(tmp_path / "cache"), HeuristicProfiler())({"image": str(p)})
+    with pytest.raises(ImageReadError, match="NaN or Inf"):  # real non-finite pixels keep their message
+        canonical_image(np.where(x < 0, np.inf, x))

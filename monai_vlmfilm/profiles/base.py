@@ -100,7 +100,7 @@ def _read_file(path: str) -> np.ndarray:
     from monai.transforms import LoadImage
 
     try:
-        arr = LoadImage(image_only=True)(path)
+        arr = LoadImage(image_only=True, dtype=None)(path)  # the file's own dtype: overflow is named below
     except Exception as e:  # MONAI raises several types for unreadable files
         raise ImageReadError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
     arr = np.asarray(arr.detach().cpu() if isinstance(arr, torch.Tensor) else arr)
@@ -165,8 +165,12 @@ def canonical_image(x: Any, *, check_finite: bool = True) -> np.ndarray:
     arr = _drop_channels(arr, what)
     if arr.size == 0:
         raise ImageReadError(f"{what}: image is empty (shape {arr.shape})")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     if check_finite and not np.isfinite(out).all():
+        if arr.dtype.kind == "f" and np.isfinite(arr).all():
+            big = float(np.abs(arr).max())
+            raise ImageReadError(f"{what}: pixel values beyond the float32 range (|x| up to {big:.3g})")
         raise ImageReadError(f"{what}: image has NaN or Inf pixels")
     return out
 
