@@ -1,0 +1,168 @@
+"""Ignite handler that reports what the FiLM heads do and what profiles the network sees."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.config import IgniteInfo
+from monai.utils import min_version, optional_import
+
+from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, VECTOR_FIELDS
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["FiLMStatsHandler"]
+
+
+def _unwrap(network: Any) -> Any:
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+class FiLMStatsHandler:
+    """Per-stage FiLM statistics, profile statistics, fallback and cache-hit rates.
+
+    Every ``log_every`` iterations it computes (one host sync per computation):
+
+    - ``{tag_prefix}stage{i}/gamma_mean``, ``gamma_std``, ``gamma_absmax``, the same for ``beta``, and
+      ``gate_mean``, ``gate_min``, ``gate_max`` for every FiLM stage ``i`` (from ``network.last_film_stats()``;
+      absent while the network applies no FiLM: OFF network or null profile);
+    - ``{tag_prefix}profile/{field}_mean`` and ``{field}_spread`` (std across the batch) for every profile
+      vector field (``difficulty``, ``confidence``, ``boundary``, ...);
+    - ``{tag_prefix}fallback_rate``: share of fallback profiles in the batch (vector element ``is_fallback``);
+    - ``{tag_prefix}cache_hit_rate``: ``hits / (hits + misses)`` from ``profile_stats`` when given.
+
+    Where the values go:
+
+    - ``engine.state.metrics``: the running mean of each value over the current epoch (reset at
+      ``EPOCH_STARTED``), so MONAI's ``StatsHandler``, ``TensorBoardStatsHandler`` and ``MLFlowHandler``
+      print / write them with the epoch metrics whatever their attachment order (they read
+      ``engine.state.metrics`` at ``EPOCH_COMPLETED``; nothing needs to be listed in their
+      ``state_attributes``). Set ``write_metrics=False`` to keep them out of the metrics.
+    - ``engine.state.film_stats``: the values of the latest computed iteration (a dict).
+    - the ``logging`` logger ``name`` (console), one line per computation.
+    - ``summary_writer`` (a TensorBoard ``SummaryWriter``), when given, per iteration.
+
+    Args:
+        network: the FiLM network; None uses ``engine.network`` (MONAI workflows).
+        profile_key: batch key of the profile vectors ``[B, P]`` (``engine.state.batch[profile_key]``); when
+            absent, the profile recorded by the network is used.
+        tag_prefix: prefix of every value name.
+        log_every: compute every ``log_every`` iterations.
+        profile_stats: where cache counters live: a mapping, or an object (e.g. the ``AttachVLMProfiled``
+            transform of the main process) with a ``stats`` mapping / method, holding ``hits`` and ``misses``.
+            Counters of DataLoader worker processes are not visible from here.
+        summary_writer: optional TensorBoard writer for iteration-level scalars.
+        write_metrics: write epoch running means into ``engine.state.metrics``.
+        name: logger name.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module | None = None,
+        profile_key: str = "vlm_profile",
+        tag_prefix: str = "film/",
+        log_every: int = 1,
+        profile_stats: Any = None,
+        summary_writer: Any = None,
+        write_metrics: bool = True,
+        name: str | None = "FiLMStatsHandler",
+    ) -> None:
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}.")
+        self.network = network
+        self.profile_key = profile_key
+        self.tag_prefix = tag_prefix
+        self.log_every = log_every
+        self.profile_stats = profile_stats
+        self.summary_writer = summary_writer
+        self.write_metrics = write_metrics
+        self.logger = logging.getLogger(name)
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._sums, self._counts = {}, {}
+
+    def _cache_counts(self) -> tuple[float, float] | None:
+        src = self.profile_stats
+        if src is None:
+            return None
+        stats = src if isinstance(src, Mapping) else getattr(src, "stats", None)
+        if callable(stats):
+            stats = stats()
+        if not isinstance(stats, Mapping) or "hits" not in stats or "misses" not in stats:
+            return None
+        return float(stats["hits"]), float(stats["misses"])
+
+    def compute(self, engine: Engine) -> dict[str, float]:
+        """The values of the current iteration (see the class docstring)."""
+        network = _unwrap(self.network if self.network is not None else getattr(engine, "network", None))
+        film = network.last_film_stats() if hasattr(network, "last_film_stats") else {}
+        names: list[str] = []
+        parts: list[torch.Tensor] = []
+
+        def add(name: str, value: torch.Tensor) -> None:
+            names.append(self.tag_prefix + name)
+            parts.append(value.detach().float().reshape(1))
+
+        for i, s in sorted((film.get("stages") or {}).items()):
+            for key in ("gamma", "beta"):
+                v = s[key].float()
+                add(f"stage{i}/{key}_mean", v.mean())
+                add(f"stage{i}/{key}_std", v.std(unbiased=False))
+                add(f"stage{i}/{key}_absmax", v.abs().max())
+            g = s["gate"].float()
+            add(f"stage{i}/gate_mean", g.mean())
+            add(f"stage{i}/gate_min", g.min())
+            add(f"stage{i}/gate_max", g.max())
+
+        batch = getattr(engine.state, "batch", None)
+        profile = batch.get(self.profile_key) if isinstance(batch, Mapping) else None
+        if profile is None:
+            profile = film.get("profile")
+        if isinstance(profile, torch.Tensor) and profile.ndim == 2 and profile.shape[1] == len(VECTOR_FIELDS):
+            p = profile.detach().float()
+            means, spreads = p.mean(0), p.std(0, unbiased=False)
+            for j, field in enumerate(VECTOR_FIELDS):
+                if j == FALLBACK_INDEX:
+                    continue
+                add(f"profile/{field}_mean", means[j])
+                add(f"profile/{field}_spread", spreads[j])
+            add("fallback_rate", means[FALLBACK_INDEX])
+
+        values = dict(zip(names, torch.cat(parts).cpu().tolist())) if parts else {}  # one sync for everything
+        counts = self._cache_counts()
+        if counts is not None and sum(counts) > 0:
+            values[self.tag_prefix + "cache_hit_rate"] = counts[0] / sum(counts)
+        return values
+
+    def __call__(self, engine: Engine) -> None:
+        values = self.compute(engine)
+        engine.state.film_stats = values
+        if not values:
+            return
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+            self._counts[k] = self._counts.get(k, 0) + 1
+        if self.write_metrics:
+            for k in values:
+                engine.state.metrics[k] = self._sums[k] / self._counts[k]
+        if self.summary_writer is not None:
+            for k, v in values.items():
+                self.summary_writer.add_scalar(k, v, engine.state.iteration)
+        shown = {k[len(self.tag_prefix) :]: v for k, v in values.items() if not k.endswith(("_min", "_max"))}
+        self.logger.info(
+            f"Epoch[{engine.state.epoch}] Iter[{engine.state.iteration}] FiLM: "
+            + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        )
