@@ -104,6 +104,17 @@ class FiLMStatsHandler:
             return None
         return float(stats["hits"]), float(stats["misses"])
 
+    def _batch_profile(self, batch: Any) -> torch.Tensor | None:
+        """``[B, P]`` profiles of the batch, collated (dict) or decollated by MONAI workflows (list of dicts)."""
+        if isinstance(batch, Mapping):
+            p = batch.get(self.profile_key)
+            return torch.as_tensor(p) if p is not None else None
+        if isinstance(batch, (list, tuple)) and batch and all(isinstance(b, Mapping) for b in batch):
+            rows = [b.get(self.profile_key) for b in batch]
+            if all(r is not None for r in rows):
+                return torch.stack([torch.as_tensor(r).reshape(-1) for r in rows])
+        return None
+
     def compute(self, engine: Engine) -> dict[str, float]:
         """The values of the current iteration (see the class docstring)."""
         network = _unwrap(self.network if self.network is not None else getattr(engine, "network", None))
@@ -126,8 +137,7 @@ class FiLMStatsHandler:
             add(f"stage{i}/gate_min", g.min())
             add(f"stage{i}/gate_max", g.max())
 
-        batch = getattr(engine.state, "batch", None)
-        profile = batch.get(self.profile_key) if isinstance(batch, Mapping) else None
+        profile = self._batch_profile(getattr(engine.state, "batch", None))
         if profile is None:
             profile = film.get("profile")
         if isinstance(profile, torch.Tensor) and profile.ndim == 2 and profile.shape[1] == len(VECTOR_FIELDS):

@@ -1,0 +1,235 @@
+"""FiLMFlowUNet / FiLM heads: OFF bit identity, zero-init ON, checkpoints, gate, gradients, precision, layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from monai_vlmfilm.networks import (
+    AdaptiveFiLMHead,
+    FiLMFlowUNet,
+    ProfileEncoder,
+    describe_missing_keys,
+    load_off_checkpoint,
+)
+from monai_vlmfilm.profiles import DEFAULT_PROFILE, PROFILE_DIM, VLMProfile
+
+KW2 = dict(
+    spatial_dims=2,
+    in_channels=2,
+    out_channels=1,
+    channels=(8, 16, 16),
+    attention_levels=(False, False, True),
+    num_res_blocks=1,
+    norm_num_groups=8,
+    num_head_channels=8,
+)
+KW3 = dict(KW2, spatial_dims=3, attention_levels=(False, False, False))
+FILM = dict(cond_dim=16, film_hidden_dim=16)
+
+
+def build(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    return cls(**kw)
+
+
+def randomise_output_conv(*nets):
+    """MONAI zero-initialises the output conv; give it weights so outputs carry information (same in all nets)."""
+    g = torch.Generator().manual_seed(123)
+    for name, p in nets[0].named_parameters():
+        if name.startswith("out.2"):
+            value = torch.randn(p.shape, generator=g) * 0.1
+            for n in nets:
+                dict(n.named_parameters())[name].data.copy_(value)
+
+
+def randomise_film(net, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.startswith(("film_heads", "profile_encoder")):
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def profiles(b):
+    vecs = [VLMProfile(difficulty=1 + 4 * i / max(b - 1, 1), confidence=0.3).to_vector() for i in range(b)]
+    return torch.as_tensor(np.stack(vecs))
+
+
+@pytest.mark.parametrize("kw,shape", [(KW2, (2, 2, 32, 32)), (KW3, (2, 2, 16, 16, 16))], ids=["2d", "3d"])
+def test_off_is_bit_identical_to_diffusion_unet(kw, shape):
+    ref = build(DiffusionModelUNet, **kw)
+    off = build(FiLMFlowUNet, **kw)
+    sd_ref, sd_off = ref.state_dict(), off.state_dict()
+    assert list(sd_ref) == list(sd_off)
+    assert all(torch.equal(sd_ref[k], sd_off[k]) for k in sd_ref)
+    randomise_output_conv(ref, off)
+    x, t = torch.randn(shape), torch.tensor([3, 700])
+    with torch.no_grad():
+        a, b = ref(x, t), off(x, t)
+        c = off(x, t, profile=profiles(2))  # an OFF network ignores a profile
+    assert a.abs().max() > 0
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kw,shape", [(KW2, (3, 2, 32, 32)), (KW3, (2, 2, 16, 16, 16))], ids=["2d", "3d"])
+def test_fresh_on_equals_off_and_null_profile(kw, shape):
+    off = build(FiLMFlowUNet, **kw)
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **kw)
+    # the UNet part of ON is the same as OFF under the same seed: FiLM modules are built after it
+    sd_on = on.state_dict()
+    assert all(torch.equal(v, sd_on[k]) for k, v in off.state_dict().items())
+    randomise_output_conv(off, on)
+    x, t = torch.randn(shape), torch.randint(0, 1000, (shape[0],))
+    p = profiles(shape[0])
+    with torch.no_grad():
+        ref = off(x, t)
+        assert torch.equal(on(x, t, profile=p), ref)  # zero-init last layer -> identity FiLM
+        randomise_film(on)
+        assert not torch.equal(on(x, t, profile=p), ref)  # FiLM active once trained ...
+        assert torch.equal(on(x, t), ref)  # ... and the null profile is still exactly OFF
+        assert on.last_film_stats() == {}
+
+
+def test_film_stages_and_shapes():
+    on = build(FiLMFlowUNet, use_vlm_film=True, film_stages=[0, 2], **FILM, **KW2)
+    assert sorted(on.film_heads.keys()) == ["0", "2"]
+    off_keys = set(build(FiLMFlowUNet, **KW2).state_dict())
+    extra = set(on.state_dict()) - off_keys
+    assert extra and all(k.startswith(("film_heads.", "profile_encoder.")) for k in extra)
+    randomise_film(on)
+    with torch.no_grad():
+        on(torch.randn(2, 2, 32, 32), torch.tensor([1, 2]), profile=profiles(2))
+    stats = on.last_film_stats()
+    assert sorted(stats["stages"]) == [0, 2]
+    # stage 0 is the deepest up block: channels reversed -> 16; stage 2 -> 8
+    assert stats["stages"][0]["gamma"].shape == (2, 16) and stats["stages"][2]["beta"].shape == (2, 8)
+    assert stats["stages"][0]["gate"].shape == (2,) and not stats["stages"][0]["gamma"].requires_grad
+    with pytest.raises(ValueError, match="film_stages"):
+        FiLMFlowUNet(use_vlm_film=True, film_stages=[5], **KW2)
+    with pytest.raises(ValueError, match="profile"):
+        on(torch.randn(2, 2, 32, 32), torch.tensor([1, 2]), profile=torch.rand(2, PROFILE_DIM + 1))
+    with pytest.raises(ValueError, match="batch size"):
+        on(torch.randn(2, 2, 32, 32), torch.tensor([1, 2]), profile=torch.rand(3, PROFILE_DIM))
+
+
+def test_single_profile_broadcasts():
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    randomise_output_conv(on)
+    randomise_film(on)
+    x, t = torch.randn(2, 2, 32, 32), torch.tensor([5, 500])
+    p = torch.as_tensor(DEFAULT_PROFILE.to_vector())
+    with torch.no_grad():
+        assert torch.equal(on(x, t, profile=p), on(x, t, profile=p[None].expand(2, -1).clone()))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_head_shapes_zero_init_and_gate_formula(spatial_dims):
+    torch.manual_seed(0)
+    head = AdaptiveFiLMHead(cond_dim=12, channels=5, hidden_dim=10, spatial_dims=spatial_dims)
+    cond = torch.randn(4, 12)
+    d = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    gamma, beta, gate = head(cond, d)
+    assert gamma.shape == beta.shape == (4, 5) + (1,) * spatial_dims
+    assert torch.count_nonzero(gamma) == 0 and torch.count_nonzero(beta) == 0
+    # documented gate: sigmoid(a * d + b), a = 4, b = -2 at init; easy images get the smallest gate
+    assert torch.allclose(gate, torch.sigmoid(4 * d - 2))
+    assert gate[0] < gate[1] < gate[2] < gate[3] and abs(gate[2].item() - 0.5) < 1e-6
+    # gamma/beta are the raw MLP output scaled by the gate
+    torch.nn.init.normal_(head.mlp[-1].weight)
+    torch.nn.init.normal_(head.mlp[-1].bias)
+    gamma, beta, gate = head(cond, d)
+    raw = head.mlp(cond)
+    assert torch.allclose(gamma.flatten(1), raw[:, :5] * gate[:, None], atol=1e-6)
+    assert torch.allclose(beta.flatten(1), raw[:, 5:] * gate[:, None], atol=1e-6)
+    # gate parameters are learnable
+    (gamma.sum() + beta.sum()).backward()
+    assert head.gate_scale.grad is not None and head.gate_scale.grad != 0
+    # without the gate: gate = 1
+    free = AdaptiveFiLMHead(cond_dim=12, channels=5, hidden_dim=10, use_difficulty_gate=False)
+    assert torch.equal(free(cond)[2], torch.ones(4))
+    with pytest.raises(ValueError, match="difficulty"):
+        head(cond)
+
+
+def test_profile_encoder_shapes():
+    enc = ProfileEncoder(PROFILE_DIM, cond_dim=24, hidden_dim=8)
+    assert enc(torch.rand(3, PROFILE_DIM)).shape == (3, 24)
+    with pytest.raises(ValueError):
+        enc(torch.rand(3, PROFILE_DIM + 2))
+
+
+def test_off_checkpoint_loads_into_on():
+    off = build(FiLMFlowUNet, seed=1, **KW2)
+    randomise_output_conv(off)
+    on = build(FiLMFlowUNet, seed=2, use_vlm_film=True, **FILM, **KW2)  # different seed: weights must come from sd
+    missing = load_off_checkpoint(on, off.state_dict())
+    assert missing and all(k.startswith(("film_heads.", "profile_encoder.")) for k in missing)
+    assert set(missing) == set(on.state_dict()) - set(off.state_dict())
+    x, t, p = torch.randn(2, 2, 32, 32), torch.tensor([10, 900]), profiles(2)
+    with torch.no_grad():
+        assert torch.equal(on(x, t, profile=p), off(x, t))
+    # plain load_state_dict(strict=False) reports only FiLM keys; the helper says so plainly
+    result = on.load_state_dict(off.state_dict(), strict=False)
+    text = describe_missing_keys(result.missing_keys, result.unexpected_keys)
+    assert "FiLM parameters are not in the checkpoint" in text and "non-FiLM" not in text
+    # DDP-style "module." prefixes are accepted
+    load_off_checkpoint(on, {f"module.{k}": v for k, v in off.state_dict().items()})
+
+
+def test_off_checkpoint_rejects_other_mismatches():
+    off = build(FiLMFlowUNet, **KW2)
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    sd = off.state_dict()
+    broken = {k: v for k, v in sd.items() if k != "conv_in.conv.weight"}
+    with pytest.raises(RuntimeError, match="non-FiLM parameters are missing"):
+        load_off_checkpoint(on, broken)
+    with pytest.raises(RuntimeError, match="do not belong"):
+        load_off_checkpoint(on, {**sd, "bogus.weight": torch.zeros(1)})
+    other = build(FiLMFlowUNet, **dict(KW2, channels=(8, 16, 24)))
+    with pytest.raises(RuntimeError, match="Shape mismatches"):
+        load_off_checkpoint(on, other.state_dict())
+
+
+def test_no_gradient_reaches_profile_source():
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    randomise_output_conv(on)
+    randomise_film(on)
+    frozen = torch.nn.Linear(4, PROFILE_DIM)  # stands in for the frozen VLM's last layer
+    profile = torch.sigmoid(frozen(torch.randn(2, 4)))
+    assert profile.requires_grad
+    out = on(torch.randn(2, 2, 32, 32), torch.tensor([1, 500]), profile=profile)
+    out.square().mean().backward()
+    assert frozen.weight.grad is None and frozen.bias.grad is None
+    assert on.film_heads["0"].mlp[-1].weight.grad is not None  # while the FiLM heads do learn
+    assert on.profile_encoder.net[0].weight.grad.abs().sum() > 0
+
+
+def test_autocast_bf16_cpu():
+    off = build(FiLMFlowUNet, **KW2)
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    randomise_output_conv(off, on)
+    x, t, p = torch.randn(2, 2, 32, 32), torch.tensor([1, 500]), profiles(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = off(x, t), on(x, t, profile=p)
+    randomise_film(on)  # outside the autocast block: autocast caches its bf16 weight copies
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c = on(x, t, profile=p)
+    assert torch.equal(a, b)  # zero FiLM is exact in bf16 too
+    assert torch.isfinite(c).all() and not torch.equal(a, c)
+    with torch.no_grad():
+        full = on(x, t, profile=p)
+    assert (c.float() - full).abs().max() < 0.1 * full.abs().max() + 0.05
+
+
+def test_channels_last():
+    on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    randomise_output_conv(on)
+    randomise_film(on)
+    x, t, p = torch.randn(2, 2, 32, 32), torch.tensor([1, 500]), profiles(2)
+    with torch.no_grad():
+        ref = on(x, t, profile=p)
+        on_cl = on.to(memory_format=torch.channels_last)
+        out = on_cl(x.contiguous(memory_format=torch.channels_last), t, profile=p)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
