@@ -100,7 +100,12 @@ def test_mode_summary_is_mean_of_seed_means_with_std_across_seeds():
     per_seed = [0.9 - 0.05 * np.mean(np.linspace(1, 5, 60)) + 0.01 * k for k in range(3)]
     assert s["mean"] == pytest.approx(np.mean(per_seed))
     assert s["std"] == pytest.approx(np.std(per_seed, ddof=1))
-    assert s["n_seeds"] == 3 and s["n_images"] == 60
+    assert s["n_seeds"] == 3 and s["n_images"] == 60 and s["incomplete_seeds"] == []
+    # a seed cut short (half its images) is left out of the table instead of skewing it
+    cut = [r for r in recs if not (r["seed"] == 2 and int(r["image"][1:]) >= 30)]
+    s2 = mode_summary(cut, "off", "dice")
+    assert s2["n_seeds"] == 2 and s2["incomplete_seeds"] == [2]
+    assert s2["mean"] == pytest.approx(np.mean(per_seed[:2]))
 
 
 def test_pairing_is_by_seed_and_image():

@@ -129,13 +129,21 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     add("## Metrics per mode\n")
     add("Mean over seeds of the per-seed mean over images ± standard deviation across seeds.\n")
     header = "| mode | " + " | ".join(f"{METRIC_LABELS[k]} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in metrics)
-    add(header + " | images |")
-    add("|---" * (len(metrics) + 2) + "|")
+    add(header + " | images | seeds |")
+    add("|---" * (len(metrics) + 3) + "|")
     for m in modes:
         s = an["summary"].get(m, {})
         cells = [f"{_num(s[k]['mean'])} ± {_num(s[k]['std'])}" if k in s else "n/a" for k in metrics]
         n_img = max((s[k]["n_images"] for k in metrics if k in s), default=0)
-        add(f"| {m} | " + " | ".join(cells) + f" | {n_img} |")
+        n_seeds = max((s[k]["n_seeds"] for k in metrics if k in s), default=0)
+        add(f"| {m} | " + " | ".join(cells) + f" | {n_img} | {n_seeds} |")
+    dropped = {m: an["summary"][m][metrics[0]].get("incomplete_seeds") for m in modes if m in an["summary"]}
+    dropped = {m: v for m, v in dropped.items() if v}
+    if dropped:
+        add(
+            "\nLeft out of this table because they did not evaluate every image (the paired differences below "
+            "still use their images): " + "; ".join(f"{m}: seeds {v}" for m, v in dropped.items()) + "."
+        )
     add("")
 
     add("## Paired differences\n")

@@ -198,25 +198,38 @@ def per_image_means(records: Iterable[Mapping[str, Any]], mode: str, metric: str
     return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in acc.items()}
 
 
-def mode_summary(records: Iterable[Mapping[str, Any]], mode: str, metric: str) -> dict[str, float]:
+def mode_summary(records: Iterable[Mapping[str, Any]], mode: str, metric: str) -> dict[str, Any]:
     """Mean over seeds of the per-seed mean over images, and the standard deviation across seeds.
 
+    Only seeds that evaluated every image of this mode count (a run cut short by its time budget can leave a
+    seed with some folds missing; its mean over other images would not be comparable). Non-finite values are
+    left out of their seed's mean.
+
     Returns:
-        ``{"mean", "std", "n_seeds", "n_images"}``; std is 0 with one seed, NaN without data.
+        ``{"mean", "std", "n_seeds", "n_images", "incomplete_seeds"}``; std is 0 with one seed, NaN without data.
     """
-    per_seed: dict[Any, list[float]] = defaultdict(list)
-    images: set[str] = set()
+    seen: dict[Any, set[str]] = defaultdict(set)
+    values: dict[Any, list[float]] = defaultdict(list)
     for r in records:
         if r["mode"] == mode:
+            seen[r.get("seed")].add(str(r["image"]))
             v = _value(r, metric)
             if math.isfinite(v):
-                per_seed[r.get("seed")].append(v)
-                images.add(str(r["image"]))
-    seed_means = np.asarray([np.mean(v) for v in per_seed.values() if v], dtype=np.float64)
+                values[r.get("seed")].append(v)
+    union: set[str] = set().union(*seen.values()) if seen else set()
+    full = [sd for sd in seen if seen[sd] == union]
+    incomplete = sorted((sd for sd in seen if sd not in full), key=str)
+    seed_means = np.asarray([np.mean(values[sd]) for sd in full if values[sd]], dtype=np.float64)
     if seed_means.size == 0:
-        return {"mean": math.nan, "std": math.nan, "n_seeds": 0, "n_images": 0}
+        return {"mean": math.nan, "std": math.nan, "n_seeds": 0, "n_images": 0, "incomplete_seeds": incomplete}
     std = float(seed_means.std(ddof=1)) if seed_means.size > 1 else 0.0
-    return {"mean": float(seed_means.mean()), "std": std, "n_seeds": int(seed_means.size), "n_images": len(images)}
+    return {
+        "mean": float(seed_means.mean()),
+        "std": std,
+        "n_seeds": int(seed_means.size),
+        "n_images": len(union),
+        "incomplete_seeds": incomplete,
+    }
 
 
 def paired_by_image(
