@@ -234,13 +234,15 @@ def campaign_arrays(n: int, tmp: Path, seed: int = 0) -> dict:
 
 
 _LARGE_CHILD = r"""
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
 from monai_vlmfilm.profiles import HeuristicProfiler, ProfileStore
 from monai_vlmfilm.profiles.base import ImageReadError
 from monai_vlmfilm.transforms import AttachVLMProfiled
 path, cache = sys.argv[1], sys.argv[2]
-r0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 1024  # current RSS, KiB
+def status_kb(field):  # VmHWM is this process's own peak (ru_maxrss also counts the parent before exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+r0 = status_kb("VmRSS")
 t = AttachVLMProfiled("image", ProfileStore(cache), HeuristicProfiler())
 t0 = time.perf_counter()
 try:
@@ -250,7 +252,7 @@ try:
     err = ""
 except ImageReadError as e:
     miss = hit = float("nan"); err = str(e)
-r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r1 = status_kb("VmHWM")
 print(json.dumps({"miss_s": miss, "hit_s": hit, "extra_mb": (r1 - r0) / 1024, "error": err}))
 """
 
