@@ -18,7 +18,9 @@ Betti-0 / Betti-1 errors, and ms per image (bf16 forward + argmax; batch 1 laten
 ``--flow-seconds S`` also trains the bundle's FiLMFlowUNet (``network_def``, ``--flow-film on`` with heuristic
 profiles of the raw images, or ``off``) for S seconds with the same data and augmentation
 (``FlowMatchingPrepareBatch``) and evaluates it with the bundle's 4-step Euler and with 4 Heun steps
-(whole image), so the two can be compared in one run on one card.
+(whole image), so the two can be compared in one run on one card. Its mid-block attention runs through SDPA
+(``use_flash_attention=True``; ``--attention bundle`` keeps the bundle's materialised attention matrix, which at
+300 px and batch 20 needs about 20 GB).
 
 Writes ``dca1_unet_baseline.md`` and ``.json`` to ``$OUT`` (default ``./out``); the table is printed last.
 """
@@ -211,13 +213,14 @@ def flow_model(data: dict[str, Any], args: argparse.Namespace, device: torch.dev
     from monai_vlmfilm.profiles import HeuristicProfiler
 
     on = args.flow_film == "on"
-    parser = gfo.bundle_parser(args.config, on)
+    sdpa = True if args.attention == "sdpa" else None
+    parser = gfo.bundle_parser(args.config, on, sdpa)
     T = int(parser["num_train_timesteps"])
     prof = {}
     for split in ("training", "validation"):
         profs = HeuristicProfiler().profile(data[split]["raw"])
         prof[split] = torch.from_numpy(np.stack([p.to_vector() for p in profs]).astype(np.float32))
-    net = gfo.bundle_network(args.config, on, args.seed, device)
+    net = gfo.bundle_network(args.config, on, args.seed, device, sdpa)
     tr_args = argparse.Namespace(train_batch=args.flow_batch, lr=args.flow_lr, train_seconds=args.flow_seconds)
     train = {"image": data["training"]["image"], "label": data["training"]["label"], "vlm_profile": prof["training"]}
     info = gfo.train(net, train, tr_args, parser, device)
@@ -225,6 +228,7 @@ def flow_model(data: dict[str, Any], args: argparse.Namespace, device: torch.dev
     img, p = val["image"].to(device), prof["validation"].to(device)
     res: dict[str, Any] = {
         "film": args.flow_film,
+        "attention": "SDPA (use_flash_attention=True)" if sdpa else "the bundle's setting",
         "params": sum(q.numel() for q in net.parameters()),
         "training": info,
         "rows": [],
@@ -268,7 +272,7 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
         ft = fl["training"]
         for r in fl["rows"]:
             L.append(
-                f"| bundle FiLMFlowUNet (FiLM {fl['film']}), {r['setting']} | {ft['seconds']} / {ft['steps']} / "
+                f"| bundle FiLMFlowUNet (FiLM {fl['film']}, {fl['attention']}), {r['setting']} | {ft['seconds']} / {ft['steps']} / "
                 f"{ft['epochs']} | {fl['params']:,} | {r['dice']} | {r['cldice']} | {r['betti0_error']} | "
                 f"{r['betti1_error']} | {r['ms_per_image_batch1']} | {r['ms_per_image_batch_all']} |"
             )
@@ -291,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flow-seconds", type=float, default=0.0, help="also train the bundle's flow network (0: no)")
     ap.add_argument("--flow-film", choices=("on", "off"), default="on")
     ap.add_argument("--flow-batch", type=int, default=16)
+    ap.add_argument(
+        "--attention",
+        choices=("sdpa", "bundle"),
+        default="sdpa",
+        help="flow network attention: SDPA (use_flash_attention=True, same weights) or the bundle's setting "
+        "(a materialised 75^2 x 75^2 attention matrix per head at 300 px)",
+    )
     ap.add_argument("--flow-lr", type=float, default=1e-3)
     ap.add_argument("--reps", type=int, default=20, help="timed repeats for ms per image")
     ap.add_argument("--seed", type=int, default=0)

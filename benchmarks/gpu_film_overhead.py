@@ -12,7 +12,10 @@ The network is "the bundle's network": ``network_def`` of ``bundle/configs/train
    CUDA events (no synchronisation between steps, so the CPU runs ahead as in training); warm-up first; then
    ``--rounds`` rounds, each timing ``--reps`` steps of OFF then ON (the order alternates between rounds, so
    clock and thermal drift cancel). Reported: median step time of each, the ratio of the medians and the
-   median of the per-round ratios (target <= 1.03), and the peak GPU memory of each.
+   median of the per-round ratios (target <= 1.03), and the peak GPU memory of each. When the bundle's
+   ``network_def`` does not set ``use_flash_attention`` (MONAI's switch to ``scaled_dot_product_attention``
+   for the UNet's mid-block self-attention, which otherwise materialises a tokens x tokens matrix per head:
+   80^2 tokens at 320 px), the same is measured with it on as well (same parameters, same function).
 2. Few-step inference (items 4, 5): trains the bundle's FiLM-ON network on synthetic angiograms generated in
    the script (``monai_vlmfilm.data.synthetic``, same images as ``generate_dataset`` with the same seed; oracle or
    heuristic profiles; whole 256x256 images, random flips / rot90, bf16, a time budget with warm-up + cosine
@@ -20,7 +23,10 @@ The network is "the bundle's network": ``network_def`` of ``bundle/configs/train
    of Euler and Heun (``FlowSegInferer``), plus the reference's setting emulated (30 Euler steps x 5 samples),
    and images/s + peak memory of each setting on 512x512 images (whole image; plus the bundle's
    ``validate#inferer``: sliding 128 px windows). Targets: Heun 4 within 0.5 Dice points of 32 steps; a
-   setting >= 10x faster than 30x5 that loses no more than 0.5 Dice points.
+   setting >= 10x faster than 30x5 that loses no more than 0.5 Dice points. This part runs the network with
+   SDPA attention (``--attention sdpa``, default): with the materialised matrix a whole 512x512 image has
+   128^2 tokens, 8 heads x 16384^2 scores each, which does not fit a batch of 8 on an 80 GB card
+   (``--attention bundle`` measures it anyway; rows that run out of memory say so).
 3. Optional (``--compile``): the same few-step settings with ``torch.compile`` of the network, and with
    ``cudnn.benchmark``.
 
@@ -112,25 +118,54 @@ def timed_call(fn: Callable[[], Any], target_s: float = 1.5, min_reps: int = 2, 
 
 
 # ------------------------------------------------------------------------------------------------ the network
-def bundle_parser(config: str | os.PathLike, use_vlm_film: bool) -> Any:
-    """The bundle's training config with ``use_vlm_film`` set."""
+def bundle_parser(config: str | os.PathLike, use_vlm_film: bool, sdpa: bool | None = None) -> Any:
+    """The bundle's training config with ``use_vlm_film`` set (and ``network_def#use_flash_attention`` if given)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["use_vlm_film"] = bool(use_vlm_film)
+    if sdpa is not None:
+        parser["network_def#use_flash_attention"] = bool(sdpa)
     return parser
 
 
-def bundle_network(config: str | os.PathLike, use_vlm_film: bool, seed: int, device: torch.device) -> torch.nn.Module:
-    """``network_def`` of the bundle config, built under ``seed`` (ON and OFF share the UNet's weights)."""
+def bundle_sdpa(config: str | os.PathLike) -> bool:
+    """Whether the bundle's ``network_def`` already runs its attention through SDPA (``use_flash_attention``)."""
+    parser = bundle_parser(config, False)
+    if "use_flash_attention" not in parser["network_def"]:
+        return False
+    return bool(parser.get_parsed_content("network_def#use_flash_attention"))
+
+
+def bundle_network(
+    config: str | os.PathLike, use_vlm_film: bool, seed: int, device: torch.device, sdpa: bool | None = None
+) -> torch.nn.Module:
+    """``network_def`` of the bundle config, built under ``seed`` (ON and OFF share the UNet's weights).
+
+    ``sdpa`` overrides ``use_flash_attention`` (MONAI's switch from the materialised attention matrix to
+    ``torch.nn.functional.scaled_dot_product_attention``): same parameters, same function, other kernels.
+    """
     torch.manual_seed(seed)
-    net = bundle_parser(config, use_vlm_film).get_parsed_content("network_def")
+    net = bundle_parser(config, use_vlm_film, sdpa).get_parsed_content("network_def")
     return net.to(device)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ 1. overhead
 def overhead(args: argparse.Namespace, device: torch.device, res: dict[str, Any]) -> None:
+    """FiLM ON vs OFF timing with the bundle's attention setting, and with SDPA attention when that differs."""
     from monai_vlmfilm.profiles.schema import PROFILE_DIM
 
     b, s = args.batch, args.timing_size
@@ -139,10 +174,42 @@ def overhead(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
     t = (torch.rand(b, generator=gen) * 1000).to(device)
     p = torch.rand(b, PROFILE_DIM, generator=gen).to(device)
     target = torch.randn(b, 1, s, s, generator=gen).to(device)
-    nets = {"off": bundle_network(args.config, False, 0, device), "on": bundle_network(args.config, True, 0, device)}
+    bundle_is_sdpa = bundle_sdpa(args.config)
+    ov: dict[str, Any] = {"size": s, "batch": b, "rounds": args.rounds, "reps": args.reps, "variants": {}}
+    ov["bundle_use_flash_attention"] = bundle_is_sdpa
+    res["overhead"] = ov
+    variants = [("bundle", None)] + ([] if bundle_is_sdpa else [("sdpa", True)])
+    for name, sdpa in variants:
+        try:
+            ov["variants"][name] = overhead_variant(args, device, x, t, p, target, sdpa)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            ov["variants"][name] = {"error": f"out of memory: {str(e)[:200]}"}
+            log(f"overhead ({name} attention): out of memory")
+        free_memory()
+        if name == "bundle":  # the headline figures: the bundle's network as configured
+            ov.update({k: v for k, v in ov["variants"][name].items() if k in ("params", "train", "infer")})
+
+
+def overhead_variant(
+    args: argparse.Namespace,
+    device: torch.device,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    p: torch.Tensor,
+    target: torch.Tensor,
+    sdpa: bool | None,
+) -> dict[str, Any]:
+    b = x.shape[0]
+    tag = "bundle attention" if sdpa is None else "SDPA attention"
+    nets = {
+        "off": bundle_network(args.config, False, 0, device, sdpa),
+        "on": bundle_network(args.config, True, 0, device, sdpa),
+    }
     params = {k: sum(q.numel() for q in n.parameters()) for k, n in nets.items()}
-    res["overhead"] = {"size": s, "batch": b, "params": params, "rounds": args.rounds, "reps": args.reps}
-    log(f"params off {params['off']:,} on {params['on']:,} (+{params['on'] - params['off']:,})")
+    out: dict[str, Any] = {"params": params}
+    log(f"{tag}: params off {params['off']:,} on {params['on']:,} (+{params['on'] - params['off']:,})")
 
     def train_step(mode: str) -> Callable[[], None]:
         net = nets[mode]
@@ -204,14 +271,13 @@ def overhead(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
             "images_per_s_on": round(b / med["on"], 1),
         }
         row["meets_1_03"] = row["median_round_ratio"] <= 1.03
-        res["overhead"][kind] = row
+        out[kind] = row
         log(
-            f"{kind}: off {row['off_ms']} ms, on {row['on_ms']} ms, ratio {row['median_round_ratio']} "
+            f"{tag}, {kind}: off {row['off_ms']} ms, on {row['on_ms']} ms, ratio {row['median_round_ratio']} "
             f"(rounds {row['round_ratio_min_max']}), peak GiB off {mem['off']} on {mem['on']}"
         )
     nets.clear()  # free the GPU memory before the next part
-    if CUDA:
-        torch.cuda.empty_cache()
+    return out
 
 
 def _iqr_ms(v: list[float]) -> list[float]:
@@ -333,7 +399,10 @@ def label_of(solver: str, n: int, samples: int) -> str:
 def evaluate(
     net: torch.nn.Module, test: dict[str, torch.Tensor], setting: tuple[str, int, int], args: argparse.Namespace, T: int
 ) -> dict[str, float]:
-    """Mean Dice and clDice (x100, threshold 0.5) of one inferer setting over the test set."""
+    """Mean Dice and clDice (x100, threshold 0.5) of one inferer setting over the test set.
+
+    Images go through in chunks of ``eval_batch / samples``; on running out of GPU memory the chunk is halved.
+    """
     from monai.metrics import DiceMetric
 
     from monai_vlmfilm.inferers import FlowSegInferer
@@ -341,32 +410,48 @@ def evaluate(
 
     solver, n, samples = setting
     inf = FlowSegInferer(num_steps=n, solver=solver, num_samples=samples, num_train_timesteps=T, seed=0)
-    dice, cldice = DiceMetric(include_background=True, reduction="mean"), ClDiceMetric()
     device = next(net.parameters()).device
     chunk = max(1, args.eval_batch // samples)
-    for i in range(0, test["image"].shape[0], chunk):
-        img = test["image"][i : i + chunk].to(device)
-        lbl = test["label"][i : i + chunk].to(device)
-        prof = test["vlm_profile"][i : i + chunk].to(device)
-        with torch.inference_mode(), autocast():
-            prob = inf(img, net, profile=prof)
-        pred = (prob >= 0.5).float()
-        dice(pred, lbl)
-        cldice(pred, lbl)
+    while True:
+        dice, cldice = DiceMetric(include_background=True, reduction="mean"), ClDiceMetric()
+        try:
+            for i in range(0, test["image"].shape[0], chunk):
+                img = test["image"][i : i + chunk].to(device)
+                lbl = test["label"][i : i + chunk].to(device)
+                prof = test["vlm_profile"][i : i + chunk].to(device)
+                with torch.inference_mode(), autocast():
+                    prob = inf(img, net, profile=prof)
+                pred = (prob >= 0.5).float()
+                dice(pred, lbl)
+                cldice(pred, lbl)
+            break
+        except RuntimeError as e:
+            if not is_oom(e) or chunk == 1:
+                raise
+            free_memory()
+            chunk = max(1, chunk // 2)
+            log(f"evaluation out of memory: chunks of {chunk} images")
     return {"dice": round(100 * float(dice.aggregate()), 2), "cldice": round(100 * float(cldice.aggregate()), 2)}
 
 
 def speed(
     net: torch.nn.Module, images: torch.Tensor, profile: torch.Tensor, inferer: Any, target_s: float, min_reps: int = 2
 ) -> dict[str, Any]:
-    """images/s and peak memory of ``inferer(images, net, profile=...)`` (bf16, inference mode)."""
+    """images/s and peak memory of ``inferer(images, net, profile=...)`` (bf16, inference mode); OOM is reported."""
 
     def call() -> None:
         with torch.inference_mode(), autocast():
             inferer(images, net, profile=profile)
 
     peak_reset()
-    med = timed_call(call, target_s, min_reps=min_reps)
+    try:
+        med = timed_call(call, target_s, min_reps=min_reps)
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        peak = peak_gib()
+        free_memory()
+        return {"ms_per_batch": None, "images_per_s": None, "peak_gib": peak, "error": "out of memory"}
     return {
         "ms_per_batch": round(med * 1e3, 2),
         "images_per_s": round(images.shape[0] / med, 2),
@@ -377,10 +462,12 @@ def speed(
 def few_step(args: argparse.Namespace, device: torch.device, res: dict[str, Any], data: dict[str, Any]) -> None:
     from monai_vlmfilm.inferers import FlowSegInferer
 
-    parser = bundle_parser(args.config, True)
+    sdpa = True if args.attention == "sdpa" else None
+    parser = bundle_parser(args.config, True, sdpa)
     T = int(parser["num_train_timesteps"])
-    net = bundle_network(args.config, True, 0, device)
+    net = bundle_network(args.config, True, 0, device, sdpa)
     fs: dict[str, Any] = {"test_images": int(data["test"]["image"].shape[0]), "size": args.size}
+    fs["attention"] = "SDPA (use_flash_attention=True)" if sdpa else "the bundle's setting"
     res["few_step"] = fs
     if args.checkpoint:
         from monai_vlmfilm.bundle_utils import load_network_weights
@@ -421,17 +508,20 @@ def few_step(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
         rows.append(row)
         log(f"{row['setting']}: Dice {row['dice']} clDice {row['cldice']}, {row['images_per_s']} img/s")
         write_report(res, Path(args.out))
-    # the bundle's own validation inferer (sliding windows) at its defaults, for reference
+    # the bundle's own validation inferer (sliding windows) as configured, and with larger window batches
     bundle_inf = parser.get_parsed_content("validate#inferer")
     if args.smoke:  # tiny smoke images: windows of the image's size (the code path is what is checked)
         bundle_inf.roi_size = (args.speed_size,) * 2
-    sw = speed(net, img_sp, prof_sp, bundle_inf, args.speed_target_s, args.min_reps)
-    fs["bundle_validate_inferer"] = {
-        "setting": f"{bundle_inf.solver} {bundle_inf.num_steps}, roi {bundle_inf.roi_size}, "
-        f"sw_batch {bundle_inf.sw_batch_size}, overlap {bundle_inf.overlap}",
-        **sw,
-    }
-    log(f"bundle validate#inferer: {fs['bundle_validate_inferer']}")
+    fs["sliding_window"] = []
+    for swb in dict.fromkeys([bundle_inf.sw_batch_size, args.sw_batch]):
+        bundle_inf.sw_batch_size = swb
+        row = {
+            "setting": f"bundle validate#inferer: {bundle_inf.solver} {bundle_inf.num_steps}, roi "
+            f"{list(bundle_inf.roi_size)}, overlap {bundle_inf.overlap}, sw_batch {swb}",
+            **speed(net, img_sp, prof_sp, bundle_inf, args.speed_target_s, args.min_reps),
+        }
+        fs["sliding_window"].append(row)
+        log(f"{row['setting']}: {row['images_per_s']} img/s")
     if args.compile:
         fs["optimised"] = optimised_rows(net, img_sp, prof_sp, T, args)
     fs["targets"] = targets(rows, steps, ref)  # type: ignore[arg-type]
@@ -483,8 +573,8 @@ def targets(rows: list[dict[str, Any]], steps: list[int], ref: tuple[int, int]) 
         diffs = [v for k, v in out.items() if k.startswith("heun4_minus")]
         out[f"heun4_within_0.5_of_{top}"] = bool(diffs) and all(d >= -0.5 for d in diffs)
     r_ref = by.get(("euler", ref[0], ref[1]))
-    if r_ref:
-        ok = [r for r in rows if r["dice"] >= r_ref["dice"] - 0.5 and r is not r_ref]
+    if r_ref and r_ref.get("images_per_s"):
+        ok = [r for r in rows if r["dice"] >= r_ref["dice"] - 0.5 and r is not r_ref and r.get("images_per_s")]
         if ok:
             best = max(ok, key=lambda r: r["images_per_s"])
             out["fastest_within_0.5_of_reference"] = best["setting"]
@@ -494,7 +584,7 @@ def targets(rows: list[dict[str, Any]], steps: list[int], ref: tuple[int, int]) 
         else:
             out["ge_10x_at_le_0.5_lost"] = False
         for key in (("heun", 4, 1), ("euler", 4, 1)):
-            if key in by:
+            if key in by and by[key].get("images_per_s"):
                 out[f"{key[0]}4_speedup_vs_reference"] = round(by[key]["images_per_s"] / r_ref["images_per_s"], 1)
                 out[f"{key[0]}4_dice_minus_reference"] = round(by[key]["dice"] - r_ref["dice"], 2)
     return out
@@ -514,20 +604,30 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
     ov = res.get("overhead")
     if ov:
         L += [
-            f"FiLM ON vs OFF at {ov['size']}x{ov['size']}, batch {ov['batch']}; params OFF {ov['params']['off']:,}, "
-            f"ON {ov['params']['on']:,}; {ov['rounds']} interleaved rounds x {ov['reps']} steps",
+            f"FiLM ON vs OFF at {ov['size']}x{ov['size']}, batch {ov['batch']}; {ov['rounds']} interleaved "
+            f"rounds x {ov['reps']} steps; the bundle's network_def has use_flash_attention="
+            f"{ov['bundle_use_flash_attention']}",
             "",
-            "| pass | OFF ms | ON ms | ON/OFF (median of rounds) | rounds min..max | peak GiB OFF | peak GiB ON | <= 1.03 |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| network attention | pass | OFF ms | ON ms | ON/OFF (median of rounds) | rounds min..max | "
+            "peak GiB OFF | peak GiB ON | <= 1.03 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for kind, name in (("train", "train step (fwd+bwd+AdamW)"), ("infer", "inference forward")):
-            r = ov.get(kind)
-            if r:
-                lo, hi = r["round_ratio_min_max"]
-                L.append(
-                    f"| {name} | {r['off_ms']} | {r['on_ms']} | {r['median_round_ratio']} | {lo}..{hi} | "
-                    f"{r['peak_gib_off']} | {r['peak_gib_on']} | {'yes' if r['meets_1_03'] else 'NO'} |"
-                )
+        for vname, v in ov.get("variants", {}).items():
+            label = "bundle as configured" if vname == "bundle" else "SDPA (use_flash_attention=True)"
+            if "error" in v:
+                L.append(f"| {label} | {v['error']} | | | | | | | |")
+                continue
+            for kind, name in (("train", "train step (fwd+bwd+AdamW)"), ("infer", "inference forward")):
+                r = v.get(kind)
+                if r:
+                    lo, hi = r["round_ratio_min_max"]
+                    L.append(
+                        f"| {label} | {name} | {r['off_ms']} | {r['on_ms']} | {r['median_round_ratio']} | {lo}..{hi} | "
+                        f"{r['peak_gib_off']} | {r['peak_gib_on']} | {'yes' if r['meets_1_03'] else 'NO'} |"
+                    )
+        if "params" in ov:
+            L.append("")
+            L.append(f"Parameters: OFF {ov['params']['off']:,}, ON {ov['params']['on']:,}.")
         L.append("")
     fs = res.get("few_step")
     if fs and fs.get("rows"):
@@ -540,27 +640,23 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
                 else ""
             )
             + f"; Dice/clDice x100 on {fs['test_images']} test images ({fs['size']}x{fs['size']}); "
-            f"speed on {fs['speed_input']}",
+            f"speed on {fs['speed_input']}; attention {fs.get('attention')}",
             "",
             f"| setting | NFE/image | Dice | clDice | images/s ({fs['speed_size']} px) | speedup vs reference | peak GiB |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         ref = next((r for r in fs["rows"] if r["setting"] == fs.get("reference_setting")), None)
 
-        def speedup(ips: float) -> Any:
-            return round(ips / ref["images_per_s"], 1) if ref else ""
+        def speedup(ips: float | None) -> Any:
+            return round(ips / ref["images_per_s"], 1) if ref and ref["images_per_s"] and ips else ""
 
         for r in fs["rows"]:
             L.append(
                 f"| {r['setting']} | {r['nfe_per_image']} | {r['dice']} | {r['cldice']} | {r['images_per_s']} | "
                 f"{speedup(r['images_per_s'])} | {r['peak_gib']} |"
             )
-        b = fs.get("bundle_validate_inferer")
-        if b:
-            L.append(
-                f"| bundle validate#inferer: {b['setting']} | | | | {b['images_per_s']} | "
-                f"{speedup(b['images_per_s'])} | {b['peak_gib']} |"
-            )
+        for b in fs.get("sliding_window", []):
+            L.append(f"| {b['setting']} | | | | {b['images_per_s']} | {speedup(b['images_per_s'])} | {b['peak_gib']} |")
         L += ["", f"Targets: {json.dumps(fs.get('targets', {}))}"]
         for r in fs.get("optimised", []):
             if "error" in r:
@@ -587,7 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--skip-few-step", action="store_true")
-    ap.add_argument("--checkpoint", help="evaluate this checkpoint (FiLM-ON bundle network) instead of training")
+    ap.add_argument(
+        "--checkpoint",
+        help="evaluate this checkpoint (the bundle's FiLM-ON network) instead of training; give --profiler the "
+        "profiles it was trained with",
+    )
     ap.add_argument("--save-checkpoint", help="write the network trained here to this path")
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-test", type=int, default=64)
@@ -603,6 +703,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--speed-target-s", type=float, default=1.5, help="time spent on each speed row (about)")
     ap.add_argument("--min-reps", type=int, default=2, help="fewest timed repeats of each speed row")
+    ap.add_argument(
+        "--attention",
+        choices=("sdpa", "bundle"),
+        default="sdpa",
+        help="few-step part: SDPA attention (use_flash_attention=True, same weights) or the bundle's setting",
+    )
+    ap.add_argument("--sw-batch", type=int, default=64, help="window batch of the second sliding-window row")
     ap.add_argument("--compile", action="store_true", help="also time cudnn.benchmark / torch.compile / CUDA graphs")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
@@ -617,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     res: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0) if CUDA else platform.processor() or "cpu",
+        "device": None,  # read after the generator pool has forked (no CUDA context in the parent yet)
         "torch": torch.__version__,
         "monai": __import__("monai").__version__,
         "dtype": "bf16 autocast" if CUDA else "float32 (CPU)",
@@ -633,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         res["data_s"] = round(time.perf_counter() - t0, 1)
         log(f"synthetic data ({args.profiler} profiles) in {res['data_s']} s")
     device = torch.device("cuda:0" if CUDA else "cpu")
+    res["device"] = torch.cuda.get_device_name(0) if CUDA else platform.processor() or "cpu"
     if not args.skip_overhead:
         overhead(args, device, res)
         write_report(res, out_dir)  # partial results survive a later failure or timeout
