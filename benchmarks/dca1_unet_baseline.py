@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     res["unet"] = eval_unet(net, data["validation"], device, args.reps)
     log(f"unet: {res['unet']}")
     del net
+    write_report(res, Path(args.out))  # the baseline survives a later failure or timeout
     if args.flow_seconds > 0:
         res["flow"] = flow_model(data, args, device)
     res["total_s"] = round(time.perf_counter() - _T0, 1)

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # All GPU performance measurements of issue 8 (and the DCA1 baseline) in one call on a 2-GPU machine.
 #
-#   bash benchmarks/run_gpu_perf.sh             # 2 x H100: about 7.5 min, bounded by BUDGET_S (540 s)
+#   bash benchmarks/run_gpu_perf.sh             # 2 x H100: about 7.5 min, bounded by BUDGET_S (540 s) + install
 #   bash benchmarks/run_gpu_perf.sh --smoke     # the whole chain with tiny sizes on the CPU (about 4 min)
 #   STEPS="film dca1" bash benchmarks/run_gpu_perf.sh   # a subset (names: prepare profiler dca1 scaling film)
 #
-# Order: prepare (3B checkpoint built once + the scaling images), gpu_profiler_throughput.py (item 1, GPU 0;
-# dca1_unet_baseline.py runs meanwhile on GPU 1 unless PARALLEL=0), gpu_precompute_scaling.sh (item 2, both
-# GPUs), gpu_film_overhead.py (items 3-5, GPU 0). Each step runs under `timeout`, its limit cut to what is
-# left of BUDGET_S; the FiLM training budget shrinks when time is short. A failed step does not stop the others.
+# Steps: prepare (3B checkpoint built once + the scaling images), gpu_profiler_throughput.py (item 1),
+# gpu_precompute_scaling.sh (item 2, both GPUs), gpu_film_overhead.py (items 3-5), dca1_unet_baseline.py.
+# PARALLEL=1 (default with 2 GPUs) runs two one-GPU chains side by side, GPU 0: prepare -> profiler and
+# GPU 1: film -> dca1 (+ the flow network on DCA1 for DCA1_FLOW_S=45 s), then the 2-GPU scaling step; each
+# timing is taken on a GPU of its own (the chains share only the host's 32 cores). PARALLEL=0 runs them one
+# after the other in the order above (more than BUDGET_S at full settings: split STEPS over two calls).
+# Each step runs under `timeout`, its limit cut to what is left of BUDGET_S after the time kept for later
+# steps; the FiLM training budget shrinks when time is short. A failed step does not stop the others.
 # $OUT gets few files: gpu_perf.md (every table), gpu_perf.json ({step: results}), gpu_perf.log (all logs)
 # and film_flow_synthetic.pt (the flow network trained by gpu_film_overhead.py). Work files stay in $WORK.
 # Environment: OUT (./out), WORK (/tmp/gpu_perf), PYTHON (python3), BUDGET_S (540), PARALLEL (1),
-# N_IMAGES (2048), FILM_TRAIN_S (90), DCA1_TRAIN_S (60), DCA1_FLOW_S (0: no flow model on DCA1),
+# N_IMAGES (2048), FILM_TRAIN_S (90), DCA1_TRAIN_S (60), DCA1_FLOW_S (flow network on DCA1 for that many
+# seconds; default 45 when it runs beside the profiler, 0 = none otherwise),
 # FILM_ARGS / DCA1_ARGS / PROFILER_ARGS (extra arguments), DCA1_DATALIST (.carry/dca1/datalist.json).
 cd "$(dirname "$0")/.." || exit 1
 if [[ "${1:-}" != "--smoke" ]]; then  # MONAI, ignite, nibabel, fire carried as wheels (none on the GPU machine)
@@ -40,7 +45,7 @@ if [[ $SMOKE == 1 ]]; then
   N=${N_IMAGES:-24}
 fi
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-[[ $GPUS -lt 2 ]] && PARALLEL=0
+if [[ $PARALLEL == force ]]; then PARALLEL=1; elif [[ $GPUS -lt 2 ]]; then PARALLEL=0; fi  # force: test the chains on CPU
 LOG=$OUT/gpu_perf.log
 : >"$LOG"
 echo "run_gpu_perf: $(date -u +%FT%TZ) smoke=$SMOKE gpus=$GPUS budget=${BUDGET}s parallel=$PARALLEL steps='$STEPS'" | tee -a "$LOG"
@@ -68,58 +73,68 @@ run() {
   echo "== $name: exit ${RC[$name]} after ${SECS[$name]}s" | tee -a "$LOG"
 }
 
-if want prepare; then
-  if [[ $SMOKE == 1 ]]; then ARCH=tiny; SIZE=64; else ARCH=3b; SIZE=512; fi
-  run prepare 150 300 $PY benchmarks/precompute_scaling.py prepare --model-dir "$MODEL" --arch $ARCH \
-    --images "$WORK/scaling_work/images" --n "$N" --size $SIZE
-fi
-
+# ---------------------------------------------------------------- the commands
+if [[ $SMOKE == 1 ]]; then ARCH=tiny; SIZE=64; else ARCH=3b; SIZE=512; fi
+PREP_CMD=($PY benchmarks/precompute_scaling.py prepare --model-dir "$MODEL" --arch $ARCH
+  --images "$WORK/scaling_work/images" --n "$N" --size $SIZE)
+PROF_CMD=($PY benchmarks/gpu_profiler_throughput.py --model-dir "$MODEL" --out "$WORK/profiler" ${PROFILER_ARGS:-})
+[[ $SMOKE == 1 ]] && PROF_CMD+=(--tiny)
+# the flow network on DCA1 too when the GPUs run two chains (it is then off the critical path only partly)
+if [[ $PARALLEL == 1 ]]; then DCA1_FLOW_S=${DCA1_FLOW_S:-45}; else DCA1_FLOW_S=${DCA1_FLOW_S:-0}; fi
 DCA1_CMD=($PY benchmarks/dca1_unet_baseline.py --out "$WORK/dca1" --train-seconds "${DCA1_TRAIN_S:-60}"
-  --flow-seconds "${DCA1_FLOW_S:-0}" ${DCA1_DATALIST:+--datalist "$DCA1_DATALIST"} ${DCA1_ARGS:-})
+  --flow-seconds "$DCA1_FLOW_S" ${DCA1_DATALIST:+--datalist "$DCA1_DATALIST"} ${DCA1_ARGS:-})
 [[ $SMOKE == 1 ]] && DCA1_CMD+=(--smoke --flow-seconds 2)
-DCA1_PID=
-if want dca1 && [[ $PARALLEL == 1 ]] && want profiler; then
-  echo "== dca1 on GPU 1, alongside the profiler on GPU 0" | tee -a "$LOG"
-  (CUDA_VISIBLE_DEVICES=1 run dca1 150 250 "${DCA1_CMD[@]}"; echo "${RC[dca1]} ${SECS[dca1]:-0}" >"$WORK/dca1.rc") &
-  DCA1_PID=$!
-fi
-
-if want profiler; then
-  PROF_CMD=($PY benchmarks/gpu_profiler_throughput.py --model-dir "$MODEL" --out "$WORK/profiler" ${PROFILER_ARGS:-})
-  [[ $SMOKE == 1 ]] && PROF_CMD+=(--tiny)
-  CUDA_VISIBLE_DEVICES=0 run profiler 240 230 "${PROF_CMD[@]}"
-fi
-if [[ -n $DCA1_PID ]]; then
-  wait "$DCA1_PID"
-  read -r "RC[dca1]" "SECS[dca1]" <"$WORK/dca1.rc"
-  echo "== dca1: exit ${RC[dca1]} after ${SECS[dca1]}s (GPU 1)" | tee -a "$LOG"
-elif want dca1; then
-  CUDA_VISIBLE_DEVICES=0 run dca1 150 220 "${DCA1_CMD[@]}"
-fi
-
-if want scaling; then
-  BATCH=$($PY - "$WORK/profiler/gpu_profiler_throughput.json" <<'EOF' 2>/dev/null || echo 32
+film_cmd() {  # $1: seconds this step may take; the training budget shrinks to leave ~85 s for the rest
+  local train=${FILM_TRAIN_S:-90}
+  (($1 - 85 < train)) && train=$(($1 - 85 > 20 ? $1 - 85 : 20))
+  FILM_CMD=($PY benchmarks/gpu_film_overhead.py --out "$WORK/film" --train-seconds "$train"
+    --save-checkpoint "$OUT/film_flow_synthetic.pt" ${FILM_ARGS:-})
+  [[ $SMOKE == 1 ]] && FILM_CMD+=(--smoke)
+}
+scaling_cmd() {
+  local batch
+  batch=$($PY - "$WORK/profiler/gpu_profiler_throughput.json" <<'PYEOF' 2>/dev/null || echo 32
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["config"] == "scored, packed vision attn"]
 print(max(rows, key=lambda r: r["images_per_s"])["batch"] if rows else 32)
-EOF
+PYEOF
 )
-  [[ $SMOKE == 1 ]] && BATCH=4
-  SC=(env OUT="$WORK/scaling" WORK="$WORK/scaling_work" MODEL_DIR="$MODEL" N_IMAGES="$N" BATCH="$BATCH")
+  [[ $SMOKE == 1 ]] && batch=4
+  SC=(env OUT="$WORK/scaling" WORK="$WORK/scaling_work" MODEL_DIR="$MODEL" N_IMAGES="$N" BATCH="$batch")
   [[ -n ${PYTHON:-} ]] && SC+=(PYTHON="$PY")
   SC+=(bash benchmarks/gpu_precompute_scaling.sh)
   [[ $SMOKE == 1 ]] && SC+=(--smoke)
-  run scaling 200 130 "${SC[@]}"
-fi
+}
+SCALING_RESERVE=150  # kept for the scaling step, which needs both GPUs and runs last in parallel mode
 
-if want film; then
-  T=$(($(left) - 15))
-  TRAIN=${FILM_TRAIN_S:-90}
-  ((T - 85 < TRAIN)) && TRAIN=$((T - 85 > 20 ? T - 85 : 20))  # keep about 85 s for timing and evaluation
-  FILM_CMD=($PY benchmarks/gpu_film_overhead.py --out "$WORK/film" --train-seconds "$TRAIN"
-    --save-checkpoint "$OUT/film_flow_synthetic.pt" ${FILM_ARGS:-})
-  [[ $SMOKE == 1 ]] && FILM_CMD+=(--smoke)
-  CUDA_VISIBLE_DEVICES=0 run film 260 5 "${FILM_CMD[@]}"
+if [[ $PARALLEL == 1 ]]; then
+  # two chains, one per GPU, then the 2-GPU step:  GPU 0: prepare -> profiler;  GPU 1: film -> dca1;  then scaling
+  echo "== parallel: GPU 0 prepare+profiler, GPU 1 film+dca1, then scaling on both" | tee -a "$LOG"
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    if want film; then
+      film_cmd $(($(left) - SCALING_RESERVE - 110))
+      run film 280 $((SCALING_RESERVE + 110)) "${FILM_CMD[@]}"
+    fi
+    want dca1 && run dca1 220 $SCALING_RESERVE "${DCA1_CMD[@]}"
+    for n in film dca1; do echo "$n ${RC[$n]:-not-run} ${SECS[$n]:-0}"; done >"$WORK/gpu1.rc"
+  ) &
+  GPU1_PID=$!
+  export CUDA_VISIBLE_DEVICES=0
+  want prepare && run prepare 150 $((SCALING_RESERVE + 120)) "${PREP_CMD[@]}"
+  want profiler && run profiler 300 $SCALING_RESERVE "${PROF_CMD[@]}"
+  wait "$GPU1_PID"
+  unset CUDA_VISIBLE_DEVICES
+  while read -r n rc secs; do RC[$n]=$rc; SECS[$n]=$secs; done <"$WORK/gpu1.rc"
+  if want scaling; then scaling_cmd; run scaling 220 0 "${SC[@]}"; fi
+else
+  # one after the other, in the issue's order
+  # (all of it at full settings takes longer than BUDGET_S: later steps get what is left; or split STEPS)
+  want prepare && run prepare 150 400 "${PREP_CMD[@]}"
+  want profiler && run profiler 240 330 "${PROF_CMD[@]}"
+  if want scaling; then scaling_cmd; run scaling 200 210 "${SC[@]}"; fi
+  if want film; then film_cmd $(($(left) - 90)); run film 260 90 "${FILM_CMD[@]}"; fi
+  want dca1 && run dca1 150 0 "${DCA1_CMD[@]}"
 fi
 
 # ---------------------------------------------------------------- collect: one markdown, one JSON, one log
