@@ -158,6 +158,7 @@ def train_unet(data: dict[str, Any], args: argparse.Namespace, device: torch.dev
     rnd = random.Random(args.seed)
     net.train()
     losses: list[float] = []
+    gfo.peak_reset()
     step, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < args.train_seconds:
         frac = elapsed / args.train_seconds
@@ -188,6 +189,7 @@ def train_unet(data: dict[str, Any], args: argparse.Namespace, device: torch.dev
         "epochs": round(step * bs / n, 1),
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
         "lr": args.lr,
+        "peak_gib": gfo.peak_gib(),
     }
     return net, info
 
@@ -199,8 +201,10 @@ def eval_unet(net: torch.nn.Module, val: dict[str, Any], device: torch.device, r
         with torch.inference_mode(), gfo.autocast():
             return net(x).argmax(dim=1, keepdim=True)
 
+    gfo.peak_reset()
     pred = unpad(predict(img), hw)
     out = seg_metrics(pred, val["label"])
+    out["inference_peak_gib_batch_all"] = gfo.peak_gib()
     out["ms_per_image_batch1"] = round(ms_per_image(lambda: predict(img[:1]), 1, reps), 3)
     out["ms_per_image_batch_all"] = round(ms_per_image(lambda: predict(img), img.shape[0], reps), 3)
     return out
@@ -261,11 +265,12 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
         f"Command: `{res['command']}`; data {res['datalist']} ({res['n_train']} train / {res['n_val']} validation, "
         f"{res['image_shape']}); total {res.get('total_s')} s",
         "",
-        "| model | train s / steps / epochs | params | Dice | clDice | Betti-0 err | Betti-1 err | ms/img (b=1) | ms/img (b=all) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | train s / steps / epochs | params | Dice | clDice | Betti-0 err | Betti-1 err | ms/img (b=1) | "
+        "ms/img (b=all) | train peak GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| BasicUNet {tr['features']}, DiceCE | {tr['seconds']} / {tr['steps']} / {tr['epochs']} | {tr['params']:,} | "
         f"{u['dice']} | {u['cldice']} | {u['betti0_error']} | {u['betti1_error']} | {u['ms_per_image_batch1']} | "
-        f"{u['ms_per_image_batch_all']} |",
+        f"{u['ms_per_image_batch_all']} | {tr.get('peak_gib')} |",
     ]
     fl = res.get("flow")
     if fl:
@@ -274,7 +279,8 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
             L.append(
                 f"| bundle FiLMFlowUNet (FiLM {fl['film']}, {fl['attention']}), {r['setting']} | {ft['seconds']} / {ft['steps']} / "
                 f"{ft['epochs']} | {fl['params']:,} | {r['dice']} | {r['cldice']} | {r['betti0_error']} | "
-                f"{r['betti1_error']} | {r['ms_per_image_batch1']} | {r['ms_per_image_batch_all']} |"
+                f"{r['betti1_error']} | {r['ms_per_image_batch1']} | {r['ms_per_image_batch_all']} | "
+                f"{ft.get('peak_gib')} |"
             )
     L += ["", "Dice and clDice x100 on the validation images, last weights (no selection on them)."]
     text = "\n".join(L) + "\n"

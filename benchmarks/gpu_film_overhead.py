@@ -341,6 +341,7 @@ def train(
     torch.manual_seed(0)
     budget = float(args.train_seconds)
     losses: list[float] = []
+    peak_reset()
     step, t0 = 0, time.perf_counter()
     while True:
         elapsed = time.perf_counter() - t0
@@ -383,6 +384,7 @@ def train(
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
         "lr": args.lr,
         "steps_per_s": round(step / secs, 2),
+        "peak_gib": peak_gib(),
     }
 
 
@@ -635,7 +637,8 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
         L += [
             f"Few-step inference: {fs['model']}"
             + (
-                f" ({tr['steps']} steps, batch {tr['batch']}, {tr['epochs']} epochs, loss {tr['final_loss']})"
+                f" ({tr['steps']} steps, batch {tr['batch']}, {tr['epochs']} epochs, loss {tr['final_loss']}, "
+                f"peak {tr.get('peak_gib')} GiB)"
                 if tr
                 else ""
             )
