@@ -23,6 +23,7 @@ if [[ $SMOKE == 1 ]]; then
   WORK=${WORK:-/tmp/vlmfilm_scaling_smoke}
   ARCH=tiny; N=${N_IMAGES:-24}; SIZE=${IMAGE_SIZE:-64}; BATCH=${BATCH:-4}; MODEL=${MODEL_DIR:-$WORK/tiny_qwen}
   DESC="tiny Qwen2.5-VL (smoke)"
+  export OMP_NUM_THREADS=1  # as torchrun sets it for its workers: the CPU comparison stays like for like
 else
   WORK=${WORK:-/tmp/vlmfilm_scaling}
   ARCH=3b; N=${N_IMAGES:-2048}; SIZE=${IMAGE_SIZE:-512}; BATCH=${BATCH:-32}; MODEL=${MODEL_DIR:-$WORK/qwen3b}
@@ -45,14 +46,16 @@ echo "== 1 process: python -m monai_vlmfilm.profiles ${common[*]} --cache-dir C1
 t0=$(now)
 $PY -m monai_vlmfilm.profiles "${common[@]}" --cache-dir "$WORK/c1" 2>&1 | tee "$WORK/run1.log"
 wall1=$(since "$t0")
+start1=$t0
 
 if command -v torchrun >/dev/null 2>&1 && [[ -z "${PYTHON:-}" ]]; then TR=(torchrun); else TR=($PY -m torch.distributed.run); fi
 echo "== $NPROC processes: ${TR[*]} --nproc_per_node=$NPROC -m monai_vlmfilm.profiles ... --cache-dir C2"
 t0=$(now)
 "${TR[@]}" --standalone --nproc_per_node="$NPROC" -m monai_vlmfilm.profiles "${common[@]}" --cache-dir "$WORK/c2" 2>&1 | tee "$WORK/run2.log"
 wall2=$(since "$t0")
+start2=$t0
 
 $PY benchmarks/precompute_scaling.py report --images "$WORK/images" --size "$SIZE" --cache1 "$WORK/c1" --cache2 "$WORK/c2" \
-  --log1 "$WORK/run1.log" --log2 "$WORK/run2.log" --wall1 "$wall1" --wall2 "$wall2" --batch "$BATCH" --nproc "$NPROC" \
+  --log1 "$WORK/run1.log" --log2 "$WORK/run2.log" --wall1 "$wall1" --wall2 "$wall2" --start1-ns "$start1" --start2-ns "$start2" --batch "$BATCH" --nproc "$NPROC" \
   --model-desc "$DESC" --command "gpu_precompute_scaling.sh${1:+ $1} (N=$N, size $SIZE, batch $BATCH${EXTRA:+, $EXTRA})" \
   --out "$OUT"
