@@ -114,7 +114,7 @@ def ensure_checkpoint(bundle_dir: Path) -> str:
     """MONAI Label only serves a bundle that has ``models/model.pt``; say where ours comes from."""
     ckpt = bundle_dir / "models" / "model.pt"
     if ckpt.is_file():
-        return "shipped bundle/models/model.pt"
+        return f"the bundle's models/model.pt ({ckpt.stat().st_size / 1e6:.1f} MB)"
     # No shipped checkpoint yet: save the freshly initialised network so the server can still be exercised.
     import torch
     from monai.bundle import ConfigParser
@@ -277,8 +277,12 @@ def infer(base: str, model: str, image_id: str, timeout: float, params: dict | N
     return data, time.time() - t0
 
 
-def check_mask(data: bytes, ref_image: Path, what: str) -> tuple[dict[str, Any], Any]:
-    """Decode a returned label file and check it is a mask of the image's shape with some vessel pixels."""
+def check_mask(data: bytes, ref_image: Path, what: str, truth: Path | None = None) -> tuple[dict[str, Any], Any]:
+    """Decode a returned label file and check it is a mask of the image's shape with some vessel pixels.
+
+    With ``truth`` (the generator's label of that image) the Dice against it is reported, not checked: it
+    depends on the served weights.
+    """
     import numpy as np
     from PIL import Image
 
@@ -300,6 +304,10 @@ def check_mask(data: bytes, ref_image: Path, what: str) -> tuple[dict[str, Any],
         raise E2EError(f"{what}: mask has no vessel pixels")
     if vessel == mask.size:
         raise E2EError(f"{what}: every pixel is vessel")
+    if truth is not None and truth.is_file():
+        t = np.asarray(Image.open(truth)) > 0
+        m = mask > 0
+        info["dice_vs_truth"] = round(2.0 * float((t & m).sum()) / max(float(t.sum() + m.sum()), 1.0), 4)
     return info, mask
 
 
@@ -348,6 +356,42 @@ def probe_profile(bundle_dir: Path, image: Path, film_on: bool) -> dict[str, Any
         "profile": [round(float(v), 4) for v in vec],
         "equals_heuristic_profile_of_image": bool(np.allclose(vec, expected, atol=1e-5)),
     }
+
+
+def bundle_cli_mask(bundle_dir: Path, image: Path, out_dir: Path) -> Any:
+    """The same bundle's own ``python -m monai.bundle run inference`` on the same image: its NIfTI mask.
+
+    Returned in display orientation ``(H, W)`` (MONAI reads PNGs as ``(W, H)``; MONAI Label's PNG writer
+    transposes back), so it must equal what ``/infer`` returned pixel for pixel.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--bundle_root",
+        str(bundle_dir),
+        "--config_file",
+        str(bundle_dir / "configs" / "inference.yaml"),
+        "--meta_file",
+        str(bundle_dir / "configs" / "metadata.json"),
+        "--datalist",
+        str(image),
+        "--output_dir",
+        str(out_dir),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(out_dir.parent))
+    if proc.returncode != 0:
+        raise E2EError(f"bundle CLI inference failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    found = sorted(out_dir.rglob(image.name.split(".")[0] + "*_seg.nii.gz"))
+    if not found:
+        raise E2EError(f"bundle CLI inference wrote no *_seg.nii.gz in {out_dir}")
+    arr = np.asarray(nib.load(str(found[0])).dataobj)
+    return np.squeeze(arr).T
 
 
 def train(base: str, model: str, params: dict, ckpt_dir: Path, timeout: float, logfile: Path) -> dict[str, Any]:
@@ -439,11 +483,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{m}: labels {info['models'][m].get('labels')}, dimension {info['models'][m].get('dimension')}")
         image_id = unlabelled[0]
         ref = next(studies.glob(image_id + ".*"))
+        truth = work / "synthetic" / "labels" / ref.name  # the test image's label, kept out of the studies
         masks = {}
         runs = [(m, m, None) for m in models] + [("vlmfilm_on+request_off", "vlmfilm_on", {"use_vlm_film": False})]
         for label, m, params in runs:
             data, dt = infer(base, m, image_id, args.infer_timeout, params)
-            res, masks[label] = check_mask(data, ref, f"/infer/{m} {params or ''}")
+            res, masks[label] = check_mask(data, ref, f"/infer/{m} {params or ''}", truth)
             res["latency_s"] = round(dt, 2)
             summary["infer"][label] = res
             log(f"/infer/{m}?image={image_id} params {params or {}}: {res}")
@@ -456,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         if not toggled_equal:
             raise E2EError("vlmfilm_on with use_vlm_film=false in the request differs from the vlmfilm_off bundle")
         log("vlmfilm_on with request use_vlm_film=false gives the vlmfilm_off mask exactly")
+        # drop-in: MONAI Label serves exactly what the bundle's own inference command computes
+        cli = bundle_cli_mask(app / "model" / "vlmfilm_on", ref, work / "bundle_cli_out")
+        same_as_cli = cli.shape == masks["vlmfilm_on"].shape and bool(((cli > 0) == (masks["vlmfilm_on"] > 0)).all())
+        summary["infer_equals_bundle_cli"] = same_as_cli
+        if not same_as_cli:
+            raise E2EError("/infer/vlmfilm_on differs from `python -m monai.bundle run inference` on the same image")
+        log("/infer/vlmfilm_on equals `python -m monai.bundle run inference` of the same bundle, pixel for pixel")
         for m, on in models.items():
             res = probe_profile(app / "model" / m, ref, on)
             summary.setdefault("profile_probe", {})[m] = res
@@ -475,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"/train/{args.train_model}: {res}")
             # the server reloads models/model.pt when its mtime changes: infer again with the new weights
             data, dt = infer(base, args.train_model, image_id, args.infer_timeout)
-            res, _ = check_mask(data, ref, f"/infer/{args.train_model} after training")
+            res, _ = check_mask(data, ref, f"/infer/{args.train_model} after training", truth)
             res["latency_s"] = round(dt, 2)
             summary["infer"][args.train_model + "_after_train"] = res
             log(f"/infer/{args.train_model} after training: {res}")
