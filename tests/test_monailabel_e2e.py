@@ -39,6 +39,12 @@ def test_monailabel_serves_and_trains_bundle():
         res = summary["infer"][model]
         assert res["vessel_pixels"] > 0
         assert len(res["shape"]) == 2
+    # MONAI Label serves exactly the bundle's own inference; the request switch equals the OFF bundle
+    assert summary["infer_equals_bundle_cli"] is True
+    assert summary["request_toggle_off_equals_off_bundle"] is True
+    # on MONAI Label's call path the FiLM network gets the image's own profile, the OFF network none
+    assert summary["profile_probe"]["vlmfilm_on"]["equals_heuristic_profile_of_image"] is True
+    assert summary["profile_probe"]["vlmfilm_off"]["profile"] is None
     assert summary["train"]["checkpoints"], summary
     assert all(Path(c).name.endswith(".pt") for c in summary["train"]["checkpoints"])
     assert summary["processes_left"] == []
