@@ -526,6 +526,12 @@ def few_step(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
         log(f"{row['setting']}: {row['images_per_s']} img/s")
     if args.compile:
         fs["optimised"] = optimised_rows(net, img_sp, prof_sp, T, args)
+        eager = {r["setting"]: r.get("images_per_s") for r in rows}
+        for r in fs["optimised"]:
+            base = eager.get(r.get("setting"))
+            if base and r.get("images_per_s"):
+                r["eager_images_per_s"] = base
+                r["speedup_vs_eager"] = round(r["images_per_s"] / base, 2)
     fs["targets"] = targets(rows, steps, ref)  # type: ignore[arg-type]
     log(f"targets: {fs['targets']}")
 
@@ -666,7 +672,8 @@ def write_report(res: dict[str, Any], out_dir: Path) -> str:
                 L.append(f"- {r['variant']}: {r['error']}")
             else:
                 L.append(
-                    f"- {r['variant']}, {r['setting']}: {r['images_per_s']} images/s, peak {r['peak_gib']} GiB "
+                    f"- {r['variant']}, {r['setting']}: {r['images_per_s']} images/s "
+                    f"({r.get('speedup_vs_eager')}x the eager row above), peak {r['peak_gib']} GiB "
                     f"(setup + measure {r['setup_and_measure_s']} s)"
                 )
     text = "\n".join(L) + "\n"
