@@ -546,8 +546,11 @@ def optimised_rows(
     picks = [("euler", 4, 1), ("heun", 4, 1)]
     variants: list[tuple[str, Callable[[], Any]]] = [
         ("cudnn.benchmark", lambda: net),
-        ("torch.compile", lambda: torch.compile(net)),
-        ("torch.compile reduce-overhead (CUDA graphs)", lambda: torch.compile(net, mode="reduce-overhead")),
+        ("cudnn.benchmark + torch.compile", lambda: torch.compile(net)),
+        (
+            "cudnn.benchmark + torch.compile reduce-overhead (CUDA graphs)",
+            lambda: torch.compile(net, mode="reduce-overhead"),
+        ),
     ]
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
