@@ -150,7 +150,9 @@ class FiLMStatsHandler:
                 add(f"profile/{field}_spread", spreads[j])
             add("fallback_rate", means[FALLBACK_INDEX])
 
-        values = dict(zip(names, torch.cat(parts).cpu().tolist())) if parts else {}  # one sync for everything
+        # the batch profile may sit on the CPU while FiLM stats live on the GPU: gather on one device, then one sync
+        dev = parts[0].device if parts else None
+        values = dict(zip(names, torch.cat([q.to(dev) for q in parts]).cpu().tolist())) if parts else {}
         counts = self._cache_counts()
         if counts is not None and sum(counts) > 0:
             values[self.tag_prefix + "cache_hit_rate"] = counts[0] / sum(counts)
