@@ -279,7 +279,8 @@ def build_qwen(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE
         )
         processor.save_pretrained(out)
-    except (ImportError, AttributeError, ValueError):
+    except (ImportError, AttributeError, ValueError, TypeError):
+        # (TypeError: with torchvision present, transformers 5 insists on a video processor)
         # transformers 5 builds Qwen2.5-VL's processor with a video processor that needs torchvision: write
         # the same files the processor would (its parts plus the processor config) without it.
         tokenizer.save_pretrained(out)
