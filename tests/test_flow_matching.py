@@ -31,6 +31,16 @@ NET = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
+    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def batch(b=4, size=16, profile=True, label_scale=1.0):
     g = torch.Generator().manual_seed(0)
     d = {
@@ -162,9 +172,9 @@ def _val_dice(net, val, steps=2):
 def test_cpu_training_loss_falls_and_dice_rises():
     """300 iterations (batch 8) on 32 synthetic 64x64 images, validation Dice with a 2-step Euler FlowSegInferer.
 
-    Measured with the synthetic XCA generator, seeds 0-3 of a sibling script: untrained Dice 0.12-0.15,
-    trained 0.43-0.60 (gain 0.28-0.48); training loss (mean of 5 batches) 1.83-1.85 -> 0.16-0.30.
-    The bars leave margin under the worst seed.
+    Measured with the synthetic XCA generator, this setup with seeds 0-4 (seed: determinism, train and val data):
+    untrained Dice 0.126-0.137, trained 0.47-0.66 (gain >= 0.33); loss (mean of the first / last 20 batches)
+    1.24-1.30 -> 0.20-0.28 (ratio 0.16-0.21). The bars leave margin under the worst seed.
     """
     set_determinism(0)
     train, val = _dataset(32, 64, seed=0), _dataset(8, 64, seed=1)
@@ -209,8 +219,8 @@ def _threshold_task(n: int, seed: int):
 
 
 def test_trained_on_network_uses_the_profile():
-    """120 iterations: FiLM learns to read the profile (measured: Dice 0.86-0.89 with the right profile,
-    0.53-0.54 with the swapped one; mean |output difference| 0.36-0.40)."""
+    """200 iterations: FiLM learns to read the profile. Measured, seeds 0-4: Dice 0.82-0.93 with the right
+    profile, 0.45-0.54 with the swapped one (gap 0.33-0.47); mean |output difference| 0.37-0.49."""
     from monai.metrics import DiceMetric
 
     set_determinism(0)
@@ -225,7 +235,7 @@ def test_trained_on_network_uses_the_profile():
         assert torch.equal(inferer(vi, net, profile=vp), inferer(vi, net, profile=swapped))  # fresh: FiLM is identity
     SupervisedTrainer(
         device="cpu",
-        max_epochs=30,
+        max_epochs=50,
         train_data_loader=DataLoader(Dataset(items), batch_size=8, shuffle=True),
         network=net,
         optimizer=torch.optim.Adam(net.parameters(), 3e-3),
@@ -240,5 +250,5 @@ def test_trained_on_network_uses_the_profile():
     d_right = dice((right > 0.5).float(), vl).mean().item()
     d_wrong = dice((wrong > 0.5).float(), vl).mean().item()
     print(f"Dice with the right profile {d_right:.3f}, swapped {d_wrong:.3f}")
-    assert (right - wrong).abs().mean() > 0.1
-    assert d_right > d_wrong + 0.15
+    assert (right - wrong).abs().mean() > 0.2
+    assert d_right > d_wrong + 0.2

@@ -29,6 +29,16 @@ NET = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
+    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def net():
     """An ON network with non-zero output conv and FiLM heads, so outputs depend on noise, image and profile."""
