@@ -18,21 +18,12 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# TEMPORARY compatibility shim: monai_vlmfilm/handlers.py imports IgniteInfo from monai.config, which MONAI 1.6 no
-# longer exports (it lives in monai.utils). The bundle configs import this module first, so FiLMStatsHandler loads.
-# Remove once handlers.py imports it from monai.utils.
-import monai.config as _monai_config  # noqa: E402
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import MapTransform, SaveImaged
 from monai.utils import optional_import
-
-if not hasattr(_monai_config, "IgniteInfo"):
-    from monai.utils import IgniteInfo as _IgniteInfo
-
-    _monai_config.IgniteInfo = _IgniteInfo
 
 Events, _ = optional_import("ignite.engine", name="Events")
 ProgressBar, has_progress_bar = optional_import("ignite.handlers", name="ProgressBar")

@@ -116,7 +116,6 @@ def test_switch_in_parsed_config(data, tmp_path):
     from monai.bundle import ConfigParser
     from monai.networks.nets import DiffusionModelUNet
 
-    import monai_vlmfilm.bundle_utils  # noqa: F401  (first: its MONAI 1.6 shim lets monai_vlmfilm.handlers import)
     from monai_vlmfilm.handlers import FiLMStatsHandler
     from monai_vlmfilm.transforms import AttachVLMProfiled
 

@@ -32,8 +32,6 @@ def small_data(tmp_path_factory):
 def _attach_transforms(overlays: list[str], overrides: dict):
     from monai.bundle import ConfigParser
 
-    import monai_vlmfilm.bundle_utils  # noqa: F401  (loads first, see its shim note)
-
     p = ConfigParser()
     p.read_config([str(REPO / "bundle/configs/train.yaml"), *(str(REPO / o) for o in overlays)])
     p.update(overrides)
