@@ -49,6 +49,7 @@ step 3/5 "training from scratch, use_vlm_film true, $EPOCHS epochs on ${PATCH}x$
   --config_file "['bundle/configs/train.yaml','configs/flow_vlm.yaml']" \
   --datalist "$DATALIST" --profile_cache_dir "$CACHE" --use_vlm_film True --epochs "$EPOCHS" \
   --patch_size "[$PATCH,$PATCH]" --batch_size 8 --learning_rate 0.002 --val_interval "$VAL_INTERVAL" \
+  --log_iter_interval 30 --log_epoch_interval "$VAL_INTERVAL" --film_log_every 60 --ckpt_interval "$VAL_INTERVAL" \
   --ckpt_dir "$TRAIN_DIR/models" --output_dir "$TRAIN_DIR" 2>&1 | quiet
 
 step 4/5 "inference on the test split -> $INFER_DIR"
