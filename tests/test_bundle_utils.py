@@ -156,3 +156,14 @@ def test_metrics_summary_json(tmp_path):
         0.1
     )
     assert s["per_metric"]["hd95"]["notnans"] == 1 and s["per_metric"]["hd95"]["nonfinite"] == 1
+
+
+def test_shipped_checkpoint_loads_without_map_location():
+    """MONAI Label's CheckpointLoader reads model.pt without map_location: CUDA tensors in it break CPU servers."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
+    state = torch.load(path, weights_only=True)  # no map_location, as MONAI Label does
+    assert state and all(t.device.type == "cpu" for t in state.values())
