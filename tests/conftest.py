@@ -11,3 +11,27 @@ def tiny_qwen_dir(tmp_path_factory):
     from tiny_qwen import build_tiny_qwen
 
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen") / "model")
+
+
+#: The tiny 2D flow network the core tests share: x_t ⊕ image in, velocity out; FiLM off unless a test says otherwise.
+TINY_FLOW_NET = dict(
+    spatial_dims=2,
+    in_channels=2,
+    out_channels=1,
+    channels=(8, 16, 16),
+    attention_levels=(False, False, False),
+    num_res_blocks=1,
+    norm_num_groups=8,
+)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
+    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLOW_NET
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
@@ -20,27 +21,10 @@ from monai_vlmfilm.profiles import FALLBACK_INDEX, PROFILE_DIM, VECTOR_FIELDS
 from monai_vlmfilm.profiles.store import ProfileStore
 from monai_vlmfilm.transforms import AttachVLMProfiled
 
-NET = dict(
-    spatial_dims=2,
-    in_channels=2,
-    out_channels=1,
-    channels=(8, 16, 16),
-    attention_levels=(False, False, False),
-    num_res_blocks=1,
-    norm_num_groups=8,
-    cond_dim=16,
-    film_hidden_dim=16,
-)
+NET = dict(**TINY_FLOW_NET, cond_dim=16, film_hidden_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
-    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(on=True):

@@ -30,14 +30,7 @@ KW3 = dict(KW2, spatial_dims=3, attention_levels=(False, False, False))
 FILM = dict(cond_dim=16, film_hidden_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
-    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(cls, seed=0, **kw):

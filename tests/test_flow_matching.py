@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLOW_NET
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -20,25 +21,10 @@ from monai_vlmfilm.inferers import FlowSegInferer
 from monai_vlmfilm.networks import FiLMFlowUNet
 from monai_vlmfilm.profiles import PROFILE_DIM
 
-NET = dict(
-    spatial_dims=2,
-    in_channels=2,
-    out_channels=1,
-    channels=(8, 16, 16),
-    attention_levels=(False, False, False),
-    num_res_blocks=1,
-    norm_num_groups=8,
-)
+NET = TINY_FLOW_NET
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
-    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(b=4, size=16, profile=True, label_scale=1.0):

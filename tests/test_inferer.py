@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_FLOW_NET
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
@@ -15,28 +16,10 @@ from monai_vlmfilm.inferers import FlowSegInferer
 from monai_vlmfilm.networks import FiLMFlowUNet
 from monai_vlmfilm.profiles import PROFILE_DIM
 
-NET = dict(
-    spatial_dims=2,
-    in_channels=2,
-    out_channels=1,
-    channels=(8, 16, 16),
-    attention_levels=(False, False, False),
-    num_res_blocks=1,
-    norm_num_groups=8,
-    use_vlm_film=True,
-    cond_dim=16,
-    film_hidden_dim=16,
-)
+NET = dict(**TINY_FLOW_NET, use_vlm_film=True, cond_dim=16, film_hidden_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this 2-core machine, with other processes running, two OpenMP threads made these
-    small CPU workloads up to ~10x slower in wall and CPU time (barrier spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
