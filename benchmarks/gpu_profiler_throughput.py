@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from precompute_scaling import angiogram_like  # noqa: E402  (benchmarks/ is the script's folder)
 from tiny_qwen import QWEN2_5_VL_3B_ARCH, TINY_ARCH, build_qwen  # noqa: E402
 
 
@@ -147,17 +148,7 @@ def flops_per_image(cfg: Any, gh: int, gw: int, text_tokens: int, reads: int) ->
 def make_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     """Angiogram-like test images: smooth background, dark curved 'vessels', noise; float32 in [0, 255]."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
-    out = []
-    for _ in range(n):
-        img = 150 + 40 * np.sin(6 * xx + rng.random() * 6) * np.cos(4 * yy + rng.random() * 6)
-        for _ in range(6):
-            a, b, c = rng.random(3)
-            dist = np.abs(yy - (a + 0.3 * np.sin(8 * b * xx + 6 * c)))
-            img -= 70 * np.exp(-((dist / (0.004 + 0.01 * c)) ** 2))
-        img += rng.normal(0, 8, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.float32))
-    return out
+    return [angiogram_like(rng, size) for _ in range(n)]
 
 
 def stock_inputs(folder: Path, prof: Any, image: np.ndarray) -> dict[str, torch.Tensor]:

@@ -85,12 +85,8 @@ def build_model(folder: Path, arch: str) -> float | None:
     return time.perf_counter() - t0
 
 
-def _angiogram(job: tuple[int, int, str]) -> str:
-    """Write one distinct angiogram-like 8-bit PNG (smooth background, dark curved vessels, noise)."""
-    from PIL import Image
-
-    index, size, path = job
-    rng = np.random.default_rng([7, index])
+def angiogram_like(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One angiogram-like test image (smooth background, dark curved vessels, noise): float32 in [0, 255]."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
     img = 150 + 40 * np.sin(6 * xx + rng.random() * 6) * np.cos(4 * yy + rng.random() * 6)
     for _ in range(6):
@@ -98,7 +94,16 @@ def _angiogram(job: tuple[int, int, str]) -> str:
         dist = np.abs(yy - (a + 0.3 * np.sin(8 * b * xx + 6 * c)))
         img -= 70 * np.exp(-((dist / (0.004 + 0.01 * c)) ** 2))
     img += rng.normal(0, 8, img.shape)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, compress_level=1)
+    return np.clip(img, 0, 255).astype(np.float32)
+
+
+def _angiogram(job: tuple[int, int, str]) -> str:
+    """Write one distinct angiogram-like 8-bit PNG."""
+    from PIL import Image
+
+    index, size, path = job
+    img = angiogram_like(np.random.default_rng([7, index]), size)
+    Image.fromarray(img.astype(np.uint8)).save(path, compress_level=1)
     return path
 
 
