@@ -59,3 +59,64 @@ def test_bad_input_is_reported_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--datalist", str(real), "--out", str(tmp_path / "o"), "--modes", "off,sideways"])
     assert e.value.code == 2 and "sideways" in capsys.readouterr().err
+
+
+def test_variants_calibration_and_profile_norm(tmp_path):
+    """Variants run as extra modes with their own settings; calibration=train gets its own store and spec;
+    profile_norm=train points each job at the statistics of its own store over its split's training images."""
+    import numpy as np
+
+    from monai_vlmfilm.ablation import data as D
+    from monai_vlmfilm.ablation.cli import Ablation, parse_args
+    from monai_vlmfilm.profiles.normalization import load_profile_norm
+
+    datalist = generate_dataset(tmp_path / "data", n_train=6, n_val=2, n_test=3, size=32, seed=4)
+    argv = ["--datalist", str(datalist), "--out", str(tmp_path / "abl"), "--modes", "off,on,shuffle,oracle",
+            "--seeds", "0", "--variant", "norm:profile_norm=train",
+            "--variant", "cal+nogate:calibration=train;use_difficulty_gate=False",
+            "--variant-modes", "on,shuffle"]  # fmt: skip
+    ab = Ablation(parse_args(argv), argv)
+    splits = ab.splits()
+    ab.prepare_profiles()
+    jobs = {j.name: j for j in ab.make_jobs(splits)}
+    assert set(jobs) == {f"{m}_seed0" for m in
+                         ("off", "on", "shuffle", "oracle", "on.norm", "shuffle.norm", "on.cal+nogate", "shuffle.cal+nogate")}  # fmt: skip
+
+    def arg(name, key):
+        cmd = jobs[name].steps[0].cmd
+        return cmd[cmd.index(f"--{key}") + 1] if f"--{key}" in cmd else None
+
+    # plain modes: no normalisation, the base store; the variant's bundle override only on its own jobs
+    assert arg("on_seed0", "profile_norm") is None and arg("on_seed0", "use_difficulty_gate") is None
+    assert arg("on.cal+nogate_seed0", "use_difficulty_gate") == "False"
+    assert arg("on.norm_seed0", "profile_cache_dir") == arg("on_seed0", "profile_cache_dir")
+    # calibration=train: its own store (and shuffled store) and a profiler spec naming the calibration file
+    assert arg("on.cal+nogate_seed0", "profile_cache_dir").endswith("profiles/heuristic-cal-train")
+    assert arg("shuffle.cal+nogate_seed0", "profile_cache_dir").endswith("profiles/shuffle-cal-train")
+    spec = arg("on.cal+nogate_seed0", "profiler")
+    assert "HeuristicProfiler" in spec and "heuristic_calibration_train.json" in spec
+    on_store, cal_store = ab.store_of("on"), ab.store_of("on.cal+nogate")
+    train = json.loads(splits[0][1].read_text())["training"]
+    v_on = D.profile_vectors(on_store["dir"], train, on_store["profiler"])
+    v_cal = D.profile_vectors(cal_store["dir"], train, cal_store["profiler"])
+    assert not np.allclose(v_on, v_cal)  # another calibration gives other profiles
+    # profile_norm=train: the statistics of the job's own store over the training images
+    mean, std = load_profile_norm(arg("on.norm_seed0", "profile_norm"))
+    np.testing.assert_allclose(mean[:6], v_on.mean(0)[:6], atol=1e-5)
+    np.testing.assert_allclose(std[:6], np.maximum(v_on.std(0), 0.02)[:6], atol=1e-5)
+    assert (mean[6], std[6]) == (0.0, 1.0)  # the fallback flag is left as it is
+    assert arg("shuffle.norm_seed0", "profile_norm") != arg("on.norm_seed0", "profile_norm")
+
+
+def test_variant_specs_are_checked():
+    from monai_vlmfilm.ablation.cli import parse_args, parse_variant
+
+    assert parse_variant("coarse:network_def#film_stages=[0, 1]") == ("coarse", {"network_def#film_stages": "[0, 1]"})
+    for bad in ("nocolon", ":a=1", "x y:a=1", "v:", "v:novalue", "v:calibration=dca1", "v:profile_norm=zscore"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    base = ["--datalist", "d.json", "--out", "o"]
+    for extra in (["--variant", "a:b=1", "--variant", "a:c=2"], ["--variant", "a:b=1", "--variant-modes", "sideways"],
+                  ["--modes", "off", "--variant", "a:b=1"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)

@@ -37,19 +37,20 @@ def test_ablation_off_on_writes_report_and_plots(tmp_path):
     datalist = generate_dataset(tmp_path / "data", n_train=6, n_val=2, n_test=6, size=32, seed=1)
     out = tmp_path / "abl"
     args = ["--datalist", str(datalist), "--out", str(out), "--modes", "off,on", "--seeds", "0", "--max-iterations", "2",
-            "--gpus", "cpu", "--cpu-jobs", "2", "--n-boot", "200", "--no-progress", *TINY]  # fmt: skip
+            "--gpus", "cpu", "--cpu-jobs", "2", "--n-boot", "200", "--no-progress", *TINY,
+            "--variant", "norm:profile_norm=train;network_def#film_stages=[0]", "--variant-modes", "on"]  # fmt: skip
     proc = _run(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = (out / "report.md").read_text()
     res = json.loads((out / "results.json").read_text())
-    assert [j["status"] for j in res["jobs"]] == ["ok", "ok"]
-    assert [(j["n_train"], j["epochs"]) for j in res["jobs"]] == [(6, 1), (6, 1)]  # 2 iterations of batch 3
+    assert [j["status"] for j in res["jobs"]] == ["ok", "ok", "ok"]
+    assert [(j["n_train"], j["epochs"]) for j in res["jobs"]] == [(6, 1)] * 3  # 2 iterations of batch 3
     assert res["card"] == "CPU" and res["eval_split"] == "test"
     assert res["difficulty_source"].startswith("factors.difficulty")
     # every test image evaluated once per mode, with all five metrics and its ground-truth difficulty
     test_items = json.loads(datalist.read_text())["test"]
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "on.norm"):
         recs = [r for r in res["records"] if r["mode"] == mode]
         assert len(recs) == len(test_items)
         assert all({"dice", "cldice", "betti0_error", "betti1_error", "hd95"} <= set(r) for r in recs)
@@ -60,7 +61,19 @@ def test_ablation_off_on_writes_report_and_plots(tmp_path):
     assert "### on − off" in report and "Verdicts" in report
     assert any(v["name"].startswith("on − off") for v in res["verdicts"])
     assert all(("MET" in v["text"]) or ("NO DATA" in v["text"]) for v in res["verdicts"])
-    assert [f["mode"] for f in res["film"]] == ["on"] and set(res["film"][0]["stages"]) == {"0", "1", "2"}
+    assert [f["mode"] for f in res["film"]] == ["on", "on.norm"] and set(res["film"][0]["stages"]) == {"0", "1", "2"}
+    # the variant: its own settings reached the bundle (one FiLM stage; the training set's profile statistics
+    # inside the trained checkpoint) and it is compared against off like any mode
+    assert set(res["film"][1]["stages"]) == {"0"} and "### on.norm − off" in report
+    import torch
+
+    from monai_vlmfilm.profiles.normalization import load_profile_norm
+
+    sd = torch.load(out / "jobs" / "on.norm_seed0" / "train" / "checkpoint_final.pt", weights_only=True)
+    sd = sd.get("model", sd)
+    mean, std = load_profile_norm(out / "profiles" / "norm" / "heuristic_main.json")
+    assert torch.allclose(sd["profile_encoder.feature_std"], torch.tensor(std))
+    assert not torch.equal(sd["profile_encoder.feature_mean"], torch.zeros(len(mean)))
     assert "python -m monai_vlmfilm.ablation" in report and "card: CPU" in report
     for png in ("dice_on_vs_off.png", "metric_vs_difficulty.png", "film_magnitude.png", "profile_features.png"):
         assert (out / png).stat().st_size > 1000, png

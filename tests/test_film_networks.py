@@ -236,3 +236,57 @@ def test_channels_last():
         on_cl = on.to(memory_format=torch.channels_last)
         out = on_cl(x.contiguous(memory_format=torch.channels_last), t, profile=p)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_profile_normalisation_is_applied_saved_and_optional(tmp_path):
+    """profile_norm z-scores the encoder input (clipped), travels in the state_dict, leaves the gate on the raw
+    difficulty and keeps a fresh ON network equal to OFF; checkpoints from before the buffers still load strictly."""
+    import json
+
+    from monai_vlmfilm.profiles.normalization import compute_profile_norm, load_profile_norm, norm_vectors
+
+    p = profiles(4)
+    norm = compute_profile_norm(p.numpy())
+    path = tmp_path / "norm.json"
+    path.write_text(json.dumps(norm))
+    off = build(FiLMFlowUNet, seed=3, **KW2)
+    on = build(FiLMFlowUNet, seed=3, use_vlm_film=True, profile_norm=str(path), **FILM, **KW2)
+    randomise_output_conv(off, on)
+    x, t = torch.randn(4, 2, 32, 32), torch.tensor([10, 300, 600, 900])
+    with torch.no_grad():
+        assert torch.equal(on(x, t, profile=p), off(x, t))  # zero-initialised heads: still exactly OFF
+    enc = on.profile_encoder
+    z = enc.normalize(p)
+    np.testing.assert_allclose(z.numpy(), np.clip(norm_vectors(p.numpy(), norm), -5, 5), rtol=1e-5, atol=1e-5)
+    assert abs(float(z[:, 0].mean())) < 1e-5  # difficulty centred
+    assert torch.equal(z[:, 6], p[:, 6])  # fallback flag untouched
+    far = p.clone()
+    far[:, 2] = 1e3
+    assert float(enc.normalize(far).abs().max()) == 5.0  # out-of-distribution input is clipped
+    # the gate reads the raw difficulty, not the z-score
+    randomise_film(on)
+    gates = on.film_parameters(p)[0][2]
+    head = on.film_heads["0"]
+    torch.testing.assert_close(gates, torch.sigmoid(head.gate_scale * p[:, 0] + head.gate_bias))
+    # the statistics are in the state_dict: an ON network built without profile_norm takes them from the checkpoint
+    sd = on.state_dict()
+    assert torch.equal(sd["profile_encoder.feature_mean"], torch.tensor(norm["mean"], dtype=torch.float32))
+    plain = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    plain.load_state_dict(sd)
+    torch.testing.assert_close(plain.profile_encoder.feature_std, on.profile_encoder.feature_std)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, profile=p), on(x, t, profile=p))
+    # a checkpoint saved before the buffers existed loads strictly and keeps the identity
+    old = {k: v for k, v in sd.items() if not k.startswith("profile_encoder.feature_")}
+    fresh = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.profile_encoder.normalize(p), p)
+    # bad statistics are refused with the file named
+    path.write_text(json.dumps({**norm, "std": [0.0] * PROFILE_DIM}))
+    with pytest.raises(ValueError, match="norm.json"):
+        load_profile_norm(path)
+    path.write_text(json.dumps({**norm, "fields": ["a"] * PROFILE_DIM}))
+    with pytest.raises(ValueError, match="vector layout"):
+        FiLMFlowUNet(use_vlm_film=True, profile_norm=str(path), **FILM, **KW2)
+    with pytest.raises(ValueError, match="shape"):
+        compute_profile_norm(np.zeros((3, PROFILE_DIM + 1)))

@@ -58,6 +58,18 @@ def test_precompute_then_all_hits_and_stats(tmp_path, capsys):
     dl.write_text(json.dumps({"training": [{"image": f"imgs/{f.name}"} for f in files[:4]], "test": [str(files[4])]}))
     assert main(["stats", "--cache-dir", cache, "--datalist", str(dl), "--profiler", "heuristic"]) == 0
     assert "5 profiles" in capsys.readouterr().out
+    # --section training --norm-out: normalisation statistics of the training images' profiles only
+    norm = tmp_path / "norm.json"
+    argv = ["stats", "--cache-dir", cache, "--datalist", str(dl), "--profiler", "heuristic", "--section", "training"]
+    assert main(argv + ["--norm-out", str(norm)]) == 0
+    assert "4 profiles" in capsys.readouterr().out
+    doc = json.loads(norm.read_text())
+    vecs = np.stack([store.get(str(f), fp).to_vector() for f in files[:4]])
+    np.testing.assert_allclose(doc["mean"][:6], vecs.mean(0)[:6], atol=1e-6)
+    np.testing.assert_allclose(doc["std"][:6], np.maximum(vecs.std(0), 0.02)[:6], atol=1e-6)
+    assert doc["images"] == 4 and doc["fingerprint"] == fp
+    with pytest.raises(SystemExit, match="validation"):
+        main(argv[:-1] + ["validation"])
 
 
 def test_flat_field_warning(tmp_path, capsys):

@@ -38,9 +38,11 @@ from .jobs import Job, JobOutcome, Step, make_slots, run_jobs
 from .report import write_report
 from .stats import METRICS
 
-__all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "main", "parse_metric_csvs", "metric_name"]
+__all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "parse_variant", "main", "parse_metric_csvs", "metric_name"]
 
 MODES: tuple[str, ...] = ("off", "on", "shuffle", "oracle")
+CALIBRATIONS: tuple[str, ...] = ("default", "train")
+PROFILE_NORMS: tuple[str, ...] = ("none", "train")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Names of the bundle config keys the ablation sets (one place to change if the bundle renames them).
@@ -52,6 +54,7 @@ BUNDLE_KEYS: dict[str, str] = {
     "output_dir": "output_dir",
     "cache_dir": "profile_cache_dir",
     "profiler": "profiler",
+    "profile_norm": "profile_norm",
     "on_missing": "profile_on_missing",
     "epochs": "epochs",
     "batch_size": "batch_size",
@@ -182,6 +185,34 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the bundle's per-epoch validation and interim checkpoints during training (off by default: "
         "the ablation evaluates the final checkpoint on its own split)",
     )
+    p.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default="default",
+        help="heuristic profiler calibration: 'default' (built in, measured on DCA1) or 'train' (measured on this "
+        "datalist's training images, no labels used)",
+    )
+    p.add_argument(
+        "--profile-norm",
+        choices=PROFILE_NORMS,
+        default="none",
+        help="'train': normalise each profile feature by its mean / std over the training images' profiles "
+        "(bundle key profile_norm; per fold and per profile source)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[;KEY=VALUE...]",
+        help="an extra setting of the conditioned modes, run as modes '<mode>.NAME' beside the plain ones (repeatable); "
+        "KEY is calibration (default|train), profile_norm (none|train) or any bundle key, e.g. "
+        "'nogate:use_difficulty_gate=False' or 'coarse:network_def#film_stages=[0]'",
+    )
+    p.add_argument(
+        "--variant-modes",
+        default="on,oracle",
+        help="conditioned modes each --variant runs in (subset of on,shuffle,oracle that is also in --modes)",
+    )
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle derangement")
     p.add_argument("--job-timeout", type=float, default=None, help="kill a job step after this many seconds")
     p.add_argument(
@@ -215,7 +246,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--override expects KEY=VALUE, got {kv!r}")
     if a.folds is not None and a.folds < 2:
         p.error("--folds must be >= 2")
+    a.variants = {}
+    for spec in a.variant:
+        try:
+            name, settings = parse_variant(spec)
+        except ValueError as e:
+            p.error(f"--variant {spec!r}: {e}")
+        if name in a.variants:
+            p.error(f"--variant {name!r} is given twice")
+        a.variants[name] = settings
+    vmodes = [m.strip() for m in a.variant_modes.split(",") if m.strip()]
+    if any(m not in ("on", "shuffle", "oracle") for m in vmodes):
+        p.error(f"--variant-modes: choose from on,shuffle,oracle, got {a.variant_modes!r}")
+    a.variant_mode_list = [m for m in vmodes if m in a.mode_list]
+    if a.variants and not a.variant_mode_list:
+        p.error("--variant needs at least one of --variant-modes among --modes")
     return a
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``"NAME:KEY=VALUE;KEY=VALUE"`` -> ``(NAME, {KEY: VALUE})`` (values stay strings, as on the bundle CLI).
+
+    Raises:
+        ValueError: a missing or odd name, no settings, a setting without ``=``, or a bad calibration / profile_norm.
+    """
+    name, colon, rest = spec.partition(":")
+    name = name.strip()
+    if not colon or not name or not all(c.isalnum() or c in "-+" for c in name):
+        raise ValueError("expected NAME:KEY=VALUE[;KEY=VALUE...] with NAME made of letters, digits, '-' and '+'")
+    settings: dict[str, str] = {}
+    for kv in rest.split(";"):
+        if not kv.strip():
+            continue
+        k, eq, v = kv.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"setting {kv!r} is not KEY=VALUE")
+        settings[k.strip()] = v.strip()
+    if not settings:
+        raise ValueError("no settings")
+    if settings.get("calibration", "default") not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}")
+    if settings.get("profile_norm", "none") not in PROFILE_NORMS:
+        raise ValueError(f"profile_norm must be one of {PROFILE_NORMS}")
+    return name, settings
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -336,41 +409,108 @@ class Ablation:
         return out
 
     # -------------------------------------------------------------------- profiles
-    def prepare_profiles(self) -> dict[str, dict[str, Any]]:
-        """Fill the profile stores; returns ``{source: {"dir", "profiler"}}`` for every store made."""
+    def _profiler(self, calibration: str) -> tuple[Any, Any]:
+        """``(bundle spec, profiler)`` of the configured profiler with the given heuristic calibration."""
         from monai_vlmfilm.profiles.base import create_profiler
+
+        spec: Any = self.args.profiler
+        if calibration == "train":
+            if spec != "heuristic":
+                raise ValueError(f"calibration 'train' applies to the heuristic profiler only, not {spec!r}")
+            path = self.out / "profiles" / "heuristic_calibration_train.json"
+            if not path.is_file():
+                from monai_vlmfilm.profiles.heuristic import HEURISTIC_VERSION, HeuristicProfiler
+
+                images = sorted({it["image"] for it in self.datalist["training"]})
+                cal = HeuristicProfiler.calibrate(images)
+                doc = {
+                    "version": HEURISTIC_VERSION,
+                    "images": len(images),
+                    "source": f"training split of {self.datalist_path}",
+                    "calibration": {k: list(v) for k, v in cal.items()},
+                }
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(doc, indent=1))
+            spec = {"_target_": "monai_vlmfilm.profiles.HeuristicProfiler", "calibration": str(path)}
+        return spec, create_profiler(spec)
+
+    def calibration_of(self, mode: str) -> str:
+        return self.args.variants.get(mode.partition(".")[2], {}).get("calibration", self.args.calibration)
+
+    def profile_norm_of(self, mode: str) -> str:
+        return self.args.variants.get(mode.partition(".")[2], {}).get("profile_norm", self.args.profile_norm)
+
+    def all_modes(self) -> list[str]:
+        """``--modes`` then ``<mode>.<variant>`` for every variant and variant mode."""
+        a = self.args
+        return list(a.mode_list) + [f"{m}.{v}" for v in a.variants for m in a.variant_mode_list]
+
+    def prepare_profiles(self) -> dict[str, dict[str, Any]]:
+        """Fill the profile stores; returns ``{store name: {"dir", "profiler", "spec"}}`` for every store made.
+
+        One store of the configured profiler (and one shuffled copy when shuffle runs) per heuristic calibration in
+        use; the base calibration's stores are named after the profiler and ``shuffle``, the others get a
+        ``-cal-<calibration>`` suffix. Synthetic data also gets the oracle's store.
+        """
         from monai_vlmfilm.profiles.oracle import OracleProfiler
 
+        a = self.args
         items = D.unique_images(self.datalist)
-        modes = self.args.mode_list
+        modes = self.all_modes()
         stores: dict[str, dict[str, Any]] = {}
-        prof = create_profiler(self.args.profiler)
-        pdir = self.out / "profiles" / prof.name
-        t0 = time.time()
-        # the profiler's profiles are always made: real data takes its difficulty terciles from them
-        D.prepare_profile_cache(pdir, items, prof)
-        stores[prof.name] = {"dir": pdir, "profiler": prof, "spec": self.args.profiler}
-        print(f"[ablation] {prof.name} profiles of {len(items)} images in {pdir} ({time.time() - t0:.1f} s)")
-        if "shuffle" in modes:
-            sdir = self.out / "profiles" / "shuffle"
-            D.build_shuffled_cache(pdir, sdir, items, prof, seed=self.args.shuffle_seed)
-            stores["shuffle"] = {"dir": sdir, "profiler": prof, "spec": self.args.profiler}
+        self.store_names: dict[tuple[str, str], str] = {}
+        cals = [a.calibration] + sorted({self.calibration_of(m) for m in modes} - {a.calibration})
+        for cal in cals:
+            spec, prof = self._profiler(cal)
+            suffix = "" if cal == a.calibration else f"-cal-{cal}"
+            name = prof.name + suffix
+            pdir = self.out / "profiles" / name
+            t0 = time.time()
+            # the profiler's profiles are always made: real data takes its difficulty terciles from them
+            D.prepare_profile_cache(pdir, items, prof)
+            stores[name] = {"dir": pdir, "profiler": prof, "spec": spec}
+            self.store_names[("on", cal)] = name
+            print(f"[ablation] {name} profiles of {len(items)} images in {pdir} ({time.time() - t0:.1f} s)")
+            if any(m.partition(".")[0] == "shuffle" and self.calibration_of(m) == cal for m in modes):
+                sname = "shuffle" + suffix
+                sdir = self.out / "profiles" / sname
+                D.build_shuffled_cache(pdir, sdir, items, prof, seed=a.shuffle_seed)
+                stores[sname] = {"dir": sdir, "profiler": prof, "spec": spec}
+                self.store_names[("shuffle", cal)] = sname
         if self.synthetic:
             odir = self.out / "profiles" / "oracle"
             oracle = OracleProfiler(datalist=str(self.datalist_path))
             D.prepare_profile_cache(odir, items, oracle)
             stores["oracle"] = {"dir": odir, "profiler": oracle, "spec": "oracle"}
+            for cal in cals:
+                self.store_names[("oracle", cal)] = "oracle"
         self.stores = stores
-        self.profiler_name = prof.name
+        self.profiler_name = self.store_names[("on", a.calibration)]
         return stores
 
     def store_of(self, mode: str) -> dict[str, Any] | None:
-        return {
-            "off": None,
-            "on": self.stores.get(self.profiler_name),
-            "shuffle": self.stores.get("shuffle"),
-            "oracle": self.stores.get("oracle"),
-        }[mode]
+        base = mode.partition(".")[0]
+        if base == "off":
+            return None
+        name = self.store_names.get((base, self.calibration_of(mode)))
+        return self.stores.get(name) if name else None
+
+    def profile_norm_file(self, mode: str, fold: int | None, train_items: Sequence[Mapping[str, Any]]) -> Path | None:
+        """The normalisation JSON of a mode's profile store over a split's training images (made once), or None."""
+        if self.profile_norm_of(mode) != "train" or mode == "off":
+            return None
+        from monai_vlmfilm.profiles.normalization import compute_profile_norm, save_profile_norm
+
+        st = self.store_of(mode)
+        assert st is not None
+        name = next(k for k, v in self.stores.items() if v is st)
+        path = self.out / "profiles" / "norm" / f"{name}_{'main' if fold is None else f'fold{fold}'}.json"
+        if not path.is_file():
+            vecs = D.profile_vectors(st["dir"], train_items, st["profiler"])
+            save_profile_norm(
+                path, compute_profile_norm(vecs), source=f"{name} profiles of {len(train_items)} training images"
+            )
+        return path
 
     # -------------------------------------------------------------------- jobs
     def bundle_value(self, key: str) -> Any:
@@ -393,7 +533,9 @@ class Ablation:
         per_epoch = max(1, -(-n_train // bs))  # DataLoader keeps the last partial batch
         return max(1, round(a.max_iterations / per_epoch))
 
-    def overrides(self, mode: str, seed: int, datalist: Path, run_dir: Path, n_train: int) -> dict[str, Any]:
+    def overrides(
+        self, mode: str, seed: int, datalist: Path, run_dir: Path, n_train: int, norm_file: Path | None = None
+    ) -> dict[str, Any]:
         """Bundle overrides of one job (training; evaluation adds its own on top)."""
         a, K = self.args, BUNDLE_KEYS
         ov: dict[str, Any] = {
@@ -417,9 +559,14 @@ class Ablation:
             # the ablation evaluates the final checkpoint itself: no validation or interim checkpoints in training
             ov[K["val_interval"]] = NEVER
             ov[K["ckpt_interval"]] = NEVER
+        if norm_file is not None:
+            ov[K["profile_norm"]] = str(norm_file)
         for kv in a.override:
             k, v = kv.split("=", 1)
             ov[k] = v
+        for k, v in a.variants.get(mode.partition(".")[2], {}).items():
+            if k not in ("calibration", "profile_norm"):
+                ov[k] = v
         return ov
 
     def configs(self, mode: str, base: Path, evaluate: bool = False) -> list[Path]:
@@ -434,11 +581,13 @@ class Ablation:
         # seed-major order: a run cut short still holds complete (off, on, ...) sets for the first seeds
         for seed in a.seeds:
             for fold, dl_path, ev_items in splits:
-                n_train = len(json.loads(dl_path.read_text())["training"])
-                for mode in a.mode_list:
+                train_items = json.loads(dl_path.read_text())["training"]
+                n_train = len(train_items)
+                for mode in self.all_modes():
                     name = f"{mode}_seed{seed}" + (f"_fold{fold}" if fold is not None else "")
                     wd = self.out / "jobs" / name
-                    ov = self.overrides(mode, seed, dl_path, wd / "train", n_train)
+                    norm = self.profile_norm_file(mode, fold, train_items)
+                    ov = self.overrides(mode, seed, dl_path, wd / "train", n_train, norm)
                     train = bundle_cmd("training", self.bundle_root, self.configs(mode, self.train_config), ov)
                     ev_ov = {
                         **ov,
@@ -457,6 +606,7 @@ class Ablation:
                         "eval_items": ev_items,
                         "epochs": ov.get(K["epochs"]),
                         "n_train": n_train,
+                        "overrides": ov,
                     }
                     steps = [
                         Step("train", train, a.job_timeout),
@@ -523,7 +673,7 @@ class Ablation:
         mode = job.info["mode"]
         parser = ConfigParser()
         parser.read_config([str(c) for c in self.configs(mode, self.train_config)])
-        ov = self.overrides(mode, job.info["seed"], Path(), job.workdir / "train", job.info["n_train"])
+        ov = job.info["overrides"]
         parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         net = parser.get_parsed_content("network_def", instantiate=True)
@@ -581,8 +731,6 @@ class Ablation:
         ev_list = sorted(eval_items.values(), key=lambda it: it["image"])
         profiles = {}
         for src, st in self.stores.items():
-            if src == "shuffle" and "shuffle" not in a.mode_list:
-                continue
             v = D.profile_vectors(st["dir"], ev_list, st["profiler"])
             from monai_vlmfilm.profiles.schema import VECTOR_FIELDS
 
@@ -608,7 +756,10 @@ class Ablation:
             "card": card,
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "wall_time_s": wall,
-            "modes": a.mode_list,
+            "modes": self.all_modes(),
+            "variants": a.variants,
+            "calibration": a.calibration,
+            "profile_norm": a.profile_norm,
             "seeds": a.seeds,
             "folds": a.folds,
             "profiler": self.profiler_name,

@@ -89,8 +89,17 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     for k, v in (results.get("settings") or {}).items():
         add(f"- {k}: `{v}`")
     add("")
+    add(
+        f"- heuristic calibration: {results.get('calibration', 'default')}; profile normalisation: "
+        f"{results.get('profile_norm', 'none')}"
+    )
+    variants = results.get("variants") or {}
     for m in modes:
-        add(f"- `{m}`: {MODE_DESCRIPTIONS.get(m, m)}")
+        base, _, var = m.partition(".")
+        desc = MODE_DESCRIPTIONS.get(base, base)
+        if var:
+            desc += "; variant: " + ", ".join(f"{k}={v}" for k, v in variants.get(var, {}).items())
+        add(f"- `{m}`: {desc}")
     add("")
 
     jobs = results.get("jobs", [])

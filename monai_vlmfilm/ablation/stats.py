@@ -289,8 +289,11 @@ def analyse(
         bounds.append([min(vals), max(vals), len(vals)] if vals else [math.nan, math.nan, 0])
 
     comparisons = [(m, ref) for m in modes if m != ref and ref in modes]
-    if "on" in modes and "shuffle" in modes:
-        comparisons.append(("on", "shuffle"))
+    # on - shuffle, also per variant (``on.norm`` against ``shuffle.norm``)
+    for m in modes:
+        base, dot, variant = m.partition(".")
+        if base == "on" and f"shuffle{dot}{variant}" in modes:
+            comparisons.append((m, f"shuffle{dot}{variant}"))
     paired: dict[str, Any] = {}
     for mode, base in comparisons:
         name = mode if base == ref else f"{mode}-vs-{base}"
@@ -321,7 +324,7 @@ def verdicts(
     analysis: Mapping[str, Any],
     overall_target: float = 1.0,
     hardest_target: float = 2.0,
-    conditioned_modes: Sequence[str] = ("on", "oracle"),
+    conditioned_modes: Sequence[str] | None = None,
     shuffle_margin: float = 0.5,
 ) -> list[dict[str, Any]]:
     """Verdicts against the project's targets, each ``{"name", "met": bool | None, "text"}``.
@@ -338,10 +341,14 @@ def verdicts(
     * no Betti regression (per conditioned mode, Betti-0 and Betti-1 error): MET unless the error rises
       significantly, i.e. unless the 95% CI of ``mode - off`` lies above 0.
 
+    ``conditioned_modes`` defaults to every compared mode whose base is ``on`` or ``oracle``, variants included
+    (``on.norm``); the shuffle rules apply to ``shuffle`` and each ``shuffle.V`` likewise.
     ``met`` is None when the comparison has no data (the mode was not run or every job failed).
     """
     out: list[dict[str, Any]] = []
     paired = analysis.get("paired", {})
+    if conditioned_modes is None:
+        conditioned_modes = [m for m in paired if "-vs-" not in m and m.partition(".")[0] in ("on", "oracle")]
 
     def add(name: str, met: bool | None, detail: str) -> None:
         word = "NO DATA" if met is None else ("MET" if met else "NOT MET")
@@ -361,14 +368,15 @@ def verdicts(
             name = f"no {METRIC_LABELS[metric]} regression, {mode} vs off"
             met = None if p.n == 0 else not bool(p.ci_lo > 0)
             add(name, met, _fmt_ci(p, 1, "") + " (positive = more topology errors)")
-    if "shuffle" in paired:
-        p = _pd(paired["shuffle"]["overall"]["dice"])
+    for sh in [m for m in paired if "-vs-" not in m and m.partition(".")[0] == "shuffle"]:
+        p = _pd(paired[sh]["overall"]["dice"])
         m = shuffle_margin / 100
         met = None if p.n == 0 else bool(p.ci_lo <= 0 <= p.ci_hi or (-m <= p.ci_lo and p.ci_hi <= m))
-        name = f"shuffle within noise of off (Dice CI contains 0 or lies within ±{shuffle_margin:.1f} point)"
+        name = f"{sh} within noise of off (Dice CI contains 0 or lies within ±{shuffle_margin:.1f} point)"
         add(name, met, _fmt_ci(p, 100, " pt"))
-    if "on-vs-shuffle" in paired:
-        p = _pd(paired["on-vs-shuffle"]["overall"]["dice"])
+    for cmp in [m for m in paired if "-vs-" in m and m.partition(".")[0] == "on"]:
+        on, sh = cmp.split("-vs-")
+        p = _pd(paired[cmp]["overall"]["dice"])
         met = None if p.n == 0 else bool(p.ci_lo > 0)
-        add("the gain comes from the per-image profile: on − shuffle Dice CI above 0", met, _fmt_ci(p, 100, " pt"))
+        add(f"the gain comes from the per-image profile: {on} − {sh} Dice CI above 0", met, _fmt_ci(p, 100, " pt"))
     return out

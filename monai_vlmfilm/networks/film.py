@@ -7,6 +7,8 @@ the image size. Their last linear layer is zero-initialised, so a freshly built 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -18,29 +20,76 @@ __all__ = ["ProfileEncoder", "AdaptiveFiLMHead", "film_modulate"]
 class ProfileEncoder(nn.Module):
     """Embed a profile vector ``[B, profile_dim]`` into a conditioning vector ``[B, cond_dim]``.
 
-    ``Linear(profile_dim, hidden_dim) -> SiLU -> Linear(hidden_dim, cond_dim) -> SiLU``.
+    ``clip((p - mean) / std, -clip, clip) -> Linear(profile_dim, hidden_dim) -> SiLU -> Linear(hidden_dim, cond_dim)
+    -> SiLU``.
+
+    ``mean`` / ``std`` are buffers (saved in the state_dict, so a checkpoint carries them); they start as the
+    identity (0 / 1) and are set from the training set's profiles by ``norm`` or :meth:`set_normalization`
+    (see :mod:`monai_vlmfilm.profiles.normalization`). A checkpoint saved before they existed loads with the identity.
 
     Args:
         profile_dim: length of the profile vector (``PROFILE_DIM`` of ``monai_vlmfilm.profiles``).
         cond_dim: size of the conditioning vector fed to every FiLM head.
         hidden_dim: hidden width of the MLP (defaults to ``cond_dim``).
+        norm: ``None`` (identity), a normalisation JSON path or a mapping with ``mean`` and ``std``.
+        clip: bound of the normalised features: an out-of-distribution profile cannot drive the heads arbitrarily far.
     """
 
-    def __init__(self, profile_dim: int = PROFILE_DIM, cond_dim: int = 256, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        profile_dim: int = PROFILE_DIM,
+        cond_dim: int = 256,
+        hidden_dim: int | None = None,
+        norm: Any = None,
+        clip: float = 5.0,
+    ) -> None:
         super().__init__()
         if profile_dim < 1 or cond_dim < 1:
             raise ValueError(f"profile_dim and cond_dim must be positive, got {profile_dim} and {cond_dim}.")
         hidden_dim = hidden_dim or cond_dim
         self.profile_dim = profile_dim
         self.cond_dim = cond_dim
+        self.clip = float(clip)
+        self.register_buffer("feature_mean", torch.zeros(profile_dim))
+        self.register_buffer("feature_std", torch.ones(profile_dim))
+        if norm is not None:
+            from monai_vlmfilm.profiles.normalization import load_profile_norm
+
+            self.set_normalization(*load_profile_norm(norm))
         self.net = nn.Sequential(
             nn.Linear(profile_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, cond_dim), nn.SiLU()
+        )
+
+    def set_normalization(self, mean: Any, std: Any) -> None:
+        """Use ``(p - mean) / std`` from now on (``std`` must be positive)."""
+        m = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        s = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if m.numel() != self.profile_dim or s.numel() != self.profile_dim:
+            raise ValueError(f"normalisation needs {self.profile_dim} means and stds, got {m.numel()} and {s.numel()}.")
+        if not bool(torch.isfinite(m).all()) or not bool((s > 0).all()):
+            raise ValueError("normalisation means must be finite and stds positive.")
+        self.feature_mean.copy_(m)
+        self.feature_std.copy_(s)
+
+    def normalize(self, profile: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: ``clip((profile - mean) / std)`` (``profile`` itself with the identity)."""
+        z = (profile - self.feature_mean.to(profile.dtype)) / self.feature_std.to(profile.dtype)
+        return z.clamp(-self.clip, self.clip)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
+        # checkpoints from before the normalisation buffers existed: keep the identity instead of failing strict loads
+        for name in ("feature_mean", "feature_std"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def forward(self, profile: torch.Tensor) -> torch.Tensor:
         if profile.ndim != 2 or profile.shape[1] != self.profile_dim:
             raise ValueError(f"profile must have shape [B, {self.profile_dim}], got {tuple(profile.shape)}.")
-        return self.net(profile)
+        return self.net(self.normalize(profile))
 
 
 class AdaptiveFiLMHead(nn.Module):

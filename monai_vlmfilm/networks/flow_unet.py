@@ -82,6 +82,10 @@ class FiLMFlowUNet(DiffusionModelUNet):
         use_difficulty_gate: gate gamma/beta by ``sigmoid(a * difficulty + b)`` (see :class:`AdaptiveFiLMHead`).
         film_stages: decoder (up) block indices to modulate, 0 being the deepest (lowest resolution) block;
             ``None`` or ``"all"`` means every up block.
+        profile_norm: per-feature normalisation of the profile before the encoder: ``None`` (identity), a JSON
+            file from ``python -m monai_vlmfilm.profiles stats --norm-out`` or a mapping with ``mean`` / ``std``
+            (see :mod:`monai_vlmfilm.profiles.normalization`). Kept in the state_dict; the difficulty gate still
+            reads the raw difficulty.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -96,6 +100,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         film_hidden_dim: int = 256,
         use_difficulty_gate: bool = True,
         film_stages: str | Sequence[int] | None = None,
+        profile_norm: Any = None,
         **kwargs: Any,
     ) -> None:
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
@@ -119,7 +124,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         self.film_stages: tuple[int, ...] = tuple(stages)
         if self.use_vlm_film:
             stage_channels = list(reversed(self.block_out_channels))
-            self.profile_encoder = ProfileEncoder(profile_dim, cond_dim, film_hidden_dim)
+            self.profile_encoder = ProfileEncoder(profile_dim, cond_dim, film_hidden_dim, norm=profile_norm)
             self.film_heads = nn.ModuleDict(
                 {
                     str(i): AdaptiveFiLMHead(

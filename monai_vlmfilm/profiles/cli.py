@@ -44,8 +44,13 @@ FLAT_STD = 0.05
 _OTHER_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd")
 
 
-def read_image_list(datalist: str | None = None, images: str | None = None, key: str = "image") -> list[str]:
-    """Image paths of a MONAI datalist (every list-valued section) or an image folder (recursive, sorted)."""
+def read_image_list(
+    datalist: str | None = None,
+    images: str | None = None,
+    key: str = "image",
+    sections: Sequence[str] | None = None,
+) -> list[str]:
+    """Image paths of a MONAI datalist (every list-valued section, or only ``sections``) or an image folder."""
     if datalist:
         path = Path(datalist)
         try:
@@ -54,9 +59,13 @@ def read_image_list(datalist: str | None = None, images: str | None = None, key:
             raise SystemExit(f"error: cannot read datalist {datalist!r}: {e}") from e
         if not isinstance(doc, dict):
             raise SystemExit(f"error: datalist {datalist!r} is not a JSON object with sections")
+        if sections:
+            absent = [sec for sec in sections if not isinstance(doc.get(sec), list)]
+            if absent:
+                raise SystemExit(f"error: datalist {datalist!r} has no list section(s) {absent}")
         out: list[str] = []
-        for items in doc.values():
-            if not isinstance(items, list):
+        for name, items in doc.items():
+            if not isinstance(items, list) or (sections and name not in sections):
                 continue
             for item in items:
                 vals = item.get(key) if isinstance(item, dict) else item
@@ -244,7 +253,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.datalist or args.images:
         if fp is None:
             raise SystemExit("error: selecting images needs --profiler or --fingerprint (part of every key)")
-        paths = read_image_list(args.datalist, args.images, args.key)
+        paths = read_image_list(args.datalist, args.images, args.key, args.section)
         missing = 0
         for p in paths:
             try:
@@ -286,6 +295,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.out:
         _histogram(profiles, args.out)
         print(f"histogram: {args.out}")
+    if args.norm_out:
+        from .normalization import compute_profile_norm, save_profile_norm
+
+        norm = compute_profile_norm([p.to_vector() for p in profiles])
+        save_profile_norm(
+            args.norm_out, norm, source=str(args.datalist or args.images or store.cache_dir), fingerprint=fp
+        )
+        print(f"profile normalisation of {len(profiles)} profiles: {args.norm_out} (bundle key profile_norm)")
     return 0
 
 
@@ -369,6 +386,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--profiler", help="select entries of this profiler (its fingerprint)")
     st.add_argument("--fingerprint", help="select entries with this exact fingerprint")
     st.add_argument("--out", help="histogram PNG path")
+    st.add_argument(
+        "--section",
+        action="append",
+        help="datalist section(s) to read (repeatable; default all), e.g. --section training for --norm-out",
+    )
+    st.add_argument(
+        "--norm-out",
+        help="write the per-feature mean / std of the selected profiles as JSON for the bundle key profile_norm",
+    )
     return ap
 
 

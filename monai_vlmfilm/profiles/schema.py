@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FOCUS_KEYS", "VECTOR_FIELDS", "PROFILE_DIM", "DIFFICULTY_INDEX", "FALLBACK_INDEX", "VLMProfile", "DEFAULT_PROFILE"]
+__all__ = [
+    "FOCUS_KEYS",
+    "VECTOR_FIELDS",
+    "PROFILE_DIM",
+    "DIFFICULTY_INDEX",
+    "FALLBACK_INDEX",
+    "VLMProfile",
+    "DEFAULT_PROFILE",
+]
 
 FOCUS_KEYS: tuple[str, ...] = ("boundary", "thin_structure", "small_objects", "clutter")
 VECTOR_FIELDS: tuple[str, ...] = ("difficulty", "confidence", *FOCUS_KEYS, "is_fallback")
