@@ -74,13 +74,14 @@ def test_variants_calibration_and_profile_norm(tmp_path):
     argv = ["--datalist", str(datalist), "--out", str(tmp_path / "abl"), "--modes", "off,on,shuffle,oracle",
             "--seeds", "0", "--variant", "norm:profile_norm=train",
             "--variant", "cal+nogate:calibration=train;use_difficulty_gate=False",
-            "--variant-modes", "on,shuffle"]  # fmt: skip
+            "--variant", "lr@oracle:learning_rate=0.01", "--variant-modes", "on,shuffle"]  # fmt: skip
     ab = Ablation(parse_args(argv), argv)
     splits = ab.splits()
     ab.prepare_profiles()
     jobs = {j.name: j for j in ab.make_jobs(splits)}
     assert set(jobs) == {f"{m}_seed0" for m in
-                         ("off", "on", "shuffle", "oracle", "on.norm", "shuffle.norm", "on.cal+nogate", "shuffle.cal+nogate")}  # fmt: skip
+                         ("off", "on", "shuffle", "oracle", "on.norm", "shuffle.norm", "on.cal+nogate", "shuffle.cal+nogate",
+                          "oracle.lr")}  # fmt: skip
 
     def arg(name, key):
         cmd = jobs[name].steps[0].cmd
@@ -89,6 +90,7 @@ def test_variants_calibration_and_profile_norm(tmp_path):
     # plain modes: no normalisation, the base store; the variant's bundle override only on its own jobs
     assert arg("on_seed0", "profile_norm") is None and arg("on_seed0", "use_difficulty_gate") is None
     assert arg("on.cal+nogate_seed0", "use_difficulty_gate") == "False"
+    assert arg("oracle.lr_seed0", "learning_rate") == "0.01" and arg("oracle.lr_seed0", "profiler") == "oracle"
     assert arg("on.norm_seed0", "profile_cache_dir") == arg("on_seed0", "profile_cache_dir")
     # calibration=train: its own store (and shuffled store) and a profiler spec naming the calibration file
     assert arg("on.cal+nogate_seed0", "profile_cache_dir").endswith("profiles/heuristic-cal-train")
@@ -112,11 +114,22 @@ def test_variant_specs_are_checked():
     from monai_vlmfilm.ablation.cli import parse_args, parse_variant
 
     assert parse_variant("coarse:network_def#film_stages=[0, 1]") == ("coarse", {"network_def#film_stages": "[0, 1]"})
-    for bad in ("nocolon", ":a=1", "x y:a=1", "v:", "v:novalue", "v:calibration=dca1", "v:profile_norm=zscore"):
+    assert parse_variant("a@on+oracle:b=1") == ("a@on+oracle", {"b": "1"})
+    for bad in (
+        "nocolon",
+        ":a=1",
+        "x y:a=1",
+        "v:",
+        "v:novalue",
+        "v:calibration=dca1",
+        "v:profile_norm=zscore",
+        "@on:a=1",
+    ):
         with pytest.raises(ValueError):
             parse_variant(bad)
     base = ["--datalist", "d.json", "--out", "o"]
     for extra in (["--variant", "a:b=1", "--variant", "a:c=2"], ["--variant", "a:b=1", "--variant-modes", "sideways"],
-                  ["--modes", "off", "--variant", "a:b=1"]):  # fmt: skip
+                  ["--modes", "off", "--variant", "a:b=1"], ["--variant", "a@sideways:b=1"],
+                  ["--modes", "off,on", "--variant", "a@oracle:b=1"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(base + extra)

@@ -43,6 +43,7 @@ __all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "parse_variant", "main", "parse
 MODES: tuple[str, ...] = ("off", "on", "shuffle", "oracle")
 CALIBRATIONS: tuple[str, ...] = ("default", "train")
 PROFILE_NORMS: tuple[str, ...] = ("none", "train")
+VARIANT_MODES: tuple[str, ...] = ("on", "shuffle", "oracle")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Names of the bundle config keys the ablation sets (one place to change if the bundle renames them).
@@ -206,7 +207,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME:KEY=VALUE[;KEY=VALUE...]",
         help="an extra setting of the conditioned modes, run as modes '<mode>.NAME' beside the plain ones (repeatable); "
         "KEY is calibration (default|train), profile_norm (none|train) or any bundle key, e.g. "
-        "'nogate:use_difficulty_gate=False' or 'coarse:network_def#film_stages=[0]'",
+        "'nogate:use_difficulty_gate=False' or 'coarse:network_def#film_stages=[0]'; NAME@on+shuffle limits the "
+        "variant to those modes",
     )
     p.add_argument(
         "--variant-modes",
@@ -246,34 +248,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--override expects KEY=VALUE, got {kv!r}")
     if a.folds is not None and a.folds < 2:
         p.error("--folds must be >= 2")
-    a.variants = {}
+    vmodes = [m.strip() for m in a.variant_modes.split(",") if m.strip()]
+    if any(m not in VARIANT_MODES for m in vmodes):
+        p.error(f"--variant-modes: choose from {','.join(VARIANT_MODES)}, got {a.variant_modes!r}")
+    a.variant_mode_list = [m for m in vmodes if m in a.mode_list]
+    a.variants, a.variant_modes_of = {}, {}
     for spec in a.variant:
         try:
             name, settings = parse_variant(spec)
         except ValueError as e:
             p.error(f"--variant {spec!r}: {e}")
+        name, at, own = name.partition("@")
         if name in a.variants:
             p.error(f"--variant {name!r} is given twice")
+        modes = own.split("+") if at else a.variant_mode_list
+        if any(m not in VARIANT_MODES for m in modes):
+            p.error(f"--variant {spec!r}: modes after '@' must be among {','.join(VARIANT_MODES)} joined by '+'")
         a.variants[name] = settings
-    vmodes = [m.strip() for m in a.variant_modes.split(",") if m.strip()]
-    if any(m not in ("on", "shuffle", "oracle") for m in vmodes):
-        p.error(f"--variant-modes: choose from on,shuffle,oracle, got {a.variant_modes!r}")
-    a.variant_mode_list = [m for m in vmodes if m in a.mode_list]
-    if a.variants and not a.variant_mode_list:
-        p.error("--variant needs at least one of --variant-modes among --modes")
+        a.variant_modes_of[name] = [m for m in modes if m in a.mode_list]
+        if not a.variant_modes_of[name]:
+            p.error(f"--variant {spec!r} runs in none of --modes")
     return a
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """``"NAME:KEY=VALUE;KEY=VALUE"`` -> ``(NAME, {KEY: VALUE})`` (values stay strings, as on the bundle CLI).
+    """``"NAME[@MODES]:KEY=VALUE;KEY=VALUE"`` -> ``(NAME[@MODES], {KEY: VALUE})`` (values stay strings, as on the bundle
+    CLI). ``@on+shuffle`` after the name restricts the variant to those modes (default: ``--variant-modes``).
 
     Raises:
         ValueError: a missing or odd name, no settings, a setting without ``=``, or a bad calibration / profile_norm.
     """
     name, colon, rest = spec.partition(":")
     name = name.strip()
-    if not colon or not name or not all(c.isalnum() or c in "-+" for c in name):
-        raise ValueError("expected NAME:KEY=VALUE[;KEY=VALUE...] with NAME made of letters, digits, '-' and '+'")
+    label = name.partition("@")[0]
+    if not colon or not label or not all(c.isalnum() or c in "-+@" for c in name):
+        raise ValueError(
+            "expected NAME[@MODE+MODE]:KEY=VALUE[;KEY=VALUE...] with NAME made of letters, digits, '-' and '+'"
+        )
     settings: dict[str, str] = {}
     for kv in rest.split(";"):
         if not kv.strip():
@@ -443,7 +454,7 @@ class Ablation:
     def all_modes(self) -> list[str]:
         """``--modes`` then ``<mode>.<variant>`` for every variant and variant mode."""
         a = self.args
-        return list(a.mode_list) + [f"{m}.{v}" for v in a.variants for m in a.variant_mode_list]
+        return list(a.mode_list) + [f"{m}.{v}" for v in a.variants for m in a.variant_modes_of[v]]
 
     def prepare_profiles(self) -> dict[str, dict[str, Any]]:
         """Fill the profile stores; returns ``{store name: {"dir", "profiler", "spec"}}`` for every store made.
