@@ -237,19 +237,31 @@ def flow_model(data: dict[str, Any], args: argparse.Namespace, device: torch.dev
         "training": info,
         "rows": [],
     }
-    for solver in ("euler", "heun"):
-        inf = FlowSegInferer(num_steps=4, solver=solver, num_train_timesteps=T, seed=args.seed)
+    for spec in args.flow_settings.split(","):
+        solver, n, k = parse_flow_setting(spec)
+        inf = FlowSegInferer(num_steps=n, solver=solver, num_samples=k, num_train_timesteps=T, seed=args.seed)
 
         def predict(x: torch.Tensor, q: torch.Tensor, inf: FlowSegInferer = inf) -> torch.Tensor:
             with torch.inference_mode(), gfo.autocast():
                 return inf(x, net, profile=q) >= 0.5
 
-        row = {"setting": f"{solver} 4", **seg_metrics(predict(img, p), val["label"])}
+        label = f"{solver} {n}" + (f" x {k} samples" if k > 1 else "")
+        row = {"setting": label, **seg_metrics(predict(img, p), val["label"])}
         row["ms_per_image_batch1"] = round(ms_per_image(lambda: predict(img[:1], p[:1]), 1, args.reps), 3)
         row["ms_per_image_batch_all"] = round(ms_per_image(lambda: predict(img, p), img.shape[0], args.reps), 3)
         res["rows"].append(row)
-        log(f"flow {solver} 4: {row}")
+        log(f"flow {label}: {row}")
     return res
+
+
+def parse_flow_setting(spec: str) -> tuple[str, int, int]:
+    """``"euler4"`` -> ``("euler", 4, 1)``; ``"euler1x8"`` -> ``("euler", 1, 8)`` (8 samples averaged)."""
+    s = spec.strip().lower()
+    solver = next((x for x in ("euler", "heun") if s.startswith(x)), None)
+    if solver is None:
+        raise ValueError(f"flow setting {spec!r}: expected euler<N>[x<K>] or heun<N>[x<K>]")
+    n, _, k = s[len(solver) :].partition("x")
+    return solver, int(n), int(k or 1)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -309,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         "(a materialised 75^2 x 75^2 attention matrix per head at 300 px)",
     )
     ap.add_argument("--flow-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--flow-settings",
+        default="euler4,heun4,euler1x8,euler4x8",
+        help="flow inferer settings to evaluate: euler<N>[x<K>] / heun<N>[x<K>] (K samples averaged)",
+    )
     ap.add_argument("--reps", type=int, default=20, help="timed repeats for ms per image")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

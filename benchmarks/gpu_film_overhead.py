@@ -47,7 +47,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -389,9 +389,17 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------------ 2. evaluation
-def settings(steps: list[int], reference: tuple[int, int]) -> list[tuple[str, int, int]]:
+def settings(
+    steps: list[int], reference: tuple[int, int], multi: Sequence[tuple[int, int]] = ()
+) -> list[tuple[str, int, int]]:
+    """Single-sample Euler and Heun at each step count, Euler ``STEPSxSAMPLES`` ensembles, then the reference."""
     out = [(solver, n, 1) for solver in ("euler", "heun") for n in steps]
-    return out + [("euler", reference[0], reference[1])]
+    return out + [("euler", n, k) for n, k in multi] + [("euler", reference[0], reference[1])]
+
+
+def parse_nxk(spec: str) -> list[tuple[int, int]]:
+    """``"1x4,2x8"`` -> ``[(1, 4), (2, 8)]``."""
+    return [(int(a), int(b)) for a, b in (x.lower().split("x") for x in spec.split(",") if x.strip())]
 
 
 def label_of(solver: str, n: int, samples: int) -> str:
@@ -500,7 +508,7 @@ def few_step(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
     fs["reference_setting"] = label_of("euler", ref[0], ref[1])
     fs["speed_input"] = f"{n_sp} x {args.speed_size}x{args.speed_size}, whole image"
     fs["speed_size"] = args.speed_size
-    for st in settings(steps, ref):  # type: ignore[arg-type]
+    for st in settings(steps, ref, parse_nxk(args.ensembles)):  # type: ignore[arg-type]
         solver, n, samples = st
         row: dict[str, Any] = {"setting": label_of(*st), "solver": solver, "steps": n, "samples": samples}
         row["nfe_per_image"] = n * samples * (2 if solver == "heun" else 1)
@@ -711,6 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", default="1,2,4,8,16,32")
     ap.add_argument("--reference", default="30x5", help="the reference's setting: STEPSxSAMPLES (Euler)")
+    ap.add_argument(
+        "--ensembles",
+        default="1x2,1x4,1x8,2x4,4x4",
+        help="few-step Euler ensembles STEPSxSAMPLES (mean foreground probability over samples), comma-separated",
+    )
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--speed-size", type=int, default=512)
     ap.add_argument("--speed-batch", type=int, default=8)
@@ -731,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         args.timing_size, args.batch, args.rounds, args.reps, args.warmup = 32, 2, 2, 1, 1
         args.n_train, args.n_test, args.size, args.train_seconds, args.train_batch = 4, 2, 32, 1.0, 2
         args.steps, args.reference, args.speed_size, args.speed_batch = "1,2", "2x2", 32, 1
+        args.ensembles = "1x2"
         args.eval_batch, args.speed_target_s, args.min_reps, args.workers = 4, 0.0, 1, min(args.workers, 2)
     if not CUDA:  # on a shared CPU box, OpenMP threads spinning against other processes cost 100x
         torch.set_num_threads(1)

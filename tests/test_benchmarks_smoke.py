@@ -38,7 +38,7 @@ def test_gpu_film_overhead_smoke(tmp_path):
     fs = res["few_step"]
     assert fs["training"]["steps"] >= 1
     settings = [r["setting"] for r in fs["rows"]]
-    assert settings == ["euler 1", "euler 2", "heun 1", "heun 2", "euler 2 x 2 samples"]
+    assert settings == ["euler 1", "euler 2", "heun 1", "heun 2", "euler 1 x 2 samples", "euler 2 x 2 samples"]
     for r in fs["rows"]:
         assert 0.0 <= r["dice"] <= 100.0 and r["images_per_s"] > 0
         assert r["nfe_per_image"] == r["steps"] * r["samples"] * (2 if r["solver"] == "heun" else 1)

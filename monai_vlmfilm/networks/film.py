@@ -171,8 +171,12 @@ class AdaptiveFiLMHead(nn.Module):
 
 
 def film_modulate(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``h * (1 + gamma) + beta`` in ``h``'s dtype (exactly ``h`` when gamma and beta are zero)."""
-    return h * (1 + gamma.to(h.dtype)) + beta.to(h.dtype)
+    """``h * (1 + gamma) + beta`` in ``h``'s dtype (exactly ``h`` when gamma and beta are zero).
+
+    One fused ``addcmul`` pass over the feature map instead of a multiply and an add: the map is the large operand
+    (decoder stages at full resolution), so the modulation costs one read and one write of it.
+    """
+    return torch.addcmul(beta.to(h.dtype), h, (1 + gamma).to(h.dtype))
 
 
 def difficulty_of(profile: torch.Tensor) -> torch.Tensor:
