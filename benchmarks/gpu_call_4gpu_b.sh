@@ -25,7 +25,7 @@ PG3=$!
 ( export CUDA_VISIBLE_DEVICES=0,1 OUT=$P/scaling WORK=$P/scaling_work MODEL_DIR=$P/qwen3b N_IMAGES=2048 BATCH=64
   timeout 240 bash benchmarks/gpu_precompute_scaling.sh > $P/scaling.log 2>&1; echo "scaling rc=$? at $(el) s" )
 
-( timeout $(( 575 - $(el) )) python3 -m monai_vlmfilm.ablation --datalist .carry/dca1/datalist.json --out /tmp/abl_dca1 \
+( timeout $(( 555 - $(el) )) python3 -m monai_vlmfilm.ablation --datalist .carry/dca1/datalist.json --out /tmp/abl_dca1 \
     --modes off,on,shuffle --seeds 0,1,2 --folds 5 --max-iterations 800 --image-size 128 --override batch_size=8 \
     --gpus 0,1,2,3 --jobs-per-gpu 15 --job-timeout 330 --time-budget 60 --no-progress \
     --variant "norm@on:profile_norm=train" \
