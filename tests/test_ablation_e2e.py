@@ -75,7 +75,8 @@ def test_ablation_off_on_writes_report_and_plots(tmp_path):
     assert torch.allclose(sd["profile_encoder.feature_std"], torch.tensor(std))
     assert not torch.equal(sd["profile_encoder.feature_mean"], torch.zeros(len(mean)))
     assert "python -m monai_vlmfilm.ablation" in report and "card: CPU" in report
-    for png in ("dice_on_vs_off.png", "metric_vs_difficulty.png", "film_magnitude.png", "profile_features.png"):
+    for png in ("dice_on_vs_off.png", "metric_vs_difficulty.png", "film_magnitude.png", "profile_features.png",
+                "paired_dice.png"):  # fmt: skip
         assert (out / png).stat().st_size > 1000, png
         assert png in report
     # jobs run with profile_on_missing=error, so the finished ON job read every profile from the prepared store

@@ -33,6 +33,7 @@ PLOT_FILES: dict[str, str] = {
     "difficulty": "metric_vs_difficulty.png",
     "film": "film_magnitude.png",
     "profiles": "profile_features.png",
+    "paired": "paired_dice.png",
 }
 MODE_COLORS = {"off": "#555555", "on": "#1f77b4", "shuffle": "#ff7f0e", "oracle": "#2ca02c"}
 MODE_DESCRIPTIONS = {
@@ -45,6 +46,11 @@ MODE_DESCRIPTIONS = {
 
 def _color(mode: str) -> str:
     return MODE_COLORS.get(mode, "#9467bd")
+
+
+def _base_modes(modes: Sequence[str]) -> list[str]:
+    """The plain modes (``on``, not variants such as ``on.norm``): per-image plots stay readable with many variants."""
+    return [m for m in modes if "." not in m]
 
 
 def _num(v: float, digits: int = 4) -> str:
@@ -225,6 +231,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     add("## Plots\n")
     captions = {
         "scatter": "Per-image Dice, each conditioned mode against off (mean over seeds)",
+        "paired": "Paired Dice differences of every mode and variant, overall and per difficulty tercile",
         "difficulty": "Per-image metrics against difficulty (mean over seeds), with tercile means",
         "film": "FiLM γ/β magnitude per decoder stage",
         "profiles": "Profile feature distributions",
@@ -260,7 +267,8 @@ def make_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = results.get("records", [])
-    modes = list(results["modes"])
+    all_modes = list(results["modes"])
+    modes = _base_modes(all_modes)  # variants appear in the paired-difference plot
     written: dict[str, str] = {}
 
     # 1. per-image Dice: every other mode against off
@@ -335,7 +343,7 @@ def make_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[s
                 per[f["mode"]][str(st)]["gamma"].append(float(v["gamma_abs_mean"]))
                 per[f["mode"]][str(st)]["beta"].append(float(v["beta_abs_mean"]))
         stages = sorted({st for m in per for st in per[m]}, key=int)
-        fmodes = [m for m in modes if m in per] + [m for m in per if m not in modes]
+        fmodes = [m for m in modes if m in per]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         width = 0.8 / max(1, len(fmodes))
         for ax, which, sym in zip(axes, ("gamma", "beta"), ("|γ|", "|β|")):
@@ -353,7 +361,44 @@ def make_plots(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[s
         plt.close(fig)
         written["film"] = PLOT_FILES["film"]
 
-    # 4. profile feature distributions
+    # 4. paired Dice difference against off, every mode and variant, overall and per tercile (a forest plot)
+    paired = results["analysis"].get("paired", {}) if results.get("analysis") else {}
+    names = [m for m in all_modes if m in paired] + [m for m in paired if "-vs-" in m]
+    if names:
+        scopes = [
+            ("overall", "overall", "k"),
+            *[(t, t, c) for t, c in zip(TERCILE_NAMES, ("#8fbc8f", "#daa520", "#b22222"))],
+        ]
+        fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(names) + 1.4))
+        for j, (scope, label, color) in enumerate(scopes):
+            ys, xs, lo, hi = [], [], [], []
+            for i, m in enumerate(names):
+                d = paired[m].get(scope, {}).get("dice")
+                if not d or not d.get("n") or d.get("mean") is None or not math.isfinite(d.get("ci_lo", math.nan)):
+                    continue
+                ys.append(len(names) - 1 - i + (1.5 - j) * 0.17)
+                xs.append(100 * d["mean"])
+                lo.append(100 * (d["mean"] - d["ci_lo"]))
+                hi.append(100 * (d["ci_hi"] - d["mean"]))
+            if xs:
+                ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", ms=4 if scope == "overall" else 3, color=color,
+                            lw=1.6 if scope == "overall" else 1, capsize=2, label=label)  # fmt: skip
+        ax.axvline(0, color="grey", lw=1)
+        for target in (1.0, 2.0):
+            ax.axvline(target, color="grey", lw=0.8, ls=":")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(
+            [n.replace("-vs-", " − ") if "-vs-" in n else f"{n} − off" for n in reversed(names)], fontsize=8
+        )
+        ax.set_xlabel("Dice difference, points (mean and 95% paired-bootstrap CI); dotted: +1 / +2 targets")
+        ax.set_title("Paired Dice differences per mode and variant")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / PLOT_FILES["paired"], dpi=110)
+        plt.close(fig)
+        written["paired"] = PLOT_FILES["paired"]
+
+    # 5. profile feature distributions
     profiles = results.get("profiles") or {}
     if profiles:
         fields = next(iter(profiles.values()))["fields"]
