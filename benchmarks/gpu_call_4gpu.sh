@@ -7,14 +7,7 @@
 #          GPUs 0+1: 1-GPU vs torchrun 2-GPU precompute (item 2)
 #   GPUs 2-3: python -m monai_vlmfilm.ablation on 300/240 synthetic images, ABL_ARGS (see below)
 # Thread pools are capped (many concurrent training processes). Results land in $OUT as a few tarballs + logs.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-OUT=${OUT:-./out}; mkdir -p "$OUT"; T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
-P=/tmp/perf; mkdir -p $P
-ABL_S=${ABL_S:-synthetic}
+source "$(dirname "$0")/device_preamble.sh" || exit 1
 
 # ---- GPU 0 first: the overhead timing on a quiet host
 ( CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/gpu_film_overhead.py --skip-few-step --out $P/overhead \

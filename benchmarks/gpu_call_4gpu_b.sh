@@ -5,13 +5,7 @@
 #           GPU 2:    FiLM ON/OFF overhead with the fused addcmul modulation (items 3, 5)
 #           GPU 3:    few-step sweep with Euler ensembles (item 4), then the DCA1 bar with multi-sample flow rows
 #   t~150   GPUs 0-3: DCA1 5-fold cross-validation ablation, 3 seeds, off / on / shuffle / on.norm (issue 7)
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-OUT=${OUT:-./out}; mkdir -p "$OUT"; T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
-P=/tmp/perf; mkdir -p $P
+source "$(dirname "$0")/device_preamble.sh" || exit 1
 
 ( CUDA_VISIBLE_DEVICES=2 timeout 150 python3 benchmarks/gpu_film_overhead.py --skip-few-step --out $P/overhead \
     > $P/overhead.log 2>&1; echo "overhead rc=$? at $(el) s" ) &

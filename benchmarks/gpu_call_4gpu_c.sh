@@ -4,13 +4,7 @@
 #   GPUs 1-3: DCA1 5-fold x 3 seeds ablation resumed from the second call's finished jobs (carried in
 #             .carry/abl_dca1: identical commands are skipped), adding the variants nogate (on, shuffle) and coarse
 #             (FiLM on the deepest decoder stage only)
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-OUT=${OUT:-./out}; mkdir -p "$OUT"; T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
-P=/tmp/perf; mkdir -p $P
+source "$(dirname "$0")/device_preamble.sh" || exit 1
 ( export CUDA_VISIBLE_DEVICES=0
   timeout 420 python3 benchmarks/gpu_film_overhead.py --skip-overhead --out $P/fewstep --train-seconds 200 --workers 6 \
       --ensembles 1x4,1x8,1x16,2x8,4x8 > $P/fewstep.log 2>&1; echo "few-step rc=$? at $(el) s" ) &

@@ -2,12 +2,7 @@
 # Fourth 4-GPU device call (< 6 min): the synthetic ablation of the first call resumed (its finished jobs carried in
 # .carry/abl_synth; the data set is regenerated bit for bit from its seed), adding decoder-stage, encoder-width and
 # combined variants in the on and oracle modes.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-OUT=${OUT:-./out}; mkdir -p "$OUT"; T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
+source "$(dirname "$0")/device_preamble.sh" || exit 1
 python3 -m monai_vlmfilm.data.synthetic --out /tmp/synth --n-train 300 --n-val 20 --n-test 240 --size 128 --seed 0 >/dev/null 2>&1
 cp -r .carry/abl_synth /tmp/abl_synth
 timeout 400 python3 -m monai_vlmfilm.ablation --datalist /tmp/synth/datalist.json --out /tmp/abl_synth \
