@@ -5,7 +5,7 @@
 #   then   GPU 0: 3B checkpoint + scaling images, then the DCA1 BasicUNet bar and the flow network (same budget);
 #          GPU 1: few-step Dice vs steps and images/s at 512 px (item 4);
 #          GPUs 0+1: 1-GPU vs torchrun 2-GPU precompute (item 2)
-#   GPUs 2-3: python -m monai_vlmfilm.ablation on 300/240 synthetic images, ABL_ARGS (see below)
+#   GPUs 2-3: python -m monai_vlmfilm.ablation on 300/240 synthetic images with variants (command below)
 # Thread pools are capped (many concurrent training processes). Results land in $OUT as a few tarballs + logs.
 source "$(dirname "$0")/device_preamble.sh" || exit 1
 
