@@ -276,7 +276,8 @@ def analyse(
     Returns:
         ``{"summary": {mode: {metric: mode_summary}}, "tercile_of": {image: t}, "tercile_bounds": [...],
         "paired": {mode: {scope: {metric: PairedDifference.to_dict()}}}}`` where scope is ``"overall"`` or a
-        name from ``TERCILE_NAMES``; ``paired`` has every mode but ``ref``, plus ``"on-vs-shuffle"`` when both exist.
+        name from ``TERCILE_NAMES``; ``paired`` has every mode but ``ref``, plus ``"on-vs-shuffle"`` when both exist
+        (and ``"on.V-vs-shuffle.V"`` for a variant ``V`` run in both modes).
     """
     summary = {m: {k: mode_summary(records, m, k) for k in metrics} for m in modes}
     diff_of = image_difficulty(records)
