@@ -152,3 +152,19 @@ def test_verdicts_without_data_say_so():
     )
     v = verdicts(an)
     assert v and all(x["met"] is None and "NO DATA" in x["text"] for x in v if x["name"].startswith("on − off"))
+
+
+def test_variant_modes_get_their_own_comparisons_and_verdicts():
+    """``on.v`` / ``shuffle.v`` are compared with off and with each other, and judged like the plain modes."""
+    recs = []
+    for r in _records(0.045):
+        recs.append(r)
+        if r["mode"] in ("on", "shuffle"):
+            recs.append({**r, "mode": r["mode"] + ".v"})
+    an = analyse(recs, ["off", "on", "shuffle", "on.v", "shuffle.v"], n_boot=1000)
+    assert {"on", "shuffle", "on.v", "shuffle.v", "on-vs-shuffle", "on.v-vs-shuffle.v"} <= set(an["paired"])
+    assert an["paired"]["on.v-vs-shuffle.v"]["hardest"]["dice"]["mean"] == pytest.approx(0.045, abs=0.001)
+    names = [x["name"] for x in verdicts(an)]
+    assert any(n.startswith("on.v − off Dice") for n in names)
+    assert any(n.startswith("shuffle.v within noise") for n in names)
+    assert any("on.v − shuffle.v" in n for n in names)
