@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DCA1
 
 REPO = Path(__file__).resolve().parents[1]
-DCA1 = REPO.parent / "shared" / "data" / "dca1"
 
 pytestmark = pytest.mark.dca1
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import DCA1
 
 from monai_vlmfilm.data.datalist import (
     DatalistError,
@@ -18,8 +19,6 @@ from monai_vlmfilm.data.datalist import (
     split_items,
     split_name,
 )
-
-DCA1 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dca1"
 
 
 def _img(seed: int, shape=(24, 32)) -> np.ndarray:

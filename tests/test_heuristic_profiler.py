@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from shared_data import DCA1
 
 from monai_vlmfilm.profiles import FOCUS_KEYS, HeuristicProfiler, canonical_image
 from monai_vlmfilm.profiles.heuristic import image_features
-
-DCA1 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dca1"
 
 
 def _vessel_image(seed: int, contrast: float, noise: float, size: int = 96) -> np.ndarray:
