@@ -307,7 +307,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .heuristic import HEURISTIC_VERSION, HeuristicProfiler
+    from .heuristic import HeuristicProfiler
 
     paths = read_image_list(args.datalist, args.images, args.key)
     good, bad = [], []
@@ -319,9 +319,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if not good:
         raise SystemExit("error: no readable images to calibrate on")
     cal = HeuristicProfiler.calibrate(good)
-    doc = {"version": HEURISTIC_VERSION, "images": len(good), "calibration": {k: list(v) for k, v in cal.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    HeuristicProfiler.save_calibration(args.out, cal, images=len(good))
     print(f"heuristic calibration of {len(good)} images written to {args.out}")
     for k, (m, s) in cal.items():
         print(f"  {k:<10} mean {m:>9.4f}  std {s:>8.4f}")

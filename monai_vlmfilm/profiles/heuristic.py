@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,23 @@ class HeuristicProfiler(Profiler):
             v = [f[k] for f in feats]
             out[k] = (round(float(np.mean(v)), 6), round(max(float(np.std(v)), 1e-6), 6))
         return out
+
+    @staticmethod
+    def save_calibration(
+        path: str | os.PathLike, calibration: Mapping[str, Sequence[float]], images: int, **extra: Any
+    ) -> Path:
+        """Write ``calibration`` (from :meth:`calibrate`) as the JSON :meth:`load_calibration` reads, with the
+        heuristic's version, the number of ``images`` it was measured on and any ``extra`` provenance fields."""
+        doc = {
+            "version": HEURISTIC_VERSION,
+            "images": int(images),
+            **extra,
+            "calibration": {k: list(v) for k, v in calibration.items()},
+        }
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(doc, indent=1) + "\n")
+        return p
 
     @staticmethod
     def load_calibration(path: str | os.PathLike) -> dict[str, list[float]]:
