@@ -430,26 +430,27 @@ class Ablation:
                 raise ValueError(f"calibration 'train' applies to the heuristic profiler only, not {spec!r}")
             path = self.out / "profiles" / "heuristic_calibration_train.json"
             if not path.is_file():
-                from monai_vlmfilm.profiles.heuristic import HEURISTIC_VERSION, HeuristicProfiler
+                from monai_vlmfilm.profiles.heuristic import HeuristicProfiler
 
                 images = sorted({it["image"] for it in self.datalist["training"]})
-                cal = HeuristicProfiler.calibrate(images)
-                doc = {
-                    "version": HEURISTIC_VERSION,
-                    "images": len(images),
-                    "source": f"training split of {self.datalist_path}",
-                    "calibration": {k: list(v) for k, v in cal.items()},
-                }
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(doc, indent=1))
+                HeuristicProfiler.save_calibration(
+                    path,
+                    HeuristicProfiler.calibrate(images),
+                    len(images),
+                    source=f"training split of {self.datalist_path}",
+                )
             spec = {"_target_": "monai_vlmfilm.profiles.HeuristicProfiler", "calibration": str(path)}
         return spec, create_profiler(spec)
 
+    def variant_settings(self, mode: str) -> dict[str, str]:
+        """The ``--variant`` settings of a mode such as ``on.norm`` (empty for the plain modes)."""
+        return self.args.variants.get(mode.partition(".")[2], {})
+
     def calibration_of(self, mode: str) -> str:
-        return self.args.variants.get(mode.partition(".")[2], {}).get("calibration", self.args.calibration)
+        return self.variant_settings(mode).get("calibration", self.args.calibration)
 
     def profile_norm_of(self, mode: str) -> str:
-        return self.args.variants.get(mode.partition(".")[2], {}).get("profile_norm", self.args.profile_norm)
+        return self.variant_settings(mode).get("profile_norm", self.args.profile_norm)
 
     def all_modes(self) -> list[str]:
         """``--modes`` then ``<mode>.<variant>`` for every variant and variant mode."""
@@ -499,11 +500,12 @@ class Ablation:
         self.profiler_name = self.store_names[("on", a.calibration)]
         return stores
 
+    def store_name_of(self, mode: str) -> str | None:
+        """Name of the profile store a mode reads (None for ``off``)."""
+        return self.store_names.get((mode.partition(".")[0], self.calibration_of(mode)))
+
     def store_of(self, mode: str) -> dict[str, Any] | None:
-        base = mode.partition(".")[0]
-        if base == "off":
-            return None
-        name = self.store_names.get((base, self.calibration_of(mode)))
+        name = self.store_name_of(mode)
         return self.stores.get(name) if name else None
 
     def profile_norm_file(self, mode: str, fold: int | None, train_items: Sequence[Mapping[str, Any]]) -> Path | None:
@@ -512,9 +514,9 @@ class Ablation:
             return None
         from monai_vlmfilm.profiles.normalization import compute_profile_norm, save_profile_norm
 
-        st = self.store_of(mode)
-        assert st is not None
-        name = next(k for k, v in self.stores.items() if v is st)
+        name = self.store_name_of(mode)
+        assert name is not None
+        st = self.stores[name]
         path = self.out / "profiles" / "norm" / f"{name}_{'main' if fold is None else f'fold{fold}'}.json"
         if not path.is_file():
             vecs = D.profile_vectors(st["dir"], train_items, st["profiler"])
@@ -575,7 +577,7 @@ class Ablation:
         for kv in a.override:
             k, v = kv.split("=", 1)
             ov[k] = v
-        for k, v in a.variants.get(mode.partition(".")[2], {}).items():
+        for k, v in self.variant_settings(mode).items():
             if k not in ("calibration", "profile_norm"):
                 ov[k] = v
         return ov
