@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLOW_NET
 from monai.networks.nets import DiffusionModelUNet
 
 from monai_vlmfilm.networks import (
@@ -16,16 +17,7 @@ from monai_vlmfilm.networks import (
 )
 from monai_vlmfilm.profiles import DEFAULT_PROFILE, PROFILE_DIM, VLMProfile
 
-KW2 = dict(
-    spatial_dims=2,
-    in_channels=2,
-    out_channels=1,
-    channels=(8, 16, 16),
-    attention_levels=(False, False, True),
-    num_res_blocks=1,
-    norm_num_groups=8,
-    num_head_channels=8,
-)
+KW2 = dict(TINY_FLOW_NET, attention_levels=(False, False, True), num_head_channels=8)  # attention on the last level
 KW3 = dict(KW2, spatial_dims=3, attention_levels=(False, False, False))
 FILM = dict(cond_dim=16, film_hidden_dim=16)
 
