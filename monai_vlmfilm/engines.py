@@ -56,8 +56,13 @@ class FlowMatchingPrepareBatch(PrepareBatch):
         x_t = (1 - s) * x0 + s * noise            # t = T: pure noise, t = 0: the mask
         v   = x0 - noise                          # velocity target; sampling integrates dx = v * ds from s=1 to 0
 
-    Returns ``(cat([x_t, image], 1), v, (), {"timesteps": t, "profile": p})`` for ``SupervisedTrainer``;
-    ``"profile"`` is present only when the batch has ``profile_key``.
+    Returns ``(cat([x_t, image], 1), target, (), {"timesteps": t, "profile": p})`` for ``SupervisedTrainer``;
+    ``"profile"`` is present only when the batch has ``profile_key``. ``target`` is ``v`` (``target="velocity"``,
+    for ``MSELoss``) or the mapping ``{"velocity": v, "x_t": x_t, "sigma": t / T, "mask": label}`` (``target="flow"``)
+    that :class:`~monai_vlmfilm.losses.FlowSegLoss` needs for its segmentation loss on ``x0_hat = x_t + s * v_hat``.
+
+    Few-step inference starts at ``t = T`` (pure noise), a time the logit-normal sampler practically never draws:
+    ``endpoint_fraction`` of each batch (rounded, at least one sample when positive) is trained exactly there.
 
     Args:
         num_train_timesteps: length of the time axis (``RFlowScheduler.num_train_timesteps``).
@@ -69,6 +74,8 @@ class FlowMatchingPrepareBatch(PrepareBatch):
         use_timestep_transform, transform_scale, base_img_size_numel: ``RFlowScheduler``'s resolution-dependent
             timestep shift (off by default).
         scheduler: use this ``RFlowScheduler`` instead of building one from the arguments above.
+        endpoint_fraction: share of each batch trained at ``t = T`` (the start of few-step inference), in [0, 1].
+        target: ``"velocity"`` (the velocity tensor) or ``"flow"`` (the mapping for ``FlowSegLoss``), see above.
     """
 
     def __init__(
@@ -85,7 +92,15 @@ class FlowMatchingPrepareBatch(PrepareBatch):
         transform_scale: float = 1.0,
         base_img_size_numel: int = 32 * 32,
         scheduler: RFlowScheduler | None = None,
+        endpoint_fraction: float = 0.0,
+        target: str = "velocity",
     ) -> None:
+        if not 0.0 <= float(endpoint_fraction) <= 1.0:
+            raise ValueError(f"endpoint_fraction must be in [0, 1], got {endpoint_fraction}.")
+        if target not in ("velocity", "flow"):
+            raise ValueError(f"target must be 'velocity' or 'flow', got {target!r}.")
+        self.endpoint_fraction = float(endpoint_fraction)
+        self.target = target
         if scheduler is None:
             scheduler = RFlowScheduler(
                 num_train_timesteps=num_train_timesteps,
@@ -107,13 +122,25 @@ class FlowMatchingPrepareBatch(PrepareBatch):
         """Standard normal noise like ``x0`` (override for other source distributions)."""
         return torch.randn_like(x0)
 
+    def sample_timesteps(self, x0: torch.Tensor) -> torch.Tensor:
+        """``[B]`` timesteps from the scheduler, with ``endpoint_fraction`` of them (random rows) set to ``T``."""
+        timesteps = self.scheduler.sample_timesteps(x0).to(x0.device)
+        n_end = int(round(self.endpoint_fraction * x0.shape[0]))
+        if self.endpoint_fraction > 0:
+            n_end = max(n_end, 1)
+        if n_end:
+            rows = torch.randperm(x0.shape[0], device=x0.device)[:n_end]
+            timesteps = timesteps.clone()
+            timesteps[rows] = self.num_train_timesteps
+        return timesteps
+
     def __call__(
         self,
         batchdata: Mapping[str, Any],
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+    ) -> tuple[torch.Tensor, Any, tuple, dict]:
         image = _get(batchdata, self.image_key, "image").to(device=device, non_blocking=non_blocking, **kwargs)
         label = _get(batchdata, self.label_key, "label").to(device=device, non_blocking=non_blocking, **kwargs)
         if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
@@ -122,9 +149,12 @@ class FlowMatchingPrepareBatch(PrepareBatch):
             )
         x0 = label_to_flow_space(label).to(image.dtype)
         noise = self.get_noise(x0)
-        timesteps = self.scheduler.sample_timesteps(x0).to(x0.device)
+        timesteps = self.sample_timesteps(x0)
         x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
-        target = x0 - noise
+        target: Any = x0 - noise
+        if self.target == "flow":
+            sigma = timesteps.float() / self.num_train_timesteps
+            target = {"velocity": target, "x_t": x_t, "sigma": sigma, "mask": (x0 + 1) / 2}
         infer_kwargs = {"timesteps": timesteps}
         infer_kwargs.update(_profile_kwargs(batchdata, self.profile_key, device, non_blocking))
         return torch.cat([x_t, image], dim=1), target, (), infer_kwargs

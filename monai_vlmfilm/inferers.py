@@ -10,10 +10,55 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import ensure_tuple
 
-__all__ = ["FlowSegInferer"]
+__all__ = ["FlowSegInferer", "TTA_MODES", "dihedral_transforms", "pad_to_multiple"]
+
+#: test-time augmentation modes: none, the flips (4 in 2D) or the dihedral group (8 in 2D: rot90 x flip).
+TTA_MODES = ("none", "flip", "dihedral")
 
 #: the key under which AttachVLMProfiled stores the profile in an image's meta dict (MONAI Label route).
 META_PROFILE_KEY = "vlm_profile"
+
+
+def dihedral_transforms(spatial_dims: int, mode: str = "dihedral") -> list[tuple[Callable, Callable]]:
+    """``(forward, inverse)`` pairs of exact, invertible array transforms for test-time augmentation.
+
+    ``"none"``: the identity. ``"flip"``: every subset of spatial-axis flips (``2**spatial_dims``). ``"dihedral"``
+    (2D): the flips times a transpose, i.e. the 8 symmetries of the square (rot90 x flip); in 3D it equals
+    ``"flip"``. They act on ``[B, C, *spatial]`` tensors; vessel masks are equivariant under all of them and the
+    image profile is unchanged by them.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}.")
+    ident = (lambda x: x, lambda x: x)
+    if mode == "none":
+        return [ident]
+    axes = [2 + i for i in range(spatial_dims)]
+    out: list[tuple[Callable, Callable]] = []
+    for k in range(2**spatial_dims):
+        dims = [a for i, a in enumerate(axes) if k >> i & 1]
+        if dims:
+            out.append((lambda x, d=dims: torch.flip(x, d), lambda x, d=dims: torch.flip(x, d)))
+        else:
+            out.append(ident)
+    if mode == "dihedral" and spatial_dims == 2:
+        out = out + [(lambda x, f=f: f(x).transpose(2, 3), lambda x, i=i: i(x.transpose(2, 3))) for f, i in list(out)]
+    return out
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> tuple[torch.Tensor, list[slice]]:
+    """Pad the spatial dims of ``[B, C, *spatial]`` symmetrically up to a multiple; returns the crop that undoes it."""
+    if multiple <= 1:
+        return x, [slice(None)] * x.ndim
+    pads, crop = [], [slice(None), slice(None)]
+    for n in x.shape[2:]:
+        extra = (-n) % multiple
+        lo = extra // 2
+        pads.append((lo, extra - lo))
+        crop.append(slice(lo, lo + n))
+    flat = [v for lo_hi in reversed(pads) for v in lo_hi]  # F.pad takes the last dim first
+    if any(flat):
+        x = torch.nn.functional.pad(x, flat, mode=mode)
+    return x, crop
 
 
 def _unwrap(network: Callable) -> Any:
@@ -26,7 +71,8 @@ class FlowSegInferer(Inferer):
     Time convention of MONAI's ``RFlowScheduler`` / :class:`~monai_vlmfilm.engines.FlowMatchingPrepareBatch`:
     the network is called as ``network(cat([x_t, image], 1), timesteps=t, profile=p)`` and predicts
     ``v = x0 - noise``; a step from ``t_i`` to ``t_{i+1}`` is ``x += v * (t_i - t_{i+1}) / T`` (Euler, exactly
-    ``RFlowScheduler.step``) or its trapezoidal correction (Heun, two network calls per step). The times are
+    ``RFlowScheduler.step``) or its trapezoidal correction (Heun, two network calls per step, except the last
+    step into ``t = 0``, which is an Euler step). The times are
     ``t_i = T * (1 - i / num_steps)``. The final mask estimate in [-1, 1] is mapped to a foreground
     probability ``clamp((x + 1) / 2, 0, 1)``.
 
@@ -42,7 +88,7 @@ class FlowSegInferer(Inferer):
     plain ``DiffusionModelUNet`` works too. With sliding windows every window gets its own image's profile.
 
     Args:
-        num_steps: ODE steps (network evaluations: ``num_steps`` for Euler, ``2 * num_steps`` for Heun).
+        num_steps: ODE steps (network evaluations: ``num_steps`` for Euler, ``2 * num_steps - 1`` for Heun).
         solver: ``"euler"`` or ``"heun"``.
         num_samples: noise draws per image, averaged.
         roi_size: sliding-window size; None runs the whole image at once. The noise is drawn for the whole
@@ -53,6 +99,10 @@ class FlowSegInferer(Inferer):
         seed: seed of a private ``torch.Generator`` drawn anew on every call (reproducible output, the global
             RNG untouched); None draws from the global RNG.
         mask_channels: channels of the mask; None reads ``network.out_channels``.
+        tta: test-time augmentation, one of ``TTA_MODES``: each flipped / rotated copy of the image is segmented
+            (with the image's own profile) and the probabilities mapped back and averaged with the samples.
+        divisible_by: whole-image inference (``roi_size=None``) pads the image (replicating its border) up to a
+            multiple of this, the network's total downsampling, and crops the output back.
     """
 
     def __init__(
@@ -71,6 +121,8 @@ class FlowSegInferer(Inferer):
         padding_mode: str = "constant",
         cval: float = 0.0,
         mask_channels: int | None = None,
+        tta: str = "none",
+        divisible_by: int = 1,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -78,6 +130,10 @@ class FlowSegInferer(Inferer):
             raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}.")
+        self.tta = tta
+        self.divisible_by = int(divisible_by)
         self.num_steps = num_steps
         self.solver = solver
         self.num_samples = num_samples
@@ -116,7 +172,9 @@ class FlowSegInferer(Inferer):
         for t_cur, t_next in zip(ts[:-1], ts[1:]):
             dt = (t_cur - t_next) / self.num_train_timesteps
             v = velocity(x, t_cur)
-            if self.solver == "heun":
+            # no correction into t = 0: there the ideal field is x0 itself, not x0 - noise, and a trapezoid with
+            # it would leave noise * dt / 2 in the mask (EDM's Heun sampler ends with an Euler step likewise)
+            if self.solver == "heun" and t_next > 0:
                 v = 0.5 * (v + velocity(x + v * dt, t_next))
             x = x + v * dt
         return x
@@ -172,7 +230,6 @@ class FlowSegInferer(Inferer):
         if self.seed is not None:
             gen = torch.Generator(device=image.device)
             gen.manual_seed(int(self.seed))
-        noise = torch.randn((b, s * c_m, *spatial), generator=gen, device=image.device, dtype=torch.float32)
 
         def predict(rows: list[int], img: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
             n = img.shape[0]
@@ -183,16 +240,20 @@ class FlowSegInferer(Inferer):
             prob = ((x0 + 1) / 2).clamp(0, 1)
             return prob.reshape(n, s * c_m, *prob.shape[2:])
 
-        if self.roi_size is None:
-            per_sample = predict(list(range(b)), image, noise.to(image.dtype))
-        else:
+        def segment(img: torch.Tensor) -> torch.Tensor:
+            """``[B, s * c_m, *spatial]`` sample probabilities of one (possibly transformed) image batch."""
+            if self.roi_size is None:
+                img_p, crop = pad_to_multiple(img, self.divisible_by)
+                nz = torch.randn((b, s * c_m, *img_p.shape[2:]), generator=gen, device=img.device, dtype=torch.float32)
+                return predict(list(range(b)), img_p, nz.to(img.dtype))[tuple(crop)]
+            nz = torch.randn((b, s * c_m, *img.shape[2:]), generator=gen, device=img.device, dtype=torch.float32)
 
             def window(win: torch.Tensor, coords: list) -> torch.Tensor:
                 rows = [int(c[0].start) for c in coords]
                 return predict(rows, win[:, :c_img], win[:, c_img:])
 
-            per_sample = sliding_window_inference(
-                torch.cat([image, noise.to(image.dtype)], dim=1),
+            return sliding_window_inference(
+                torch.cat([img, nz.to(img.dtype)], dim=1),
                 roi_size=ensure_tuple(self.roi_size) if not isinstance(self.roi_size, int) else self.roi_size,
                 sw_batch_size=self.sw_batch_size,
                 predictor=window,
@@ -203,6 +264,11 @@ class FlowSegInferer(Inferer):
                 cval=self.cval,
                 with_coord=True,
             )
+
+        # every TTA copy adds its samples: the mean and the spread run over copies x noise draws
+        copies = [inverse(segment(forward(image))) for forward, inverse in dihedral_transforms(len(spatial), self.tta)]
+        s = s * len(copies)
+        per_sample = torch.stack([c.float().reshape(b, -1, c_m, *spatial) for c in copies], 1)
         per_sample = per_sample.float().reshape(b, s, c_m, *spatial)
         out = per_sample.mean(dim=1)
         if self.return_uncertainty:

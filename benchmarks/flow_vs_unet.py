@@ -1,0 +1,667 @@
+"""The flow model against a plain MONAI ``BasicUNet`` on real angiograms, everything else equal, in one run.
+
+    # on the GPU machine (data copied to .carry/data, MONAI / ignite wheels in .whl; see benchmarks/BENCHMARKS.md):
+    python benchmarks/flow_vs_unet.py --settings dca1_cv,xcad_cv --models unet,flow-m --seeds 0 --iterations 3000
+    python benchmarks/flow_vs_unet.py --settings dca1_to_xcad,xcad_to_dca1 --models unet,flow-m --seeds 0,1,2
+    python benchmarks/flow_vs_unet.py --settings ship --models flow-m --seeds 0    # trains the bundle's model.pt
+    python benchmarks/flow_vs_unet.py --smoke                                      # CPU, tiny sizes, ~1 min
+
+Both models get exactly the same recipe: ``--iterations`` AdamW steps of ``--batch`` crops of ``--crop``², vessel-aware
+(half centred on a vessel pixel), with flips / rot90 / affine / gamma / noise / blur (:class:`GPUAugment`, a batched
+GPU version of the bundle's MONAI ``train#random_transforms``), warm-up + cosine learning rate,
+gradient clipping at 1, EMA weights (evaluated), bf16 autocast; whole-image evaluation with the dihedral test-time
+augmentation (8 copies), and the threshold chosen on the job's own training images. The UNet: ``BasicUNet`` (2.0 M
+parameters), ``DiceCELoss`` on a sigmoid output. The flow: :class:`~monai_vlmfilm.networks.FiLMFlowUNet` trained with
+``FlowMatchingPrepareBatch(target="flow", endpoint_fraction=0.5)`` + :class:`~monai_vlmfilm.losses.FlowSegLoss` and
+segmented by :class:`~monai_vlmfilm.inferers.FlowSegInferer` (1 Euler step, 1 sample), FiLM on with heuristic profiles
+of the unaugmented images (normalised with the training images' statistics) unless the model name ends in ``:off``.
+
+Settings: ``dca1_cv`` / ``xcad_cv`` (5-fold cross-validation over all images, folds fixed by seed 0),
+``dca1_to_xcad`` / ``xcad_to_dca1`` (train on every image of one site, test on every image of the other),
+``ship`` (train on both sites' ``training`` splits, report each site's ``validation`` split, save the EMA weights as
+``model_ship.pt``). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
+``$OUT/jobs.jsonl``; ``summary.md`` / ``summary.json`` hold per-setting means and paired bootstrap 95 % CIs
+(flow − UNet, per image, seeds averaged first) from :mod:`monai_vlmfilm.ablation.stats`; ``latency.json`` the
+inference latency of both models measured before training starts (batch 1, bf16, idle GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SITES = ("dca1", "xcad")
+FLOW_CONFIGS: dict[str, dict[str, Any]] = {
+    # the 0.1 bundle's channel plan (1.1 M parameters, 2 downsamplings)
+    "flow-s": {"channels": [32, 64, 64], "num_res_blocks": 1, "norm_num_groups": 32},
+    # 4 levels, 3 downsamplings
+    "flow-m": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32},
+    # 4 levels, 2 residual blocks per level
+    "flow-l": {"channels": [32, 64, 128, 256], "num_res_blocks": 2, "norm_num_groups": 32},
+}
+THRESHOLDS = [round(0.25 + 0.05 * i, 2) for i in range(11)]  # 0.25 .. 0.75
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def data_root(arg: str | None) -> Path:
+    for cand in [arg, os.environ.get("VLMFILM_DATA"), ROOT / ".carry" / "data", ROOT.parent / "shared" / "data"]:
+        if cand and (Path(cand) / "dca1" / "datalist.json").is_file():
+            return Path(cand)
+    raise FileNotFoundError("no data root with dca1/datalist.json: pass --data (e.g. ../shared/data)")
+
+
+def load_site(root: Path, site: str) -> list[dict[str, Any]]:
+    """Every image of a site: ``{"name", "site", "split", "image" (float32 HxW in [0, 1]), "mask" (uint8 HxW)}``."""
+    from monai_vlmfilm.data.datalist import mask_threshold, read_array
+
+    doc = json.loads((root / site / "datalist.json").read_text())
+    out = []
+    for split in ("training", "validation", "test"):
+        for item in doc.get(split, []):
+            img = read_array(root / site / item["image"]).astype(np.float32)
+            img = img.mean(-1) if img.ndim == 3 else img
+            lo, hi = float(img.min()), float(img.max())
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)  # ScaleIntensity
+            m = read_array(root / site / item["label"])
+            m = m.max(-1) if m.ndim == 3 else m
+            mask = (m > mask_threshold(m)).astype(np.uint8)
+            out.append(
+                {"name": f"{site}/{Path(item['image']).stem}", "site": site, "split": split, "image": img, "mask": mask}
+            )
+    return out
+
+
+def folds(n: int, k: int = 5, seed: int = 0) -> list[np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(perm[i::k]) for i in range(k)]
+
+
+def plan_jobs(data: dict[str, list], settings: list[str], models: list[str], seeds: list[int]) -> list[dict]:
+    """``[{setting, fold, seed, model, train: [names], test: [names]}]``, longest-first."""
+    jobs = []
+    for setting in settings:
+        splits: list[tuple[int, list[str], list[str]]] = []
+        if setting.endswith("_cv"):
+            items = data[setting[: -len("_cv")]]
+            for f, idx in enumerate(folds(len(items))):
+                test = {items[i]["name"] for i in idx}
+                splits.append((f, [d["name"] for d in items if d["name"] not in test], sorted(test)))
+        elif "_to_" in setting:
+            src, dst = setting.split("_to_")
+            splits.append((0, [d["name"] for d in data[src]], [d["name"] for d in data[dst]]))
+        elif setting == "ship":
+            both = data["dca1"] + data["xcad"]
+            splits.append(
+                (
+                    0,
+                    [d["name"] for d in both if d["split"] == "training"],
+                    [d["name"] for d in both if d["split"] != "training"],
+                )
+            )
+        else:
+            raise ValueError(f"unknown setting {setting!r}")
+        for fold, train, test in splits:
+            for seed in seeds:
+                for model in models:
+                    jobs.append(
+                        {"setting": setting, "fold": fold, "seed": seed, "model": model, "train": train, "test": test}
+                    )
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+class GPUAugment:
+    """Batched training augmentation on the GPU, the equivalent of the bundle's MONAI ``train#random_transforms``.
+
+    MONAI's dictionary transforms work one sample at a time; at 16 concurrent jobs per machine their per-sample
+    Python cost starved the GPUs (a first run finished no job in 8 minutes), so the benchmark applies the same
+    operations to the whole batch at once: ``RandCropByPosNegLabeld`` (centre on a vessel pixel with probability
+    ``pos_prob``, else anywhere), ``RandFlipd`` on both axes, ``RandRotate90d``, ``RandAffined`` (rotation +-15 deg,
+    scale +-15 %, reflection padding, p 0.3), ``RandAdjustContrastd`` (gamma 0.7-1.5, p 0.5), ``RandGaussianNoised``
+    (std 0.03, p 0.2) and ``RandGaussianSmoothd`` (sigma 0.25-1, p 0.15).
+    """
+
+    def __init__(
+        self, images: list[torch.Tensor], masks: list[torch.Tensor], crop: int, seed: int, pos_prob: float = 0.5
+    ):
+        self.images, self.masks, self.crop, self.pos_prob = images, masks, crop, pos_prob
+        self.fg = [torch.nonzero(m > 0.5) for m in masks]  # [N, 2] vessel pixel coordinates per image
+        self.device = images[0].device
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed)
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.gen, device=self.device)
+
+    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch.nn.functional as F
+
+        c, imgs, labs = self.crop, [], []
+        u = self._rand(len(rows), 4).cpu().numpy()
+        for k, r in enumerate(rows):
+            img, m = self.images[r], self.masks[r]
+            h, w = img.shape
+            if u[k, 0] < self.pos_prob and len(self.fg[r]):
+                cy, cx = self.fg[r][int(u[k, 1] * len(self.fg[r]))].tolist()
+            else:
+                cy, cx = int(u[k, 1] * h), int(u[k, 2] * w)
+            y0 = min(max(cy - c // 2, 0), max(h - c, 0))
+            x0 = min(max(cx - c // 2, 0), max(w - c, 0))
+            ci, cm = img[y0 : y0 + c, x0 : x0 + c], m[y0 : y0 + c, x0 : x0 + c]
+            if ci.shape != (c, c):  # smaller than the crop: pad like SpatialPadd
+                ph, pw = c - ci.shape[0], c - ci.shape[1]
+                ci, cm = F.pad(ci, (0, pw, 0, ph)), F.pad(cm, (0, pw, 0, ph))
+            kk = int(u[k, 3] * 8)  # dihedral element: rot90 k times, then an optional flip (flips x rot90)
+            ci, cm = torch.rot90(ci, kk % 4), torch.rot90(cm, kk % 4)
+            if kk >= 4:
+                ci, cm = ci.flip(0), cm.flip(0)
+            imgs.append(ci)
+            labs.append(cm)
+        x, y = torch.stack(imgs)[:, None], torch.stack(labs)[:, None].float()
+        b = x.shape[0]
+        # RandAffined: rotation and isotropic scale, reflection padding
+        on = (self._rand(b) < 0.3).float()
+        ang = (self._rand(b) * 2 - 1) * 0.26 * on
+        sc = 1 + (self._rand(b) * 2 - 1) * 0.15 * on
+        cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        y = F.grid_sample(y, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+        # RandAdjustContrastd (gamma on the [0, 1] image)
+        gam = torch.where(self._rand(b) < 0.5, 0.7 + 0.8 * self._rand(b), torch.ones(b, device=self.device))
+        x = x.clamp(0, 1) ** gam.view(b, 1, 1, 1)
+        # RandGaussianSmoothd: a separable Gaussian of a per-sample sigma
+        sig = torch.where(self._rand(b) < 0.15, 0.25 + 0.75 * self._rand(b), torch.zeros(b, device=self.device))
+        if bool((sig > 0).any()):
+            t = torch.arange(-3, 4, device=self.device, dtype=x.dtype)
+            ker = torch.exp(-(t[None] ** 2) / (2 * sig.clamp_min(1e-3)[:, None] ** 2))
+            ker = torch.where((sig > 0)[:, None], ker, (t[None] == 0).to(x.dtype))
+            ker = ker / ker.sum(1, keepdim=True)
+            xs = x.transpose(0, 1)  # [1, B, H, W]: one group per sample
+            xs = F.conv2d(F.pad(xs, (3, 3, 0, 0), mode="reflect"), ker[:, None, None, :], groups=b)
+            xs = F.conv2d(F.pad(xs, (0, 0, 3, 3), mode="reflect"), ker[:, None, :, None], groups=b)
+            x = xs.transpose(0, 1)
+        # RandGaussianNoised
+        nz = (self._rand(b) < 0.2).float().view(b, 1, 1, 1) * 0.03
+        x = x + nz * torch.randn(x.shape, generator=self.gen, device=self.device)
+        return x.contiguous(), (y > 0.5).float()
+
+
+def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
+    from monai.networks.nets import BasicUNet
+
+    from monai_vlmfilm.networks import FiLMFlowUNet
+
+    name, _, mode = model.partition(":")
+    if name == "unet":
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1), {"kind": "unet", "divisible_by": 16}
+    cfg = dict(FLOW_CONFIGS[name])
+    net = FiLMFlowUNet(
+        spatial_dims=2,
+        in_channels=2,
+        out_channels=1,
+        attention_levels=[False] * len(cfg["channels"]),
+        use_flash_attention=True,
+        use_vlm_film=mode != "off",
+        cond_dim=128,
+        film_hidden_dim=128,
+        use_difficulty_gate=True,
+        profile_dim=profile_dim,
+        **cfg,
+    )
+    return net, {"kind": "flow", "mode": mode or "on", "divisible_by": 2 ** (len(cfg["channels"]) - 1), **cfg}
+
+
+def profiles_of(items: list[dict]) -> np.ndarray:
+    from monai_vlmfilm.profiles import HeuristicProfiler
+
+    return np.stack([p.to_vector() for p in HeuristicProfiler().profile([d["image"] for d in items])]).astype(
+        np.float32
+    )
+
+
+def dice(p: np.ndarray, g: np.ndarray) -> float:
+    s = p.sum() + g.sum()
+    return float(2 * (p & g).sum() / s) if s else 1.0
+
+
+def image_metrics(prob: np.ndarray, gt: np.ndarray, thr: float, min_size: int) -> dict[str, float]:
+    from skimage.morphology import remove_small_objects
+
+    from monai_vlmfilm.metrics import betti_numbers, cldice_score
+
+    gt = gt.astype(bool)
+    pred = prob >= thr
+    bg = betti_numbers(gt)
+    bp = betti_numbers(pred)
+    cc = remove_small_objects(pred, min_size=min_size) if pred.any() else pred
+    bc = betti_numbers(cc)
+    return {
+        "dice": dice(pred, gt),
+        "cldice": cldice_score(pred, gt),
+        "b0_err": abs(bp[0] - bg[0]),
+        "b1_err": abs(bp[1] - bg[1]),
+        "dice_cc": dice(cc, gt),
+        "cldice_cc": cldice_score(cc, gt),
+        "b0_err_cc": abs(bc[0] - bg[0]),
+        "b1_err_cc": abs(bc[1] - bg[1]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one job
+class Predictor:
+    """Whole-image foreground probability of a trained model, with or without the dihedral TTA."""
+
+    def __init__(self, net: torch.nn.Module, info: dict, device: torch.device, amp: bool):
+        from monai_vlmfilm.inferers import FlowSegInferer, dihedral_transforms, pad_to_multiple
+
+        self.net, self.info, self.device, self.amp = net, info, device, amp
+        self._tta, self._pad = dihedral_transforms, pad_to_multiple
+        self._flow = {
+            t: FlowSegInferer(num_steps=1, num_samples=1, tta=t, divisible_by=info["divisible_by"], seed=0)
+            for t in ("none", "dihedral")
+        }
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, profile: np.ndarray | None, tta: str) -> np.ndarray:
+        x = torch.as_tensor(image, device=self.device)[None, None]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.info["kind"] == "flow":
+                p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
+                prob = self._flow[tta](x, self.net, profile=p)
+            else:
+                outs = []
+                for fwd, inv in self._tta(2, tta):
+                    xp, crop = self._pad(fwd(x), self.info["divisible_by"])
+                    outs.append(inv(torch.sigmoid(self.net(xp).float())[tuple(crop)]))
+                prob = torch.stack(outs).mean(0)
+        return prob[0, 0].float().cpu().numpy()
+
+
+def run_job(job: dict, data_root_: str, args: dict) -> dict:
+    """Train one model on one split and evaluate it; returns per-image records."""
+    gpu = int(os.environ.get("JOB_GPU", "0"))
+    torch.set_num_threads(max(1, int(args.get("threads", 2))))
+    device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from monai_vlmfilm.engines import FlowMatchingPrepareBatch
+    from monai_vlmfilm.losses import FlowSegLoss
+
+    t0 = time.perf_counter()
+    set_determinism(seed=job["seed"])
+    root = Path(data_root_)
+    items = {d["name"]: d for s in SITES for d in load_site(root, s)}
+    train = [items[n] for n in job["train"]]
+    test = [items[n] for n in job["test"]][: args.get("max_test") or None]
+    net, info = build_model(job["model"], profile_dim=args["profile_dim"])
+    net = net.to(device)
+    use_profile = info["kind"] == "flow" and info["mode"] != "off"
+    p_train = profiles_of(train) if use_profile else None
+    p_test = profiles_of(test) if use_profile else None
+    if use_profile and info["mode"] == "shuffle":  # the same profiles, each on another image
+        rng = np.random.default_rng(1000 + job["seed"])
+        p_train, p_test = p_train[rng.permutation(len(p_train))], p_test[rng.permutation(len(p_test))]
+    if use_profile:
+        net.profile_encoder.set_normalization(p_train.mean(0), np.maximum(p_train.std(0), 1e-3))
+
+    aug = GPUAugment(
+        [torch.as_tensor(d["image"], device=device) for d in train],
+        [torch.as_tensor(d["mask"], device=device, dtype=torch.float32) for d in train],
+        args["crop"],
+        seed=job["seed"],
+    )
+
+    iters, bs = args["iterations"], args["batch"]
+    opt = torch.optim.AdamW(net.parameters(), lr=args["lr"], weight_decay=1e-4)
+    warm = max(1, int(0.03 * iters))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, iters) / iters)))
+    )
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(args["ema"]), use_buffers=True)
+    if info["kind"] == "unet":
+        seg_loss = DiceCELoss(sigmoid=True)
+    else:
+        prep = FlowMatchingPrepareBatch(
+            timestep_sampling="logit-normal",
+            endpoint_fraction=args["endpoint"],
+            target="flow" if args["objective"] != "velocity" else "velocity",
+        )
+        flow_loss = FlowSegLoss(
+            velocity_weight=1.0,
+            seg_weight=0.0 if args["objective"] == "velocity" else 1.0,
+            cldice_weight=args["cldice"],
+        )
+    rng = np.random.default_rng(job["seed"])
+    net.train()
+    losses = []
+    for it in range(iters):
+        rows = rng.integers(0, len(train), size=bs)
+        img, lab = aug(rows)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if info["kind"] == "unet":
+                loss = seg_loss(net(img).float(), lab)
+            else:
+                batch = {"image": img, "label": lab}
+                if use_profile:
+                    batch["vlm_profile"] = torch.as_tensor(p_train[rows], device=device)
+                inputs, target, _, kw = prep(batch, device)
+                loss = flow_loss(net(inputs, **kw), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update_parameters(net)
+        if it % 100 == 0:
+            losses.append(round(float(loss.detach()), 5))
+        if it and it % args.get("log_every", 500) == 0:
+            log(
+                f"{job['setting']} f{job['fold']} s{job['seed']} {job['model']}: it {it} loss {losses[-1]} "
+                f"{it / (time.perf_counter() - t0):.1f} it/s"
+            )
+    train_s = time.perf_counter() - t0
+    model = ema.module.eval()
+    predict = Predictor(model, info, device, amp)
+
+    # threshold on the job's own training images (never the test images)
+    thr_imgs = train[:: max(1, len(train) // args["thr_images"])]
+    probs = [predict(d["image"], None if p_train is None else p_train[train.index(d)], "dihedral") for d in thr_imgs]
+    gts = [d["mask"].astype(bool) for d in thr_imgs]
+    thr_scores = {t: float(np.mean([dice(p >= t, g) for p, g in zip(probs, gts)])) for t in THRESHOLDS}
+    thr = max(thr_scores, key=thr_scores.get)
+    records = []
+    for i, d in enumerate(test):
+        prof = None if p_test is None else p_test[i]
+        prob = predict(d["image"], prof, "dihedral")
+        rec = {
+            "image": d["name"],
+            "site": d["site"],
+            "thr": thr,
+            **image_metrics(prob, d["mask"], thr, args["min_size"]),
+        }
+        rec["dice_t05"] = dice(prob >= 0.5, d["mask"].astype(bool))
+        prob1 = predict(d["image"], prof, "none")
+        rec["dice_notta"] = dice(prob1 >= thr, d["mask"].astype(bool))
+        records.append(rec)
+    out = {k: v for k, v in job.items() if k not in ("train", "test")}
+    out.update(
+        {
+            "n_train": len(train),
+            "n_test": len(test),
+            "threshold": thr,
+            "thr_scores": thr_scores,
+            "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
+            "info": info,
+            "train_s": round(train_s, 1),
+            "total_s": round(time.perf_counter() - t0, 1),
+            "losses": losses,
+            "records": records,
+            "gpu": gpu,
+        }
+    )
+    if job["setting"] == "ship" and args.get("out"):
+        torch.save(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            Path(args["out"]) / f"model_ship_{job['model'].replace(':', '_')}_s{job['seed']}.pt",
+        )
+    return out
+
+
+def _worker_init(gpu_queue: Any) -> None:
+    os.environ["JOB_GPU"] = str(gpu_queue.get())
+
+
+def _safe_job(job: dict, root: str, args: dict) -> dict:
+    try:
+        return run_job(job, root, args)
+    except Exception:  # one failed job must not take the others with it
+        return {**{k: v for k, v in job.items() if k not in ("train", "test")}, "error": traceback.format_exc()}
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def latency(models: list[str], sizes: list[int], device: torch.device, profile_dim: int) -> list[dict]:
+    """ms per image, batch 1, bf16, whole image: the shipped inferer (1 step, 1 sample) with and without TTA."""
+    rows = []
+    for model in models:
+        net, info = build_model(model, profile_dim)
+        net = net.to(device).eval()
+        pred = Predictor(net, info, device, amp=device.type == "cuda")
+        prof = np.full(profile_dim, 0.5, np.float32) if info["kind"] == "flow" and info.get("mode") != "off" else None
+        for size in sizes:
+            img = np.random.default_rng(0).random((size, size), dtype=np.float32)
+            for tta in ("none", "dihedral"):
+                for _ in range(5):
+                    pred(img, prof, tta)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                n = 30 if device.type == "cuda" else 2
+                t = time.perf_counter()
+                for _ in range(n):
+                    pred(img, prof, tta)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rows.append(
+                    {"model": model, "size": size, "tta": tta, "ms": round(1e3 * (time.perf_counter() - t) / n, 2)}
+                )
+                log(f"latency {rows[-1]}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
+    from monai_vlmfilm.ablation.stats import paired_difference
+
+    ok = [r for r in results if "records" in r]
+    summary: dict[str, Any] = {}
+    lines = [
+        "| setting | site | model | n img | Dice | clDice | Betti-0 err | Betti-1 err | Dice, small parts removed | "
+        "Betti-0 err, removed | Dice no TTA | jobs |",
+        "|" + "---|" * 12,
+    ]
+    metrics = ("dice", "cldice", "b0_err", "b1_err", "dice_cc", "b0_err_cc", "dice_notta")
+    for setting in sorted({r["setting"] for r in ok}):
+        rs = [r for r in ok if r["setting"] == setting]
+        for site in sorted({x["site"] for r in rs for x in r["records"]}):
+            per_model: dict[str, dict[str, dict[str, float]]] = {}
+            for model in sorted({r["model"] for r in rs}):
+                acc: dict[str, dict[str, list[float]]] = {}
+                for r in rs:
+                    if r["model"] != model:
+                        continue
+                    for x in r["records"]:
+                        if x["site"] == site:
+                            for m in metrics:
+                                acc.setdefault(x["image"], {}).setdefault(m, []).append(float(x[m]))
+                per_model[model] = {img: {m: float(np.nanmean(v)) for m, v in d.items()} for img, d in acc.items()}
+                n_jobs = sum(1 for r in rs if r["model"] == model)
+                means = {m: float(np.nanmean([d[m] for d in per_model[model].values()])) for m in metrics}
+                summary.setdefault(setting, {}).setdefault(site, {})[model] = {
+                    "n_images": len(per_model[model]),
+                    "jobs": n_jobs,
+                    **means,
+                }
+                lines.append(
+                    f"| {setting} | {site} | {model} | {len(per_model[model])} | {100 * means['dice']:.2f} | "
+                    f"{100 * means['cldice']:.2f} | {means['b0_err']:.1f} | {means['b1_err']:.1f} | "
+                    f"{100 * means['dice_cc']:.2f} | {means['b0_err_cc']:.1f} | {100 * means['dice_notta']:.2f} "
+                    f"| {n_jobs} |"
+                )
+            if baseline in per_model:
+                for model in per_model:
+                    if model == baseline:
+                        continue
+                    common = sorted(set(per_model[model]) & set(per_model[baseline]))
+                    diffs = {}
+                    for m in ("dice", "cldice", "b0_err"):
+                        pdiff = paired_difference(
+                            [
+                                100 ** (m != "b0_err") * (per_model[model][i][m] - per_model[baseline][i][m])
+                                for i in common
+                            ]
+                        )
+                        diffs[m] = pdiff.to_dict()
+                    summary[setting][site][f"{model} - {baseline}"] = diffs
+    diff_lines = [
+        "",
+        "| setting | site | comparison | Δ Dice [95 % CI] | Δ clDice [95 % CI] | Δ Betti-0 err [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, sites in summary.items():
+        for site, d in sites.items():
+            for k, v in d.items():
+                if " - " in k:
+                    cells = [
+                        f"{v[m]['mean']:+.2f} [{v[m]['ci_lo']:+.2f}, {v[m]['ci_hi']:+.2f}]"
+                        for m in ("dice", "cldice", "b0_err")
+                    ]
+                    diff_lines.append(f"| {setting} | {site} | {k} | " + " | ".join(cells) + " |")
+    return summary, "\n".join(lines + diff_lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", default="dca1_cv,xcad_cv")
+    ap.add_argument("--models", default="unet,flow-m")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--iterations", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--endpoint", type=float, default=0.5, help="share of each flow batch trained at t = T")
+    ap.add_argument("--objective", default="flowseg", choices=["flowseg", "velocity"])
+    ap.add_argument("--cldice", type=float, default=0.0, help="soft-clDice weight in FlowSegLoss")
+    ap.add_argument("--min-size", type=int, default=30, help="small-component removal size (pixels) measured")
+    ap.add_argument("--thr-images", type=int, default=20, help="training images used to choose the threshold")
+    ap.add_argument("--workers", type=int, default=8, help="parallel jobs per GPU")
+    ap.add_argument("--log-every", type=int, default=500, help="log each job's loss and speed every N iterations")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--deadline-s", type=float, default=0, help="stop waiting after this many seconds (0: never)")
+    ap.add_argument("--latency", action="store_true", help="time inference of every model before training")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--max-jobs", type=int, default=0)
+    ap.add_argument("--max-test", type=int, default=0, help="evaluate at most this many test images per job (0: all)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny CPU run: 2 folds' worth of jobs, 20 iterations, 96² crops"
+    )
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = data_root(a.data)
+    from monai_vlmfilm.profiles import PROFILE_DIM
+
+    if a.smoke:
+        a.iterations, a.batch, a.crop, a.thr_images, a.workers, a.max_test = 20, 2, 96, 2, 1, 2
+        a.max_jobs = a.max_jobs or 2
+        a.models = "unet,flow-s"
+    data = {s: load_site(root, s) for s in SITES}
+    jobs = plan_jobs(data, a.settings.split(","), a.models.split(","), [int(s) for s in a.seeds.split(",")])
+    if a.max_jobs:
+        jobs = jobs[: a.max_jobs]
+    n_gpu = torch.cuda.device_count()
+    card = torch.cuda.get_device_name(0) if n_gpu else platform.processor() or "cpu"
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "card": card,
+        "n_gpu": n_gpu,
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "args": vars(a),
+        "n_jobs": len(jobs),
+    }
+    log(f"{len(jobs)} jobs on {max(n_gpu, 1)} device(s) [{card}], {a.workers} workers each")
+    if a.latency:
+        dev = torch.device("cuda:0" if n_gpu else "cpu")
+        lat = latency(sorted({m for m in a.models.split(",")}), [304, 512], dev, PROFILE_DIM)
+        (out / "latency.json").write_text(json.dumps({**meta, "rows": lat}, indent=1))
+    args = {
+        "iterations": a.iterations,
+        "batch": a.batch,
+        "crop": a.crop,
+        "lr": a.lr,
+        "ema": a.ema,
+        "endpoint": a.endpoint,
+        "objective": a.objective,
+        "cldice": a.cldice,
+        "min_size": a.min_size,
+        "thr_images": a.thr_images,
+        "max_test": a.max_test,
+        "log_every": a.log_every,
+        "threads": a.threads,
+        "profile_dim": PROFILE_DIM,
+        "out": str(out),
+    }
+    ctx = mp.get_context("spawn")
+    gpu_q = ctx.Queue()
+    n_workers = a.workers * max(n_gpu, 1)
+    for i in range(n_workers):
+        gpu_q.put(i % max(n_gpu, 1))
+    results: list[dict] = []
+    with (
+        open(out / "jobs.jsonl", "a") as fh,
+        ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(gpu_q,)) as ex,
+    ):
+        pending = {ex.submit(_safe_job, j, str(root), args) for j in jobs}
+        while pending:
+            timeout = None if not a.deadline_s else max(1.0, a.deadline_s - (time.perf_counter() - t_start))
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            for f in done:
+                r = f.result()
+                results.append(r)
+                fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                msg = (
+                    r.get("error", "").strip().splitlines()[-1:]
+                    if "error" in r
+                    else f"dice {np.mean([x['dice'] for x in r['records']]):.4f} thr {r['threshold']} {r['train_s']} s"
+                )
+                log(f"done {len(results)}/{len(jobs)} {r['setting']} f{r['fold']} s{r['seed']} {r['model']}: {msg}")
+            if a.deadline_s and time.perf_counter() - t_start > a.deadline_s and pending:
+                log(f"deadline: {len(pending)} jobs not finished")
+                for f in pending:
+                    f.cancel()
+                for p in list(getattr(ex, "_processes", {}).values()):
+                    p.terminate()
+                break
+    summary, table = summarise(results)
+    (out / "summary.json").write_text(
+        json.dumps({**meta, "summary": summary, "errors": [r for r in results if "error" in r]}, indent=1)
+    )
+    (out / "summary.md").write_text(f"{meta['date']}, {card} x{max(n_gpu, 1)}, `{meta['command']}`\n\n{table}\n")
+    print(table, flush=True)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
