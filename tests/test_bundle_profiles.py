@@ -42,7 +42,7 @@ def _attach_transforms(overlays: list[str], overrides: dict):
 def test_qwen_overlay_reads_cli_precompute(tiny_qwen_dir, small_data, tmp_path):
     from monai.transforms import Compose
 
-    from monai_vlmfilm.bundle_utils import load_split
+    from monai_vlmfilm.data.datalist import load_split
     from monai_vlmfilm.transforms import AttachVLMProfiled
 
     cache = tmp_path / "cache"
@@ -77,7 +77,7 @@ def test_heuristic_overlay_matches_cli(small_data, tmp_path):
     )
     from monai.transforms import Compose
 
-    from monai_vlmfilm.bundle_utils import load_split
+    from monai_vlmfilm.data.datalist import load_split
 
     pipeline = Compose(transforms)
     for item in load_split(small_data, "training"):

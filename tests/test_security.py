@@ -97,7 +97,7 @@ def test_package_never_unpickles_and_loads_weights_only():
         problems += p
         loads += n
     assert not problems, "\n".join(problems)
-    assert loads >= 2  # the scanner does see the package's torch.load calls (bundle_utils, ablation)
+    assert loads >= 2  # the scanner does see the package's torch.load calls (networks.checkpoint, ablation)
 
 
 def test_scanner_catches_what_it_must():
@@ -153,7 +153,7 @@ def test_bundle_configs_load_checkpoints_weights_only():
         loaders |= {t for t in _config_targets(doc) if "checkpoint" in t.lower() or t.lower().endswith(".load")}
     # every checkpoint loader a config names is one whose torch.load is weights_only (checked below)
     allowed = {"CheckpointLoader", "monai.handlers.CheckpointLoader", "CheckpointSaver",
-               "monai_vlmfilm.bundle_utils.NetworkCheckpointLoader"}  # fmt: skip
+               "monai_vlmfilm.handlers.NetworkCheckpointLoader"}  # fmt: skip
     assert loaders <= allowed, loaders - allowed
     # MONAI's CheckpointLoader (train.yaml's resume) calls torch.load(..., weights_only=True) in this MONAI
     from monai.handlers import CheckpointLoader
@@ -180,7 +180,7 @@ def test_malicious_checkpoint_is_never_executed(tmp_path):
     from ignite.engine import Engine
     from monai.handlers import CheckpointLoader
 
-    from monai_vlmfilm.bundle_utils import load_network_weights
+    from monai_vlmfilm.networks import load_network_weights
 
     net = torch.nn.Linear(2, 2)
     sentinel = tmp_path / "pwned"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,12 +16,9 @@ from monai_vlmfilm.profiles.schema import PROFILE_DIM
 
 from .film import AdaptiveFiLMHead, ProfileEncoder, difficulty_of, film_modulate
 
-__all__ = ["FiLMFlowUNet", "FILM_KEY_PREFIXES", "load_off_checkpoint", "describe_missing_keys", "as_profile_batch"]
+__all__ = ["FiLMFlowUNet", "as_profile_batch"]
 
 logger = logging.getLogger(__name__)
-
-#: state_dict key prefixes of the modules that exist only when FiLM is on.
-FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
 
 
 def as_profile_batch(
@@ -214,61 +211,3 @@ class FiLMFlowUNet(DiffusionModelUNet):
                 h = film_modulate(h, gamma, beta)
         output: torch.Tensor = self.out(h)
         return output
-
-
-def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
-    """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
-    film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
-    other = [k for k in missing if not k.startswith(FILM_KEY_PREFIXES)]
-    lines = []
-    if film:
-        heads = sorted({k.split(".")[1] for k in film if k.startswith("film_heads.")}, key=int)
-        lines.append(
-            f"{len(film)} FiLM parameters are not in the checkpoint (profile_encoder, film_heads for decoder stages "
-            f"{heads}); they keep their initialisation (zero last layer), so the network starts exactly as the "
-            "checkpoint's FiLM-off network."
-        )
-    if other:
-        lines.append(f"{len(other)} non-FiLM parameters are missing from the checkpoint: {other[:10]}")
-    if unexpected:
-        lines.append(f"{len(unexpected)} checkpoint entries do not belong to this network: {list(unexpected)[:10]}")
-    if not lines:
-        lines.append("checkpoint matches the network exactly.")
-    return " ".join(lines)
-
-
-def load_off_checkpoint(network: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a FiLM-off (plain ``DiffusionModelUNet``) checkpoint into a FiLM network.
-
-    Only FiLM keys (``profile_encoder.*``, ``film_heads.*``) may be missing; anything else raises.
-    A ``module.`` prefix (DistributedDataParallel) on every key is stripped.
-
-    Args:
-        network: a :class:`FiLMFlowUNet` (ON or OFF) or a DDP wrapper around one.
-        state_dict: the checkpoint's state dict.
-
-    Returns:
-        the FiLM keys left at their initialisation.
-
-    Raises:
-        RuntimeError: on missing non-FiLM keys, unexpected keys or shape mismatches, with a plain description.
-    """
-    net = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
-    sd = dict(state_dict)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    own = net.state_dict()
-    shape_errors = [
-        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    message = describe_missing_keys(missing, unexpected)
-    if shape_errors or unexpected or any(not k.startswith(FILM_KEY_PREFIXES) for k in missing):
-        details = f" Shape mismatches: {shape_errors[:10]}" if shape_errors else ""
-        raise RuntimeError(f"cannot load the checkpoint into {type(net).__name__}: {message}{details}")
-    net.load_state_dict(sd, strict=False)
-    logger.info(message)
-    return missing
