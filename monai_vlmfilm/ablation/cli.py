@@ -401,7 +401,7 @@ class Ablation:
             for k, held in enumerate(D.make_folds(pool, a.folds, a.fold_seed)):
                 held_set = {it["image"] for it in held}
                 train = [it for it in pool if it["image"] not in held_set]
-                path = D.write_datalist(
+                path = D.write_fold_datalist(
                     self.out / "datalists" / f"fold{k}.json",
                     {"training": train, "validation": held, "test": held},
                     f"fold {k} of {a.folds} (seed {a.fold_seed}) over training+validation of {self.datalist_path}",
@@ -410,7 +410,7 @@ class Ablation:
         else:
             split = D.eval_split_of(dl, a.eval_split)
             ev = list(dl[split])
-            path = D.write_datalist(
+            path = D.write_fold_datalist(
                 self.out / "datalists" / "main.json",
                 {"training": dl["training"], "validation": dl.get("validation") or ev, "test": ev},
                 f"{self.datalist_path} with absolute paths; test = its {split!r} split",

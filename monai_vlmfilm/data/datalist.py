@@ -47,6 +47,7 @@ __all__ = [
     "read_array",
     "mask_threshold",
     "split_items",
+    "read_datalist",
     "load_split",
     "image_list",
     "write_datalist",
@@ -362,39 +363,96 @@ def build_datalist(
     return datalist
 
 
-def load_split(datalist: str | os.PathLike, split: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
+def read_datalist(
+    datalist: str | os.PathLike,
+    sections: Sequence[str] | None = None,
+    path_keys: Sequence[str] = ("image", "label"),
+    check_files: bool = False,
+) -> dict[str, Any]:
+    """A MONAI datalist JSON with the file paths of its items made absolute: the package's one datalist reader.
+
+    Paths are relative to the datalist's folder unless absolute (the rule of ``monai.data.load_decathlon_datalist``).
+    Every list-valued section is read, or only ``sections``; other top-level entries (``description``, ...) pass
+    through, and items keep their extra keys (e.g. the synthetic generator's ``factors``).
+
+    Args:
+        datalist: the JSON file.
+        sections: the list sections to read (each must be present); None reads every list section.
+        path_keys: item keys holding a path or a list of paths.
+        check_files: raise when a path under ``path_keys`` names no file.
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: not a JSON object, a requested section is not a list, an item is neither a dict nor a path, or
+            (``check_files``) a file is missing; the message names the datalist and the item.
+    """
+    path = Path(datalist).expanduser()
+    name = repr(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"datalist {name} does not exist: generate one with `python -m monai_vlmfilm.data.synthetic --out DIR` "
+            "or `python -m monai_vlmfilm.data.datalist`, then pass --datalist DIR/datalist.json"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"datalist {name} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"datalist {name} is not a JSON object with sections (it is a {type(doc).__name__})")
+    absent = [sec for sec in sections or () if not isinstance(doc.get(sec), list)]
+    if absent:
+        raise ValueError(f"datalist {name} has no list {absent[0]!r} (it has: {sorted(doc)})")
+    base = path.parent.absolute()
+
+    def absolute(value: Any, where: str) -> Any:
+        if isinstance(value, list):
+            return [absolute(v, where) for v in value]
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        f = os.path.normpath(base / value)
+        if check_files and not os.path.isfile(f):
+            raise ValueError(f"datalist {name}, {where} file {f!r} does not exist")
+        return f
+
+    out: dict[str, Any] = {}
+    for sec, items in doc.items():
+        if not isinstance(items, list):
+            out[sec] = items
+            continue
+        if sections is not None and sec not in sections:
+            continue
+        fixed = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, os.PathLike)):  # the Decathlon format lists test images as bare paths
+                fixed.append(absolute(item, f"{sec}[{i}]"))
+                continue
+            if not isinstance(item, dict):
+                raise ValueError(f"datalist {name}: item {i} of {sec!r} is neither an object nor a path ({item!r})")
+            fixed.append({k: absolute(v, f"{sec}[{i}].{k}") if k in path_keys else v for k, v in item.items()})
+        out[sec] = fixed
+    return out
+
+
+def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
     """One split (``"training"``, ``"validation"``, ``"test"``) of a MONAI datalist JSON, paths made absolute.
 
-    Paths in the file are relative to ``base_dir`` (default: the datalist's folder), as
-    ``monai.data.load_decathlon_datalist`` does it. Entries may carry extra keys (e.g. ``factors``); they pass through.
+    Paths in the file are relative to the datalist's folder. Entries may carry extra keys (e.g. ``factors``); they
+    pass through. A bare path entry (the Decathlon format's test list) becomes ``{"image": path}``.
+
+    Args:
+        datalist: the datalist JSON.
+        split: the section to read.
 
     Raises:
         FileNotFoundError: the datalist does not exist.
         ValueError: the file is not a JSON datalist, the split is missing or empty, or an image file is missing.
     """
-    path = Path(datalist).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"datalist {str(path)!r} does not exist: generate one with `python -m monai_vlmfilm.data.synthetic --out DIR` "
-            "or `python -m monai_vlmfilm.data.datalist`, then pass --datalist DIR/datalist.json"
-        )
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {str(path)!r} is not valid JSON: {e}") from e
-    if not isinstance(content, dict) or not isinstance(content.get(split), list):
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise ValueError(f"datalist {str(path)!r} has no list {split!r} (it has: {keys})")
-    from monai.data import load_decathlon_datalist
-
-    items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split, base_dir=base_dir)
+    items = [
+        it if isinstance(it, dict) else {"image": it}
+        for it in read_datalist(datalist, sections=[split], check_files=True)[split]
+    ]
     if not items:
-        raise ValueError(f"datalist {str(path)!r}: split {split!r} is empty")
-    for item in items:
-        for key in ("image", "label"):
-            if key in item and isinstance(item[key], str) and not os.path.exists(item[key]):
-                raise ValueError(f"datalist {str(path)!r}, split {split!r}: {key} file {item[key]!r} does not exist")
+        raise ValueError(f"datalist {str(datalist)!r}: split {split!r} is empty")
     return items
 
 

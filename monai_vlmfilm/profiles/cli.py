@@ -20,7 +20,6 @@ calibrate
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import PIL_SUFFIXES, ImageReadError, canonical_image, create_profiler
+from monai_vlmfilm.data.datalist import IMAGE_EXTENSIONS, read_datalist
+
+from .base import ImageReadError, canonical_image, create_profiler
 from .schema import FOCUS_KEYS, VLMProfile
 from .store import ProfileStore
 
@@ -41,7 +42,6 @@ logger = logging.getLogger("monai_vlmfilm.profiles")
 
 FIELDS = ("difficulty", "confidence", *FOCUS_KEYS)
 FLAT_STD = 0.05
-_OTHER_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd")
 
 
 def read_image_list(
@@ -50,43 +50,41 @@ def read_image_list(
     key: str = "image",
     sections: Sequence[str] | None = None,
 ) -> list[str]:
-    """Image paths of a MONAI datalist (every list-valued section, or only ``sections``) or an image folder."""
+    """Image paths of a MONAI datalist (every list-valued section, or only ``sections``) or an image folder.
+
+    Args:
+        datalist: a datalist JSON, read with :func:`monai_vlmfilm.data.datalist.read_datalist`.
+        images: a folder searched recursively for files ending in one of ``IMAGE_EXTENSIONS``.
+        key: the item key holding the image path(s).
+        sections: datalist sections to read (None: all).
+
+    Raises:
+        SystemExit: with a message for the command line when nothing usable is found.
+    """
     if datalist:
-        path = Path(datalist)
         try:
-            doc = json.loads(path.read_text())
+            doc = read_datalist(datalist, sections=sections, path_keys=(key,))
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read datalist {datalist!r}: {e}") from e
-        if not isinstance(doc, dict):
-            raise SystemExit(f"error: datalist {datalist!r} is not a JSON object with sections")
-        if sections:
-            absent = [sec for sec in sections if not isinstance(doc.get(sec), list)]
-            if absent:
-                raise SystemExit(f"error: datalist {datalist!r} has no list section(s) {absent}")
+            raise SystemExit(f"error: {e}") from e
         out: list[str] = []
-        for name, items in doc.items():
-            if not isinstance(items, list) or (sections and name not in sections):
-                continue
-            for item in items:
+        for items in doc.values():
+            for item in items if isinstance(items, list) else []:
                 vals = item.get(key) if isinstance(item, dict) else item
-                for v in vals if isinstance(vals, list) else [vals]:
-                    if isinstance(v, str) and v:
-                        out.append(v if os.path.isabs(v) else str(path.parent / v))
+                out += [v for v in (vals if isinstance(vals, list) else [vals]) if isinstance(v, str) and v]
         if not out:
             raise SystemExit(f"error: datalist {datalist!r} has no {key!r} entries")
-        return list(dict.fromkeys(os.path.normpath(p) for p in out))
+        return list(dict.fromkeys(out))
     if images:
         root = Path(images)
         if not root.is_dir():
             raise SystemExit(f"error: image folder {images!r} does not exist")
-        suffixes = PIL_SUFFIXES + _OTHER_SUFFIXES
         files = [
             str(p)
             for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(suffixes)
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_EXTENSIONS)
         ]
         if not files:
-            raise SystemExit(f"error: no image files ({', '.join(suffixes)}) under {images!r}")
+            raise SystemExit(f"error: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images!r}")
         return files
     raise SystemExit("error: give --datalist or --images")
 
