@@ -15,7 +15,7 @@ from monai.transforms import MapTransform, SaveImaged
 from monai.utils import ensure_tuple_rep
 
 from .profiles.base import Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
-from .profiles.schema import DEFAULT_PROFILE, VLMProfile
+from .profiles.schema import DEFAULT_PROFILE, PROFILE_KEY, VLMProfile
 from .profiles.store import ProfileStore, ProfileStoreError
 
 __all__ = ["AttachVLMProfiled", "EnsureGrayscale2Dd", "PRECOMPUTE_HINT", "SaveVesselOverlayd", "VesselOverlayd"]
@@ -50,7 +50,7 @@ class AttachVLMProfiled(MapTransform):
     Works before ``LoadImaged`` (a path) or after it (a MetaTensor: the file named by
     ``filename_or_obj`` is hashed through the store's path memo, so intensity transforms placed before
     this one do not change the key; without a file the pixels themselves are hashed). When ``d[key]``
-    is a MetaTensor its ``meta["vlm_profile"]`` gets the same vector, for inferers that receive only
+    is a MetaTensor its ``meta[PROFILE_KEY]`` (``"vlm_profile"``) gets the same vector, for inferers that receive only
     the image (MONAI Label calls ``inferer(inputs, network)``).
 
     Args:
@@ -73,7 +73,7 @@ class AttachVLMProfiled(MapTransform):
         store: ProfileStore | str | os.PathLike,
         profiler: Profiler | str | dict | None = None,
         on_missing: str = "compute",
-        profile_key: str | Sequence[str] = "vlm_profile",
+        profile_key: str | Sequence[str] = PROFILE_KEY,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -203,7 +203,7 @@ class AttachVLMProfiled(MapTransform):
             vec = torch.from_numpy(self.profile_of(d[key]).to_vector())
             d[pkey] = vec
             if isinstance(d[key], MetaTensor):
-                d[key].meta["vlm_profile"] = vec.clone()
+                d[key].meta[PROFILE_KEY] = vec.clone()
         return d
 
 

@@ -681,7 +681,9 @@ class Ablation:
         import torch
         from monai.bundle import ConfigParser
 
-        from .film import film_magnitudes, load_state_dict
+        from monai_vlmfilm.networks.checkpoint import load_network_weights
+
+        from .film import film_magnitudes
 
         mode = job.info["mode"]
         parser = ConfigParser()
@@ -690,8 +692,7 @@ class Ablation:
         parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         net = parser.get_parsed_content("network_def", instantiate=True)
-        sd = load_state_dict(str(self.checkpoint_of(job)))
-        net.load_state_dict(sd)
+        load_network_weights(net, self.checkpoint_of(job))
         st = self.store_of(mode)
         vecs = D.profile_vectors(st["dir"], job.info["eval_items"], st["profiler"])
         return film_magnitudes(net, vecs)

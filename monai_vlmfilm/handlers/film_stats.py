@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, VECTOR_FIELDS
+from monai_vlmfilm.networks.checkpoint import unwrap
+from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, PROFILE_KEY, VECTOR_FIELDS
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -18,10 +19,6 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = ["FiLMStatsHandler"]
-
-
-def _unwrap(network: Any) -> Any:
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
 
 
 class FiLMStatsHandler:
@@ -65,7 +62,7 @@ class FiLMStatsHandler:
     def __init__(
         self,
         network: torch.nn.Module | None = None,
-        profile_key: str = "vlm_profile",
+        profile_key: str = PROFILE_KEY,
         tag_prefix: str = "film/",
         log_every: int = 1,
         profile_stats: Any = None,
@@ -117,7 +114,7 @@ class FiLMStatsHandler:
 
     def compute(self, engine: Engine) -> dict[str, float]:
         """The values of the current iteration (see the class docstring)."""
-        network = _unwrap(self.network if self.network is not None else getattr(engine, "network", None))
+        network = unwrap(self.network if self.network is not None else getattr(engine, "network", None))
         film = network.last_film_stats() if hasattr(network, "last_film_stats") else {}
         names: list[str] = []
         parts: list[torch.Tensor] = []

@@ -9,7 +9,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["FILM_KEY_PREFIXES", "unwrap", "describe_missing_keys", "load_off_checkpoint", "load_network_weights"]
+__all__ = [
+    "FILM_KEY_PREFIXES",
+    "unwrap",
+    "strip_ddp_prefix",
+    "load_state_dict",
+    "describe_missing_keys",
+    "load_off_checkpoint",
+    "load_network_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -22,32 +30,72 @@ def unwrap(network: Any) -> Any:
     return network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
 
 
-def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a bundle checkpoint into ``network`` across the ``use_vlm_film`` switch.
+def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the ``module.`` prefix that ``DistributedDataParallel`` puts on every key."""
+    sd = dict(state_dict)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
 
-    Accepts a plain state dict (``CheckpointSaver`` with one object) or a dict with a ``"model"`` entry
-    (``CheckpointSaver`` with several objects). A FiLM-off network ignores the FiLM parameters of a FiLM-on
-    checkpoint; a FiLM-on network loads a FiLM-off checkpoint with its FiLM heads at their identity
-    initialisation (``monai_vlmfilm.networks.load_off_checkpoint``). Anything else must match exactly.
 
-    Returns:
-        ``{"missing": [...], "ignored": [...]}``: FiLM keys left at initialisation / FiLM keys dropped.
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The network state dict of a checkpoint file: the package's one checkpoint reader.
+
+    Accepts a bare state dict (``CheckpointSaver`` with one object, the bundle's ``model.pt``) or MONAI
+    ``CheckpointSaver``'s ``{"model"|"network"|"net"|"state_dict"|"network_def": state_dict, ...}``; a DDP
+    ``module.`` prefix is stripped. Read with ``weights_only=True``: nothing in a checkpoint is executed.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        RuntimeError: the checkpoint does not fit the network (other keys or shapes), with a plain description.
+        ValueError: the file holds no network state dict (the message names the file and its top-level keys).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run training ...` "
             "or point --ckpt_path at a model.pt"
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, Mapping):
-        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a state dict")
-    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in ckpt.items()}
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if _is_state_dict(obj):
+        return strip_ddp_prefix(obj)
+    for k in ("model", "network", "net", "state_dict", "network_def"):
+        if isinstance(obj, Mapping) and _is_state_dict(obj.get(k)):
+            return strip_ddp_prefix(obj[k])
+    keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise ValueError(f"checkpoint {str(path)!r} holds no network state dict (top level: {keys})")
+
+
+def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a bundle checkpoint into ``network`` across the ``use_vlm_film`` switch.
+
+    The file is read with :func:`load_state_dict`. A FiLM-off network ignores the FiLM parameters of a FiLM-on
+    checkpoint; a FiLM-on network loads a FiLM-off checkpoint with its FiLM heads at their identity
+    initialisation (:func:`load_off_checkpoint`). Anything else must match exactly.
+
+    Args:
+        network: the network (a DDP wrapper is unwrapped).
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        ``{"missing": [...], "ignored": [...]}``: FiLM keys left at initialisation / FiLM keys dropped.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        RuntimeError: the checkpoint holds no state dict or does not fit the network (other keys or shapes), with a
+            plain description.
+    """
+    try:
+        sd = load_state_dict(path, map_location)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from e
     net = unwrap(network)
     ignored: list[str] = []
     if not getattr(net, "use_vlm_film", False):
@@ -113,9 +161,7 @@ def load_off_checkpoint(network: torch.nn.Module, state_dict: Mapping[str, torch
         RuntimeError: on missing non-FiLM keys, unexpected keys or shape mismatches, with a plain description.
     """
     net = unwrap(network)
-    sd = dict(state_dict)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    sd = strip_ddp_prefix(state_dict)
     own = net.state_dict()
     shape_errors = [
         f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"

@@ -6,49 +6,18 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
-from monai_vlmfilm.profiles.schema import PROFILE_DIM
+from monai_vlmfilm.profiles.schema import PROFILE_DIM, as_profile_batch
 
 from .film import AdaptiveFiLMHead, ProfileEncoder, difficulty_of, film_modulate
 
 __all__ = ["FiLMFlowUNet", "as_profile_batch"]
 
 logger = logging.getLogger(__name__)
-
-
-def as_profile_batch(
-    profile: Any, batch_size: int, profile_dim: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Turn a profile given as tensor / array / list (``[P]``, ``[1, P]`` or ``[B, P]``) into float32 ``[B, P]``.
-
-    The result is detached: no gradient ever flows back into whatever produced the profile (the VLM is frozen).
-
-    Raises:
-        ValueError: when the shape does not fit ``batch_size`` x ``profile_dim``.
-    """
-    if isinstance(profile, torch.Tensor):
-        p = profile.detach()
-        if hasattr(p, "as_tensor"):  # MetaTensor -> plain tensor, no meta bookkeeping in the forward pass
-            p = p.as_tensor()
-    elif isinstance(profile, (list, tuple)) and profile and isinstance(profile[0], torch.Tensor):
-        p = torch.stack([torch.as_tensor(q).detach() for q in profile])
-    else:
-        p = torch.as_tensor(np.asarray(profile, dtype=np.float32))
-    p = p.to(device=device, dtype=torch.float32)
-    if p.ndim == 1:
-        p = p[None]
-    if p.ndim != 2 or p.shape[1] != profile_dim:
-        raise ValueError(f"profile must have shape [B, {profile_dim}] (or [{profile_dim}]), got {tuple(p.shape)}.")
-    if p.shape[0] == 1 and batch_size > 1:
-        p = p.expand(batch_size, -1)
-    if p.shape[0] != batch_size:
-        raise ValueError(f"profile batch size {p.shape[0]} does not match the input batch size {batch_size}.")
-    return p
 
 
 class FiLMFlowUNet(DiffusionModelUNet):
