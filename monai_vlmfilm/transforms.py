@@ -14,9 +14,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImaged
 from monai.utils import ensure_tuple_rep
 
-from .profiles.base import Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
+from .profiles.base import Profiler, create_profiler, is_heavy, rgb_to_luma
 from .profiles.schema import DEFAULT_PROFILE, PROFILE_KEY, VLMProfile
-from .profiles.store import ProfileStore, ProfileStoreError
+from .profiles.store import ProfileStore
 
 __all__ = ["AttachVLMProfiled", "EnsureGrayscale2Dd", "PRECOMPUTE_HINT", "SaveVesselOverlayd", "VesselOverlayd"]
 
@@ -158,19 +158,12 @@ class AttachVLMProfiled(MapTransform):
 
     def profile_of(self, img: Any) -> VLMProfile:
         """The profile of one image (path, array, Tensor, MetaTensor) under the configured policy."""
-        store, fp = self.store, self.fingerprint
+        fp = self.fingerprint
         path = self._source_path(img)
-        arr: np.ndarray | None = None
-        if path is not None:
-            digest, arr = store.path_digest(path)
-        else:
-            arr = canonical_image(img)
-            digest = pixel_digest(arr)
-        key = store.make_key(digest, fp)
-        prof = store.get_by_key(key, fp)
-        if prof is not None:
+        found = self.store.lookup(path if path is not None else img, fp)
+        if found.profile is not None:
             self._counts["hits"] += 1
-            return prof
+            return found.profile
         self._counts["misses"] += 1
         name = path or f"<{type(img).__name__} {tuple(getattr(img, 'shape', ()))}>"
         if self.on_missing == "error":
@@ -181,13 +174,10 @@ class AttachVLMProfiled(MapTransform):
             return self._fallback(
                 f"cache miss in a DataLoader worker (heavy profiler not loaded there); {PRECOMPUTE_HINT}", name
             )
-        if arr is None:
-            arr = canonical_image(path)  # display orientation for the profiler
-        prof = self.profiler.profile([arr])[0]
+        write_errors: list = []  # read-only / full cache: keep training on the computed profile
+        prof = self.store.compute([found], self.profiler, write_errors=write_errors)[0]
         self._counts["computed"] += 1
-        try:
-            store.put_by_key(key, prof, fp, digest)
-        except ProfileStoreError as e:  # read-only / full cache: keep training on the computed profile
+        for _key, e in write_errors:
             self._counts["write_errors"] += 1
             self._warn("profile for %s computed but not cached: %s", name, e)
         if prof.is_fallback:
@@ -239,9 +229,8 @@ class EnsureGrayscale2Dd(MapTransform):
         c = img.shape[0]
         if c == 1:
             return img
-        if c in (3, 4):  # ITU-R BT.601 luma, alpha dropped
-            w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=img.device).reshape(3, 1, 1)
-            gray = (img[:3].float() * w).sum(0, keepdim=True)
+        if c in (3, 4):  # alpha dropped
+            gray = rgb_to_luma(img.float(), channel_axis=0)[None]
             return gray.to(img.dtype) if img.dtype.is_floating_point else gray
         if c == 2:  # gray + alpha
             return img[:1]

@@ -149,14 +149,12 @@ def build_shuffled_cache(
     by_key: dict[str, tuple[str, str, Any]] = {}
     owners: dict[str, list[str]] = {}
     for it in items:
-        digest = src.digest(it["image"])
-        key = src.make_key(digest, fp)
-        owners.setdefault(key, []).append(it["image"])
-        if key not in by_key:
-            prof = src.get_by_key(key, fp)
-            if prof is None:
+        found = src.lookup(it["image"], fp)
+        owners.setdefault(found.key, []).append(it["image"])
+        if found.key not in by_key:
+            if found.profile is None:
                 raise ValueError(f"no {profiler.name} profile for {it['image']!r} in {str(source_dir)!r}")
-            by_key[key] = (it["image"], digest, prof)
+            by_key[found.key] = (it["image"], found.digest, found.profile)
     keys = sorted(by_key)
     perm = seeded_derangement(len(keys), seed)
     mapping: dict[str, str] = {}
@@ -177,7 +175,7 @@ def profile_vectors(cache_dir: Path, items: Sequence[Mapping[str, Any]], profile
     store = ProfileStore(cache_dir, read_only=True)
     out = []
     for it in items:
-        prof = store.get(it["image"], profiler.fingerprint)
+        prof = store.lookup(it["image"], profiler.fingerprint).profile
         if prof is None:
             raise ValueError(f"no {profiler.name} profile for {it['image']!r} in {str(cache_dir)!r}")
         out.append(prof.to_vector())

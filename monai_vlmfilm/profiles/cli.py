@@ -100,17 +100,21 @@ def _dist() -> tuple[int, int, int]:
 
 
 def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
-    name = args.profiler.lower()
-    if name == "oracle":
-        from .oracle import OracleProfiler
+    """The profiler the command line asks for: its options as keyword arguments of :func:`create_profiler`.
 
+    Args:
+        args: parsed ``--profiler`` and its options (``--datalist`` for the oracle, ``--model``, ``--mode``,
+            ``--prompt-template``, ``--device`` ... for Qwen, ``--calibration`` for the heuristic).
+        local_rank: this process's GPU under ``torchrun`` (one model per GPU).
+    """
+    name = args.profiler.lower()
+    kw: dict[str, Any] = {}
+    if name == "oracle":
         if not args.datalist:
             raise SystemExit("error: --profiler oracle needs --datalist (items with ground-truth 'factors')")
-        return OracleProfiler.from_datalist(args.datalist)
-    if name in ("qwen", "qwen2_5_vl"):
-        from .qwen import QwenVLProfiler
-
-        kw: dict[str, Any] = {"mode": args.mode, "batch_size": args.batch_size}
+        kw["datalist"] = args.datalist
+    elif name in ("qwen", "qwen2_5_vl"):
+        kw = {"mode": args.mode, "batch_size": args.batch_size}
         if args.model:
             kw["model"] = args.model
         if args.prompt_template:
@@ -124,69 +128,44 @@ def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
 
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
-        if device is not None:
-            kw["device"] = device
-        if args.dtype:
-            kw["dtype"] = args.dtype
-        if args.device_map:
-            kw["device_map"] = args.device_map
-        return QwenVLProfiler(**kw)
-    if name == "heuristic" and getattr(args, "calibration", None):
-        from .heuristic import HeuristicProfiler
-
-        return HeuristicProfiler(calibration=args.calibration)
-    return create_profiler(args.profiler)
+        kw.update({k: v for k, v in (("device", device), ("dtype", args.dtype), ("device_map", args.device_map)) if v})
+    elif name == "heuristic" and getattr(args, "calibration", None):
+        kw["calibration"] = args.calibration
+    return create_profiler({"name": args.profiler, **kw})
 
 
 def precompute(
     paths: Sequence[str], store: ProfileStore, profiler: Any, batch_size: int = 8, progress: bool = True, desc: str = ""
 ) -> dict[str, Any]:
-    """Profile ``paths`` into ``store``; returns counts and the unreadable images with reasons."""
+    """Profile ``paths`` into ``store`` with :meth:`ProfileStore.get_or_compute`, one batch of paths at a time.
+
+    Args:
+        paths: image files.
+        store: the cache.
+        profiler: computes the misses.
+        batch_size: images per profiler call.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        counts (``total``, ``cached``: already in the cache or a duplicate, ``new``, ``fallback``), ``seconds`` and
+        ``unreadable``: ``[(path, reason), ...]``.
+    """
     from tqdm.auto import tqdm
 
-    fp = profiler.fingerprint
     counts = {"total": len(paths), "cached": 0, "new": 0, "fallback": 0}
     unreadable: list[tuple[str, str]] = []
-    pending: list[tuple[str, str, str, np.ndarray]] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True)
-
-    def flush() -> None:
-        if not pending:
-            return
-        profs = profiler.profile([a for *_, a in pending])
-        if len(profs) != len(pending):
-            raise RuntimeError(f"profiler returned {len(profs)} profiles for {len(pending)} images")
-        for (_p, key, digest, _a), prof in zip(pending, profs):
-            store.put_by_key(key, prof, fp, digest)
-            counts["new"] += 1
-            counts["fallback"] += int(prof.is_fallback)
-        bar.update(len(pending))
-        pending.clear()
-
-    seen: set[str] = set()
-    for p in paths:
-        try:
-            digest, arr = store.path_digest(p)
-            key = store.make_key(digest, fp)
-            hit = store.get_by_key(key, fp)
-            if hit is None and key not in seen and arr is None:
-                arr = canonical_image(p)  # memo hit but no entry: read the pixels for the profiler
-        except (ImageReadError, OSError) as e:
-            unreadable.append((p, str(e)))
-            bar.update(1)
-            continue
-        if hit is not None or key in seen:  # duplicates of one image are profiled once
-            counts["cached"] += 1
-            counts["fallback"] += int(hit is not None and hit.is_fallback)
-            bar.update(1)
-            continue
-        seen.add(key)
-        pending.append((p, key, digest, arr))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    bar.close()
+    with tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True) as bar:
+        for s in range(0, len(paths), batch_size):
+            chunk = paths[s : s + batch_size]
+            writes, n_bad = store.stats.writes, len(unreadable)
+            profs = store.get_or_compute(chunk, profiler, batch_size, unreadable=unreadable)
+            new = store.stats.writes - writes
+            counts["new"] += new
+            counts["cached"] += len(chunk) - (len(unreadable) - n_bad) - new
+            counts["fallback"] += sum(1 for p in profs if p is not None and p.is_fallback)
+            bar.update(len(chunk))
     counts["seconds"] = time.perf_counter() - t0
     counts["unreadable"] = unreadable
     try:
