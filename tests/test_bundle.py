@@ -47,9 +47,9 @@ def run_cli(args: list[str], timeout: int = 300, env: dict | None = None) -> str
     return out
 
 
-def bundle_run(run_id: str, config_file: str | list[str], *overrides: str, timeout: int = 300) -> str:
+def bundle_run(config_file: str | list[str], *overrides: str, timeout: int = 300) -> str:
     cfg = config_file if isinstance(config_file, str) else "[" + ",".join(f"'{c}'" for c in config_file) + "]"
-    return run_cli([PY, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *overrides], timeout=timeout)
+    return run_cli([PY, "-m", "monai.bundle", "run", "--config_file", cfg, *overrides], timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +74,7 @@ def _common(data, bundle_root: Path) -> list[str]:
 def run_off(data):
     """FiLM-off training (plain train.yaml, switch given as the string "false" as typed on a shell)."""
     root = data["root"] / "run_off"
-    log = bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, root), *TINY_TRAIN,
+    log = bundle_run(str(CONFIGS / "train.yaml"), *_common(data, root), *TINY_TRAIN,
                      "--use_vlm_film", "false")  # fmt: skip
     return {"root": root, "log": log}
 
@@ -83,7 +83,7 @@ def run_off(data):
 def run_on(data):
     """FiLM-on training through the experiment overlay configs/flow_vlm.yaml."""
     root = data["root"] / "run_on"
-    log = bundle_run("training", [str(CONFIGS / "train.yaml"), str(REPO / "configs" / "flow_vlm.yaml")],
+    log = bundle_run([str(CONFIGS / "train.yaml"), str(REPO / "configs" / "flow_vlm.yaml")],
                      *_common(data, root), *TINY_TRAIN, "--film_log_every", "1")  # fmt: skip
     return {"root": root, "log": log}
 
@@ -103,7 +103,7 @@ def test_verify_metadata():
                    "--filepath", str(SCHEMA)])  # fmt: skip
     assert "metadata is verified with no error" in out
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    assert list(meta["network_data_format"]["inputs"]) == ["image"]
+    assert list(meta["network_data_format"]["inputs"]) == ["image", "timesteps", "profile"]  # forward()'s arguments
     assert list(meta["network_data_format"]["outputs"]) == ["pred"]
 
 
@@ -113,6 +113,17 @@ def test_verify_net_in_out():
                    str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"),
                    "--device", "cpu"])  # fmt: skip
     assert "data shape of network is verified with no error" in out
+
+
+def test_one_network_def_for_training_and_inference():
+    """MONAI Label builds inference.yaml's network_def and loads train.yaml's checkpoints into it: the two must agree."""
+    from monai.bundle import ConfigParser
+
+    train, infer = ConfigParser(), ConfigParser()
+    train.read_config(str(CONFIGS / "train.yaml"))
+    infer.read_config(str(CONFIGS / "inference.yaml"))
+    assert train["network_def"] == infer["network_def"]
+    assert train["network_def"]["_target_"] == "monai_vlmfilm.networks.FiLMFlowUNet"
 
 
 def test_switch_in_parsed_config(data, tmp_path):
@@ -134,9 +145,15 @@ def test_switch_in_parsed_config(data, tmp_path):
         p = parsed(flag)
         net = p.get_parsed_content("network_def")
         transforms = p.get_parsed_content("train#deterministic_transforms")
-        handlers = p.get_parsed_content("train#handlers")
+        handlers = p.get_parsed_content("train#handlers") + p.get_parsed_content("train#log_handlers")
         assert any(isinstance(t, AttachVLMProfiled) for t in transforms) is on
         assert any(isinstance(h, FiLMStatsHandler) for h in handlers) is on
+        if (
+            on
+        ):  # the handler reads the cache counters of the very transform in the pipeline (a named id, not a position)
+            film = next(h for h in handlers if isinstance(h, FiLMStatsHandler))
+            assert film.profile_stats is p.get_parsed_content("profile_transform")
+            assert any(t is film.profile_stats for t in p.get_parsed_content("train#preprocessing").transforms)
         assert net.use_vlm_film is on
         kwargs = {k: p[f"network_def#{k}"] for k in ("spatial_dims", "in_channels", "out_channels", "channels",
                                                      "attention_levels", "num_res_blocks", "norm_num_groups")}  # fmt: skip
@@ -185,7 +202,7 @@ def test_train_on_overlay(run_on):
 
 def test_resume(data, run_off, tmp_path):
     ckpt = run_off["root"] / "models" / "checkpoint_final.pt"
-    log = bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, tmp_path), "--epochs", "2",
+    log = bundle_run(str(CONFIGS / "train.yaml"), *_common(data, tmp_path), "--epochs", "2",
                      "--batch_size", "2", "--cache_rate", "0", "--use_vlm_film", "False", "--val_interval", "5",
                      "--resume_from", str(ckpt))  # fmt: skip
     assert f"Restored all variables from {ckpt}" in log
@@ -207,7 +224,7 @@ def test_inference_png_and_nifti(data, run_on, tmp_path):
     arr = np.asarray(Image.open(png)).astype(np.float32)
     nib.save(nib.Nifti1Image(arr.T.copy(), np.eye(4)), str(inputs / "case_nii.nii.gz"))  # MONAI's (W, H) layout
     out_dir = tmp_path / "out"
-    log = bundle_run("inference", str(CONFIGS / "inference.yaml"), "--bundle_root", str(run_on["root"]),
+    log = bundle_run(str(CONFIGS / "inference.yaml"), "--bundle_root", str(run_on["root"]),
                      "--datalist", str(inputs), "--output_dir", str(out_dir),
                      "--profile_cache_dir", str(data["cache"]), *TINY_NET)  # fmt: skip
     assert "inference: wrote 2 masks" in log
@@ -224,7 +241,7 @@ def test_inference_png_and_nifti(data, run_on, tmp_path):
 
 
 def test_evaluate(data, run_on, tmp_path):
-    log = bundle_run("evaluating", [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+    log = bundle_run([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
                      *_common(data, tmp_path), "--ckpt_path", str(run_on["root"] / "models" / "model.pt"))  # fmt: skip
     eval_dir = tmp_path / "eval" / "evaluation"
     summary = json.loads((eval_dir / "summary.json").read_text())
@@ -244,7 +261,7 @@ def test_evaluate(data, run_on, tmp_path):
 # ------------------------------------------------------------------------------------------------ multi-process
 def test_torchrun_two_processes_gloo(data, tmp_path):
     torchrun = str(Path(PY).parent / "torchrun")
-    out = run_cli([torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+    out = run_cli([torchrun, "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
                    "--config_file", f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']",
                    *_common(data, tmp_path), *TINY_TRAIN], timeout=400)  # fmt: skip
     # 8 training images over 2 ranks at batch size 2: 2 iterations per rank and epoch (4 in one process)
@@ -257,6 +274,6 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
 # ------------------------------------------------------------------------------------------------ tracking
 def test_mlflow_tracking(data, tmp_path):
     pytest.importorskip("mlflow", reason="mlflow is optional (pip install 'monai-vlmfilm[mlflow]')")
-    bundle_run("training", str(CONFIGS / "train.yaml"), *_common(data, tmp_path), *TINY_TRAIN, "--tracking", "mlflow",
+    bundle_run(str(CONFIGS / "train.yaml"), *_common(data, tmp_path), *TINY_TRAIN, "--tracking", "mlflow",
                "--use_vlm_film", "False")  # fmt: skip
     assert (tmp_path / "eval" / "mlruns.db").is_file()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.dca1
 def test_train_few_iterations_on_dca1(tmp_path):
     # 8 training images (64x64 crops of the 300x300 angiograms), 2 validation images as whole images (sliding windows)
     args = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(tmp_path),
+        sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(tmp_path),
         "--config_file", f"['{REPO / 'bundle/configs/train.yaml'}','{REPO / 'configs/flow_vlm.yaml'}']",
         "--datalist", str(DCA1 / "datalist.json"), "--profile_cache_dir", str(tmp_path / "profiles"),
         "--train#dataset#data", "$monai_vlmfilm.data.datalist.load_split(@datalist, 'training')[:8]",

@@ -248,7 +248,7 @@ def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
 
 
 def test_bundle_datalist_with_a_missing_file_names_it(tmp_path):
-    """One real `python -m monai.bundle run training` (about 10 s): the error names the missing image."""
+    """One real `python -m monai.bundle run` (about 10 s): the error names the missing image."""
     img, lab = tmp_path / "a.png", tmp_path / "a_mask.png"
     Image.fromarray(_vessels()).save(img)
     Image.fromarray(((_vessels() < 150) * 255).astype(np.uint8)).save(lab)
@@ -262,7 +262,7 @@ def test_bundle_datalist_with_a_missing_file_names_it(tmp_path):
             }
         )
     )
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(tmp_path / "bundle"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(tmp_path / "bundle"),
            "--config_file", str(REPO / "bundle" / "configs" / "train.yaml"), "--datalist", str(datalist),
            "--epochs", "1", "--profile_cache_dir", str(tmp_path / "cache")]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -6,7 +6,7 @@ Steps:
    ``factors`` (synthetic data), the oracle's, each in a :class:`~monai_vlmfilm.profiles.store.ProfileStore` under
    ``DIR/profiles/``; ``shuffle`` is a third store whose entries hold the profiler's profiles permuted across
    images by a seeded derangement (same keys, same multiset of profiles, no per-image information);
-2. one job per (mode, seed[, fold]): the bundle's own training (``python -m monai.bundle run training``) then its
+2. one job per (mode, seed[, fold]): the bundle's own training (``python -m monai.bundle run``) then its
    evaluate config on the evaluation split, each a subprocess with its own log, K jobs per GPU in parallel;
    a finished job is skipped on a rerun, a failing one is reported with its log and does not stop the others;
 3. per job: per-image metrics from the evaluate run's MetricsSaver CSVs, FiLM γ/β magnitudes from the trained
@@ -336,14 +336,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def bundle_cmd(workflow: str, bundle_root: Path, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
-    """``python -m monai.bundle run <workflow> --bundle_root ... --config_file "[...]" --key value ...``."""
+def bundle_cmd(bundle_root: Path, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
+    """``python -m monai.bundle run --bundle_root ... --config_file "[...]" --key value ...`` (the configs' ``run``)."""
     cmd = [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
-        workflow,
         "--bundle_root",
         str(bundle_root),
         "--config_file",
@@ -601,7 +600,7 @@ class Ablation:
                     wd = self.out / "jobs" / name
                     norm = self.profile_norm_file(mode, fold, train_items)
                     ov = self.overrides(mode, seed, dl_path, wd / "train", n_train, norm)
-                    train = bundle_cmd("training", self.bundle_root, self.configs(mode, self.train_config), ov)
+                    train = bundle_cmd(self.bundle_root, self.configs(mode, self.train_config), ov)
                     ev_ov = {
                         **ov,
                         K["output_dir"]: str(wd / "eval"),
@@ -609,9 +608,7 @@ class Ablation:
                         K["eval_dir"]: str(wd / "eval"),
                         K["data_split"]: "test",
                     }
-                    evaluate = bundle_cmd(
-                        "evaluating", self.bundle_root, self.configs(mode, self.train_config, evaluate=True), ev_ov
-                    )
+                    evaluate = bundle_cmd(self.bundle_root, self.configs(mode, self.train_config, evaluate=True), ev_ov)
                     info = {
                         "mode": mode,
                         "seed": seed,

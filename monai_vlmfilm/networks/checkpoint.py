@@ -59,7 +59,7 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run training ...` "
+            f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run ...` "
             "or point --ckpt_path at a model.pt"
         )
     obj = torch.load(path, map_location=map_location, weights_only=True)
