@@ -1,4 +1,4 @@
-"""FiLM overhead and few-step inference of the bundle's network (issue 8, items 3, 4 and 5), one GPU, bf16.
+"""FiLM overhead and few-step inference of the bundle's network, one GPU, bf16.
 
     python benchmarks/gpu_film_overhead.py                       # GPU: about 2.5 min on one H100
     python benchmarks/gpu_film_overhead.py --checkpoint model.pt # evaluate a model trained elsewhere (no training)

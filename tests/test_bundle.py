@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +85,19 @@ def run_on(data):
     log = bundle_run([str(CONFIGS / "train.yaml"), str(REPO / "configs" / "flow_vlm.yaml")],
                      *_common(data, root), *TINY_TRAIN, "--film_log_every", "1")  # fmt: skip
     return {"root": root, "log": log}
+
+
+def tensorboard_scalars(bundle_root: Path) -> dict[str, list[float]]:
+    """``{tag: values}`` of what the bundle's TensorBoard handlers wrote under ``<bundle_root>/eval/tensorboard``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for f in sorted((bundle_root / "eval" / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
 
 
 def _tiny_unet_kwargs() -> dict:
@@ -181,23 +193,21 @@ def test_train_off(run_off):
     from monai.networks.nets import DiffusionModelUNet
 
     assert set(sd) == set(DiffusionModelUNet(**_tiny_unet_kwargs()).state_dict())
-    log = run_off["log"]
-    assert re.search(r"val_mean_dice: \d\.\d+", log) and "val_cldice" in log
-    assert "FiLM:" not in log and "film/" not in log
-    assert "progress: finished epoch 1/1" in log  # the progress / ETA line
-    assert list((run_off["root"] / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+    scalars = tensorboard_scalars(run_off["root"])
+    assert len(scalars["val_mean_dice"]) == 1 and 0.0 <= scalars["val_mean_dice"][0] <= 1.0  # one validation
+    assert len(scalars["val_cldice"]) == 1
+    assert not any(tag.startswith("film/") for tag in scalars)  # FiLM off: no FiLM statistics handler
+    assert "progress: finished epoch 1/1" in run_off["log"]  # the progress / ETA line (console only by design)
 
 
 def test_train_on_overlay(run_on):
     sd = torch.load(run_on["root"] / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("film_heads.") for k in sd) and any(k.startswith("profile_encoder.") for k in sd)
-    log = run_on["log"]
-    assert "FiLM:" in log and "film/stage0/gamma_mean" in log
+    scalars = tensorboard_scalars(run_on["root"])
+    assert "film/stage0/gamma_mean" in scalars
     # every profile came from the precomputed cache (same image content + heuristic fingerprint)
-    rates = [float(r) for r in re.findall(r"cache_hit_rate=([0-9.e+-]+)", log)]
-    assert rates and all(r == 1.0 for r in rates), rates
-    fallback = [float(r) for r in re.findall(r"fallback_rate=([0-9.e+-]+)", log)]
-    assert fallback and max(fallback) == 0.0
+    assert scalars["film/cache_hit_rate"] == [1.0]
+    assert scalars["film/fallback_rate"] == [0.0]
 
 
 def test_resume(data, run_off, tmp_path):

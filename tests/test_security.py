@@ -1,4 +1,4 @@
-"""Security campaign (issue 9): nothing in the cache path is unpickled, every ``torch.load`` is ``weights_only``,
+"""Security checks: nothing in the cache path is unpickled, every ``torch.load`` is ``weights_only``,
 ``trust_remote_code`` stays off, cache keys cannot leave the cache directory, a prompt template is only text.
 
 Static checks read the source with ``ast`` (so a new call site is checked the day it is written); runtime
@@ -53,10 +53,10 @@ def _is_const(node: ast.expr | None, value) -> bool:
     return isinstance(node, ast.Constant) and node.value is value
 
 
-def _scan(path: Path) -> tuple[list[str], int]:
+def _scan(path: Path, root: Path = REPO) -> tuple[list[str], int]:
     """Problems in one Python file, and the number of ``torch.load`` calls seen (all must be weights_only)."""
     tree = ast.parse(path.read_text(), str(path))
-    rel, problems, loads = path.relative_to(REPO), [], 0
+    rel, problems, loads = path.relative_to(root), [], 0
     for node in ast.walk(tree):
         where = f"{rel}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
@@ -100,8 +100,8 @@ def test_package_never_unpickles_and_loads_weights_only():
     assert loads >= 1  # the scanner does see the package's torch.load call (networks.checkpoint.load_state_dict)
 
 
-def test_scanner_catches_what_it_must():
-    """The AST scan is not vacuous: each unsafe pattern in a snippet is reported."""
+def test_scanner_catches_what_it_must(tmp_path):
+    """The AST scan is not vacuous: each unsafe pattern in a snippet is reported (snippets live in tmp_path)."""
     snippets = {
         "import pickle": "imports pickle",
         "from joblib import load": "imports from joblib",
@@ -114,16 +114,13 @@ def test_scanner_catches_what_it_must():
         "kw = {'trust_remote_code': flag}": "trust_remote_code",
         "import pandas as pd\npd.read_pickle('x')": "read_pickle",
     }
-    tmp = PACKAGE / "_security_scan_probe.py"
-    try:
-        for code, expected in snippets.items():
-            tmp.write_text(code + "\n")
-            problems, _ = _scan(tmp)
-            assert any(expected in p for p in problems), (code, problems)
-        tmp.write_text("import torch\ntorch.load('x', weights_only=True)\nf(trust_remote_code=False)\n")
-        assert _scan(tmp) == ([], 1)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tmp = tmp_path / "probe.py"
+    for code, expected in snippets.items():
+        tmp.write_text(code + "\n")
+        problems, _ = _scan(tmp, tmp_path)
+        assert any(expected in p for p in problems), (code, problems)
+    tmp.write_text("import torch\ntorch.load('x', weights_only=True)\nf(trust_remote_code=False)\n")
+    assert _scan(tmp, tmp_path) == ([], 1)
 
 
 def _config_targets(obj) -> list[str]:

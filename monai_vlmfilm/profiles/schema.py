@@ -87,7 +87,7 @@ class VLMProfile:
         return self.source == "fallback"
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The seed schema plus provenance (``source``, ``reason``)."""
+        """The profile JSON (``difficulty``, ``confidence``, ``focus``) plus provenance (``source``, ``reason``)."""
         return {
             "difficulty": self.difficulty,
             "confidence": self.confidence,
@@ -134,7 +134,7 @@ class VLMProfile:
         return replace(self, source="fallback", reason=reason)
 
 
-#: The neutral profile (seed schema values). Fallbacks are ``DEFAULT_PROFILE.as_fallback(reason)``.
+#: The neutral profile (difficulty 3, every other value 0.5). Fallbacks are ``DEFAULT_PROFILE.as_fallback(reason)``.
 DEFAULT_PROFILE = VLMProfile()
 
 
