@@ -27,17 +27,16 @@ import json
 import os
 import shlex
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import data as D
+from .collect import FINAL_CHECKPOINT, JobCollector, coerce, metric_name, parse_metric_csvs
 from .jobs import Job, JobOutcome, Step, make_slots, run_jobs
 from .report import write_report
 from .sources import ProfileSource, ProfileSources
-from .stats import METRICS
 
 __all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "parse_variant", "main", "parse_metric_csvs", "metric_name"]
 
@@ -69,64 +68,7 @@ BUNDLE_KEYS: dict[str, str] = {
     "eval_dir": "eval_dir",
     "data_split": "data_split",
 }
-#: the final training checkpoint (CheckpointSaver ``save_final``): evaluated instead of the best-on-validation
-#: ``model.pt``, because without a test split the validation images are the evaluation images (no selection bias)
-FINAL_CHECKPOINT = "checkpoint_final.pt"
 NEVER = 10**9  # an epoch interval that never fires
-
-#: canonical metric name -> substrings of a MetricsSaver file name that identify it (first match wins, in order)
-_METRIC_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cldice", ("cldice", "cl_dice")),
-    ("betti0_error", ("betti0", "betti_0", "b0_error")),
-    ("betti1_error", ("betti1", "betti_1", "b1_error")),
-    ("hd95", ("hd95", "hausdorff")),
-    ("dice", ("dice",)),
-)
-
-
-def metric_name(file_stem: str) -> str | None:
-    """Canonical metric name of a MetricsSaver ``<name>_raw.csv`` stem, or None when it is not one of ours."""
-    s = file_stem.lower().replace("-", "_")
-    for name, pats in _METRIC_PATTERNS:
-        if any(p in s for p in pats):
-            return name
-    return None
-
-
-def parse_metric_csvs(folder: Path) -> dict[str, dict[str, float]]:
-    """``{image path: {metric: value}}`` from MetricsSaver's ``*_raw.csv`` files in ``folder`` (searched recursively).
-
-    Each file has a header ``filename,class0[,...],mean`` and one row per image; the ``mean`` column is used.
-
-    Raises:
-        ValueError: when no metric CSV is found (the message names the folder).
-    """
-    import csv
-
-    out: dict[str, dict[str, float]] = {}
-    files = sorted(folder.rglob("*_raw.csv"))
-    for f in files:
-        name = metric_name(f.name[: -len("_raw.csv")])
-        if name is None:
-            continue
-        with open(f, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            continue
-        header = rows[0]
-        col = header.index("mean") if "mean" in header else len(header) - 1
-        for row in rows[1:]:
-            if len(row) < len(header):
-                continue
-            try:
-                v = float(row[col])
-            except ValueError:
-                v = float("nan")
-            out.setdefault(os.path.abspath(row[0]), {})[name] = v
-    if not out:
-        raise ValueError(f"no per-image metric CSV (*_raw.csv from MetricsSaver) found under {str(folder)!r}")
-    return out
-
 
 # ------------------------------------------------------------------------------------------------------ arguments
 
@@ -394,10 +336,12 @@ class Ablation:
         )
         #: (fold, datalist, evaluation items) of every split, set by run()
         self.split_list: list[tuple[int | None, Path, list[dict[str, Any]]]] = []
-        #: image -> difficulty (1-5) of the report's terciles, and where it comes from; set by prepare_difficulty()
+        #: image -> difficulty (1-5) of the report's terciles, and where it comes from; filled by prepare_difficulty()
         self.difficulty: dict[str, float] = {}
         self.difficulty_source = ""
-        self._collect_lock = threading.Lock()
+        self.collector = JobCollector(
+            self.bundle_root, lambda mode: self.configs(mode, self.train_config), self.sources, self.difficulty
+        )
 
     # -------------------------------------------------------------------- splits
     def splits(self) -> list[tuple[int | None, Path, list[dict[str, Any]]]]:
@@ -465,7 +409,7 @@ class Ablation:
         parser.read_config([str(c) for c in self.configs("off", self.train_config)])
         for kv in self.args.override:
             k, v = kv.split("=", 1)
-            parser[k] = _coerce(v)
+            parser[k] = coerce(v)
         return parser.get_parsed_content(key) if key in parser else None
 
     def epochs_for(self, n_train: int) -> int:
@@ -553,96 +497,24 @@ class Ablation:
                     steps = [
                         Step("train", train, a.job_timeout),
                         Step("evaluate", evaluate, a.job_timeout),
-                        Step("collect", self.collect),
+                        Step("collect", self.collector),
                     ]
                     _invalidate_if_changed(wd, {"train": train, "evaluate": evaluate})
                     jobs.append(Job(name, wd, steps, info, {"PYTHONPATH": pythonpath}))
         return jobs
 
-    # -------------------------------------------------------------------- collection
-    def checkpoint_of(self, job: Job) -> Path:
-        path = job.workdir / "train" / FINAL_CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"training left no {FINAL_CHECKPOINT} in {path.parent}")
-        return path
-
-    def collect(self, job: Job, env: Mapping[str, str]) -> None:
-        """Per-image records and FiLM magnitudes of a finished job -> ``<job>/result.json``."""
-        info = job.info
-        metrics = parse_metric_csvs(job.workdir / "eval")
-        by_path = {os.path.abspath(it["image"]): it for it in info["eval_items"]}
-        by_base: dict[str, list[str]] = {}
-        for pth in by_path:
-            by_base.setdefault(os.path.basename(pth), []).append(pth)
-        records = []
-        unmatched = []
-        for fname, vals in metrics.items():
-            path = fname if fname in by_path else None
-            if path is None and len(by_base.get(os.path.basename(fname), [])) == 1:
-                path = by_base[os.path.basename(fname)][0]
-            if path is None:
-                unmatched.append(fname)
-                continue
-            rec = {
-                "mode": info["mode"],
-                "seed": info["seed"],
-                "fold": info["fold"],
-                "image": path,
-                "difficulty": self.difficulty_of(path),
-            }
-            rec.update({k: vals.get(k) for k in METRICS if k in vals})
-            records.append(rec)
-        if unmatched:
-            raise ValueError(f"evaluate wrote metrics for images not in the evaluation split: {unmatched[:3]}")
-        if len(records) != len(by_path):
-            missing = sorted(set(by_path) - {r["image"] for r in records})[:3]
-            raise ValueError(f"evaluate wrote {len(records)} of {len(by_path)} images; missing e.g. {missing}")
-        film = None
-        if info["mode"] != "off":
-            with self._collect_lock:  # one network at a time in this process
-                film = self.film_stats(job)
-        doc = {"mode": info["mode"], "seed": info["seed"], "fold": info["fold"], "records": records, "film": film}
-        tmp = job.workdir / "result.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, allow_nan=True))
-        tmp.replace(job.workdir / "result.json")
-
-    def film_stats(self, job: Job) -> dict[str, Any]:
-        import torch
-        from monai.bundle import ConfigParser
-
-        from monai_vlmfilm.networks.checkpoint import load_network_weights
-
-        from .film import film_magnitudes
-
-        mode = job.info["mode"]
-        parser = ConfigParser()
-        parser.read_config([str(c) for c in self.configs(mode, self.train_config)])
-        ov = job.info["overrides"]
-        parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        net = parser.get_parsed_content("network_def", instantiate=True)
-        load_network_weights(net, self.checkpoint_of(job))
-        st = self.sources.of(mode)
-        if st is None:
-            raise ValueError(f"mode {mode!r} reads no profiles: no FiLM statistics")
-        vecs = D.profile_vectors(st.dir, job.info["eval_items"], st.profiler)
-        return film_magnitudes(net, vecs)
-
     # -------------------------------------------------------------------- difficulty
-    def difficulty_of(self, path: str) -> float:
-        return self.difficulty[path]
-
     def prepare_difficulty(self) -> None:
         """Each image's difficulty for the report: ground truth on synthetic data, else the profiler's estimate."""
         items = D.unique_images(self.datalist)
         if self.synthetic:
-            self.difficulty = {it["image"]: float(it["factors"]["difficulty"]) for it in items}
+            self.difficulty.update({it["image"]: float(it["factors"]["difficulty"]) for it in items})
             self.difficulty_source = "factors.difficulty (the synthetic generator's ground truth, 1-5)"
             return
         name = self.sources.profiler_name
         st = self.sources.stores[name]
         vecs = D.profile_vectors(st.dir, items, st.profiler)
-        self.difficulty = {it["image"]: float(1.0 + 4.0 * v[0]) for it, v in zip(items, vecs)}
+        self.difficulty.update({it["image"]: float(1.0 + 4.0 * v[0]) for it, v in zip(items, vecs)})
         self.difficulty_source = f"{name} profile difficulty (1-5; no ground truth for real images)"
 
     # -------------------------------------------------------------------- report
@@ -799,18 +671,6 @@ def _invalidate_if_changed(workdir: Path, spec: Mapping[str, Any]) -> None:
             f.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def _coerce(v: Any) -> Any:
-    """An override value as the bundle CLI (fire) would parse it: True/False/None/numbers/lists, else the string."""
-    if not isinstance(v, str):
-        return v
-    import ast
-
-    try:
-        return ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:
