@@ -234,7 +234,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         missing = 0
         for p in paths:
             try:
-                prof = store.get(p, fp)
+                prof = store.lookup(p, fp).profile
             except (ImageReadError, OSError):
                 prof = None
             if prof is None:
