@@ -648,6 +648,9 @@ class Ablation:
 def bundle_root_of(given: str | None) -> Path:
     """The bundle folder: ``--bundle-root``, else ``./bundle`` when it exists.
 
+    Args:
+        given: the ``--bundle-root`` value, or None.
+
     Raises:
         ValueError: neither names a bundle (a folder with ``configs/train.yaml``), saying what to pass.
     """

@@ -96,7 +96,11 @@ class ProfileSources:
         return spec, create_profiler(spec)
 
     def prepare(self, modes: Sequence[str]) -> dict[str, ProfileSource]:
-        """Fill the stores ``modes`` read (once; filled stores are read back); returns ``{name: source}``."""
+        """Fill the stores ``modes`` read (once; filled stores are read back); returns ``{name: source}``.
+
+        Args:
+            modes: every mode of the run, variants included (``on``, ``shuffle.norm``, ...).
+        """
         from monai_vlmfilm.profiles.oracle import OracleProfiler
 
         items = D.unique_images(self.datalist)
@@ -125,16 +129,29 @@ class ProfileSources:
         return self.stores
 
     def name_of(self, mode: str) -> str | None:
-        """Name of the profile store a mode reads (None for ``off``)."""
+        """Name of the profile store a mode reads (None for ``off``).
+
+        Args:
+            mode: a mode such as ``on`` or ``shuffle.norm``.
+        """
         return self.names.get((mode.partition(".")[0], self.calibration_of(mode)))
 
     def of(self, mode: str) -> ProfileSource | None:
-        """The store a mode reads (None for ``off``)."""
+        """The store a mode reads (None for ``off``).
+
+        Args:
+            mode: a mode such as ``on`` or ``shuffle.norm``.
+        """
         name = self.name_of(mode)
         return self.stores.get(name) if name else None
 
     def norm_file(self, mode: str, fold: int | None, train_items: Sequence[Mapping[str, Any]]) -> Path:
         """The normalisation JSON of a mode's store over a split's training images (written once).
+
+        Args:
+            mode: the mode whose store is summarised.
+            fold: the cross-validation fold (None: the single split).
+            train_items: the split's training items.
 
         Raises:
             ValueError: the mode reads no store (``off``).

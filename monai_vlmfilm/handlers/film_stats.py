@@ -92,7 +92,11 @@ class FiLMStatsHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self)
 
     def observe(self, engine: Engine) -> None:
-        """Register forward hooks on the network's profile encoder and FiLM heads for this iteration."""
+        """Register forward hooks on the network's profile encoder and FiLM heads for this iteration.
+
+        Args:
+            engine: the engine whose network (``self.network`` or ``engine.network``) is observed.
+        """
         self.stop_observing()
         network = unwrap(self.network if self.network is not None else getattr(engine, "network", None))
         heads = getattr(network, "film_heads", None)

@@ -26,12 +26,20 @@ FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
 
 
 def unwrap(network: Any) -> Any:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else ``network`` itself."""
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else ``network`` itself.
+
+    Args:
+        network: a network, wrapped or not.
+    """
     return network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
 
 
 def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``state_dict`` without the ``module.`` prefix that ``DistributedDataParallel`` puts on every key."""
+    """``state_dict`` without the ``module.`` prefix that ``DistributedDataParallel`` puts on every key.
+
+    Args:
+        state_dict: a state dict; left as it is unless every key carries the prefix.
+    """
     sd = dict(state_dict)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
