@@ -1,4 +1,4 @@
-"""FiLM overhead and few-step inference of the bundle's network (issue 8, items 3, 4 and 5), one GPU, bf16.
+"""FiLM overhead and few-step inference of the bundle's network, one GPU, bf16.
 
     python benchmarks/gpu_film_overhead.py                       # GPU: about 2.5 min on one H100
     python benchmarks/gpu_film_overhead.py --checkpoint model.pt # evaluate a model trained elsewhere (no training)
@@ -480,7 +480,7 @@ def few_step(args: argparse.Namespace, device: torch.device, res: dict[str, Any]
     fs["attention"] = "SDPA (use_flash_attention=True)" if sdpa else "the bundle's setting"
     res["few_step"] = fs
     if args.checkpoint:
-        from monai_vlmfilm.bundle_utils import load_network_weights
+        from monai_vlmfilm.networks import load_network_weights
 
         load_network_weights(net, args.checkpoint, map_location=device)
         fs["model"] = f"checkpoint {args.checkpoint}"

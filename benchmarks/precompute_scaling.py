@@ -1,4 +1,10 @@
-"""Helpers of ``gpu_precompute_scaling.sh``: build the model, write the images, analyse the two caches.
+"""Profile precompute scaling: ``python -m monai_vlmfilm.profiles precompute`` in 1 process vs ``torchrun`` on N GPUs.
+
+    python benchmarks/precompute_scaling.py run --work /tmp/scaling --batch 64 --out OUT  # 2 GPUs, about 2.5 min
+    python benchmarks/precompute_scaling.py run --smoke --out OUT                         # tiny model, CPU is fine
+
+``run`` is the whole measurement: ``prepare``, then the 1-process and the ``--nproc``-process precompute of the same
+images into fresh caches (each command's wall clock recorded), then ``report``. The parts alone:
 
     python benchmarks/precompute_scaling.py prepare --model-dir M --arch 3b --images D --n 2048 --size 512
     python benchmarks/precompute_scaling.py report --images D --cache1 C1 --cache2 C2 --batch 32 --nproc 2 \\
@@ -26,6 +32,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -326,6 +333,50 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """prepare -> 1-process precompute -> N-process precompute (torchrun) -> report (see the module docstring)."""
+    import subprocess
+
+    smoke = args.smoke
+    work = Path(args.work or ("/tmp/vlmfilm_scaling_smoke" if smoke else "/tmp/vlmfilm_scaling")).resolve()
+    arch, n, size = ("tiny", args.n or 24, args.size or 64) if smoke else ("3b", args.n or 2048, args.size or 512)
+    batch = args.batch or (4 if smoke else 32)
+    model = Path(args.model_dir).resolve() if args.model_dir else work / ("tiny_qwen" if smoke else "qwen3b")
+    env = dict(os.environ)
+    if smoke:
+        env["OMP_NUM_THREADS"] = "1"  # as torchrun sets it for its workers: the CPU comparison stays like for like
+    images = work / "images"
+    cmd_prepare(argparse.Namespace(model_dir=str(model), arch=arch, images=str(images), n=n, size=size,
+                                   workers=min(16, os.cpu_count() or 1)))  # fmt: skip
+    common = ["precompute", "--images", str(images), "--profiler", "qwen", "--model", str(model), "--mode", "scored",
+              "--batch-size", str(batch), "--no-progress", *shlex.split(args.extra)]  # fmt: skip
+    walls, starts, logs = [], [], []
+    runs = (
+        ("1 process", [sys.executable, "-m", "monai_vlmfilm.profiles"]),
+        (f"{args.nproc} processes", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     f"--nproc_per_node={args.nproc}", "-m", "monai_vlmfilm.profiles"]),
+    )  # fmt: skip
+    for i, (what, head) in enumerate(runs, start=1):
+        cache, log = work / f"c{i}", work / f"run{i}.log"
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"== {what}: {' '.join(head + common)} --cache-dir {cache}", flush=True)
+        starts.append(time.time_ns())
+        proc = subprocess.run([*head, *common, "--cache-dir", str(cache)], env=env, capture_output=True, text=True)
+        walls.append((time.time_ns() - starts[-1]) / 1e9)
+        log.write_text(proc.stdout + proc.stderr)
+        logs.append(str(log))
+        print(proc.stdout[-2000:] + proc.stderr[-2000:], flush=True)
+        if proc.returncode:
+            return proc.returncode
+    desc = "tiny Qwen2.5-VL (smoke)" if smoke else "Qwen2.5-VL-3B architecture, random weights"
+    return cmd_report(argparse.Namespace(
+        images=str(images), size=size, cache1=str(work / "c1"), cache2=str(work / "c2"), log1=logs[0], log2=logs[1],
+        wall1=walls[0], wall2=walls[1], start1_ns=starts[0], start2_ns=starts[1], batch=batch, nproc=args.nproc,
+        model_desc=desc, command=f"precompute_scaling.py run{' --smoke' if smoke else ''} (N={n}, size {size}, "
+        f"batch {batch}{', ' + args.extra if args.extra else ''})", out=args.out,
+    ))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -336,6 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--n", type=int, default=2048)
     pre.add_argument("--size", type=int, default=512)
     pre.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    run = sub.add_parser("run")
+    run.add_argument("--smoke", action="store_true", help="tiny model, 24 images of 64 px (CPU is fine)")
+    run.add_argument("--work", default=None, help="images, caches and logs (default /tmp/vlmfilm_scaling[_smoke])")
+    run.add_argument("--model-dir", default=None, help="checkpoint folder, built once (default <work>/qwen3b)")
+    run.add_argument("--n", type=int, default=None, help="images (default 2048; smoke 24)")
+    run.add_argument("--size", type=int, default=None, help="image side (default 512; smoke 64)")
+    run.add_argument("--batch", type=int, default=None, help="precompute batch size (default 32; smoke 4)")
+    run.add_argument("--nproc", type=int, default=2, help="processes (GPUs) of the torchrun run")
+    run.add_argument("--extra", default="", help="more precompute arguments in one string, e.g. '--no-fsync'")
+    run.add_argument("--out", default=os.environ.get("OUT", "./out"))
     rep = sub.add_parser("report")
     rep.add_argument("--images", required=True)
     rep.add_argument("--size", type=int, default=512)
@@ -350,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--batch", type=int, required=True)
     rep.add_argument("--nproc", type=int, default=2)
     rep.add_argument("--model-desc", default="Qwen2.5-VL-3B architecture, random weights")
-    rep.add_argument("--command", default="benchmarks/gpu_precompute_scaling.sh")
+    rep.add_argument("--command", default="benchmarks/precompute_scaling.py run")
     rep.add_argument("--out", default=os.environ.get("OUT", "./out"))
     args = ap.parse_args(argv)
-    return cmd_prepare(args) if args.cmd == "prepare" else cmd_report(args)
+    return {"prepare": cmd_prepare, "run": cmd_run, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fault campaigns for bad inputs through ``AttachVLMProfiled`` (issue 9), printed as markdown.
+"""Bad inputs through ``AttachVLMProfiled`` at scale, printed as markdown.
 
     python benchmarks/reliability_inputs.py [--files 3000] [--arrays 3000] [--sizes 4000,8000,12000,14000]
 

@@ -1,4 +1,4 @@
-"""Fault campaigns for the profile parser and the profile cache (issue 9), printed as markdown.
+"""Fuzzing of the profile parser and crash / concurrency runs of the profile cache, printed as markdown.
 
     python benchmarks/reliability_profiles.py [--fuzz 100000] [--kills 20] [--concurrency-rounds 3]
 

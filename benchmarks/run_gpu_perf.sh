@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # All GPU performance measurements of issue 8 (and the DCA1 baseline) in one call on a 2-GPU machine.
 #
-#   bash benchmarks/run_gpu_perf.sh             # 2 x H100: about 7.5 min, bounded by BUDGET_S (540 s) + install
-#   bash benchmarks/run_gpu_perf.sh --smoke     # the whole chain with tiny sizes on the CPU (about 4 min)
-#   STEPS="film dca1" bash benchmarks/run_gpu_perf.sh   # a subset (names: prepare profiler dca1 scaling film)
+#   bash benchmarks/run_gpu.sh benchmarks/run_gpu_perf.sh   # 2 x H100: about 7.5 min, bounded by BUDGET_S (540 s)
+#   bash benchmarks/run_gpu_perf.sh --smoke                 # the whole chain with tiny sizes on the CPU (about 4 min)
+#   STEPS="film dca1" bash benchmarks/run_gpu.sh benchmarks/run_gpu_perf.sh   # a subset (prepare profiler dca1 scaling film)
 #
+# (benchmarks/run_gpu.sh installs the carried wheels, sets PYTHONPATH and the thread caps, and records the cards.)
 # Steps: prepare (3B checkpoint built once + the scaling images), gpu_profiler_throughput.py (item 1),
-# gpu_precompute_scaling.sh (item 2, both GPUs), gpu_film_overhead.py (items 3-5), dca1_unet_baseline.py.
+# precompute_scaling.py run (item 2, both GPUs), gpu_film_overhead.py (items 3-5), dca1_unet_baseline.py.
 # PARALLEL=1 (default with 2 GPUs) runs two one-GPU chains side by side, GPU 0: prepare -> profiler and
 # GPU 1: film -> dca1 (+ the flow network on DCA1 for DCA1_FLOW_S=45 s), then the 2-GPU scaling step; each
 # timing is taken on a GPU of its own (the chains share only the host's 32 cores). PARALLEL=0 runs them one
@@ -20,9 +21,6 @@
 # seconds; default 45 when it runs beside the profiler, 0 = none otherwise),
 # FILM_ARGS / DCA1_ARGS / PROFILER_ARGS (extra arguments), DCA1_DATALIST (.carry/dca1/datalist.json).
 cd "$(dirname "$0")/.." || exit 1
-if [[ "${1:-}" != "--smoke" ]]; then  # MONAI, ignite, nibabel, fire carried as wheels (none on the GPU machine)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
 set -u
 export PYTHONPATH=${PYTHONPATH:-}:$PWD PYTHONUNBUFFERED=1
 SMOKE=0
@@ -100,9 +98,8 @@ print(max(rows, key=lambda r: r["images_per_s"])["batch"] if rows else 32)
 PYEOF
 )
   [[ $SMOKE == 1 ]] && batch=4
-  SC=(env OUT="$WORK/scaling" WORK="$WORK/scaling_work" MODEL_DIR="$MODEL" N_IMAGES="$N" BATCH="$batch")
-  [[ -n ${PYTHON:-} ]] && SC+=(PYTHON="$PY")
-  SC+=(bash benchmarks/gpu_precompute_scaling.sh)
+  SC=($PY benchmarks/precompute_scaling.py run --out "$WORK/scaling" --work "$WORK/scaling_work" --model-dir "$MODEL"
+    --n "$N" --batch "$batch")
   [[ $SMOKE == 1 ]] && SC+=(--smoke)
 }
 SCALING_RESERVE=150  # kept for the scaling step, which needs both GPUs and runs last in parallel mode

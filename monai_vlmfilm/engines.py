@@ -16,6 +16,8 @@ import torch
 from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import RFlowScheduler
 
+from monai_vlmfilm.profiles.schema import PROFILE_KEY, as_profile_batch
+
 __all__ = ["FlowMatchingPrepareBatch", "ProfilePrepareBatch", "label_to_flow_space"]
 
 
@@ -38,11 +40,8 @@ def _get(batchdata: Mapping, key: str, what: str) -> Any:
 def _profile_kwargs(batchdata: Mapping, profile_key: str | None, device: Any, non_blocking: bool, **kwargs) -> dict:
     if profile_key is None or profile_key not in batchdata or batchdata[profile_key] is None:
         return {}
-    p = batchdata[profile_key]
-    if not isinstance(p, torch.Tensor):
-        p = torch.as_tensor(p)
-    # the profile is an input, never something to learn through: keep the VLM out of the graph
-    return {"profile": p.detach().to(device=device, dtype=torch.float32, non_blocking=non_blocking)}
+    # detached: the profile is an input, never something to learn through (keeps the VLM out of the graph)
+    return {"profile": as_profile_batch(batchdata[profile_key], device=device, non_blocking=non_blocking)}
 
 
 class FlowMatchingPrepareBatch(PrepareBatch):
@@ -84,7 +83,7 @@ class FlowMatchingPrepareBatch(PrepareBatch):
         timestep_sampling: str = "uniform",
         image_key: str = "image",
         label_key: str = "label",
-        profile_key: str | None = "vlm_profile",
+        profile_key: str | None = PROFILE_KEY,
         use_discrete_timesteps: bool = True,
         loc: float = 0.0,
         scale: float = 1.0,
@@ -169,7 +168,7 @@ class ProfilePrepareBatch(PrepareBatch):
         image_key, label_key, profile_key: batch keys; a missing label gives ``None`` as target.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", profile_key: str | None = "vlm_profile"):
+    def __init__(self, image_key: str = "image", label_key: str = "label", profile_key: str | None = PROFILE_KEY):
         self.image_key = image_key
         self.label_key = label_key
         self.profile_key = profile_key

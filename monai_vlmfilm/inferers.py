@@ -10,13 +10,16 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import ensure_tuple
 
+from monai_vlmfilm.networks.checkpoint import unwrap
+from monai_vlmfilm.profiles.schema import PROFILE_KEY, as_profile_batch
+
 __all__ = ["FlowSegInferer", "TTA_MODES", "dihedral_transforms", "pad_to_multiple"]
 
 #: test-time augmentation modes: none, the flips (4 in 2D) or the dihedral group (8 in 2D: rot90 x flip).
 TTA_MODES = ("none", "flip", "dihedral")
 
 #: the key under which AttachVLMProfiled stores the profile in an image's meta dict (MONAI Label route).
-META_PROFILE_KEY = "vlm_profile"
+META_PROFILE_KEY = PROFILE_KEY
 
 
 def dihedral_transforms(spatial_dims: int, mode: str = "dihedral") -> list[tuple[Callable, Callable]]:
@@ -59,10 +62,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> 
     if any(flat):
         x = torch.nn.functional.pad(x, flat, mode=mode)
     return x, crop
-
-
-def _unwrap(network: Callable) -> Any:
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
 
 
 class FlowSegInferer(Inferer):
@@ -184,21 +183,7 @@ class FlowSegInferer(Inferer):
             profile = inputs.meta.get(META_PROFILE_KEY)
         if profile is None:
             return None
-        if isinstance(profile, (list, tuple)):
-            profile = torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in profile])
-        p = torch.as_tensor(profile, dtype=torch.float32, device=inputs.device)
-        if isinstance(p, MetaTensor):
-            p = p.as_tensor()
-        p = p.detach()
-        if p.ndim == 1:
-            p = p[None]
-        if p.ndim != 2:
-            raise ValueError(f"profile must be [B, P] or [P], got shape {tuple(p.shape)}.")
-        if p.shape[0] == 1 and inputs.shape[0] > 1:
-            p = p.expand(inputs.shape[0], -1)
-        if p.shape[0] != inputs.shape[0]:
-            raise ValueError(f"profile batch size {p.shape[0]} does not match the image batch size {inputs.shape[0]}.")
-        return p
+        return as_profile_batch(profile, inputs.shape[0], device=inputs.device)
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any
@@ -214,7 +199,7 @@ class FlowSegInferer(Inferer):
             raise TypeError(f"FlowSegInferer passes no positional arguments to the network, got {len(args)}.")
         p = self._profile_from(inputs, profile)
         image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        net = _unwrap(network)
+        net = unwrap(network)
         c_m = self.mask_channels or getattr(net, "out_channels", None)
         if c_m is None:
             raise ValueError("set mask_channels: the network has no out_channels attribute.")

@@ -1,4 +1,4 @@
-"""Dictionary transforms of monai-vlmfilm."""
+"""Dictionary transforms of monai-vlmfilm: profile attachment, 2D grayscale input, vessel overlay previews."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SaveImaged
 from monai.utils import ensure_tuple_rep
 
-from .profiles.base import Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
-from .profiles.schema import DEFAULT_PROFILE, VLMProfile
-from .profiles.store import ProfileStore, ProfileStoreError
+from .profiles.base import Profiler, create_profiler, is_heavy, rgb_to_luma
+from .profiles.schema import DEFAULT_PROFILE, PROFILE_KEY, VLMProfile
+from .profiles.store import ProfileStore
 
-__all__ = ["AttachVLMProfiled", "PRECOMPUTE_HINT"]
+__all__ = ["AttachVLMProfiled", "EnsureGrayscale2Dd", "PRECOMPUTE_HINT", "SaveVesselOverlayd", "VesselOverlayd"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class AttachVLMProfiled(MapTransform):
     Works before ``LoadImaged`` (a path) or after it (a MetaTensor: the file named by
     ``filename_or_obj`` is hashed through the store's path memo, so intensity transforms placed before
     this one do not change the key; without a file the pixels themselves are hashed). When ``d[key]``
-    is a MetaTensor its ``meta["vlm_profile"]`` gets the same vector, for inferers that receive only
+    is a MetaTensor its ``meta[PROFILE_KEY]`` (``"vlm_profile"``) gets the same vector, for inferers that receive only
     the image (MONAI Label calls ``inferer(inputs, network)``).
 
     Args:
@@ -73,7 +73,7 @@ class AttachVLMProfiled(MapTransform):
         store: ProfileStore | str | os.PathLike,
         profiler: Profiler | str | dict | None = None,
         on_missing: str = "compute",
-        profile_key: str | Sequence[str] = "vlm_profile",
+        profile_key: str | Sequence[str] = PROFILE_KEY,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -158,19 +158,12 @@ class AttachVLMProfiled(MapTransform):
 
     def profile_of(self, img: Any) -> VLMProfile:
         """The profile of one image (path, array, Tensor, MetaTensor) under the configured policy."""
-        store, fp = self.store, self.fingerprint
+        fp = self.fingerprint
         path = self._source_path(img)
-        arr: np.ndarray | None = None
-        if path is not None:
-            digest, arr = store.path_digest(path)
-        else:
-            arr = canonical_image(img)
-            digest = pixel_digest(arr)
-        key = store.make_key(digest, fp)
-        prof = store.get_by_key(key, fp)
-        if prof is not None:
+        found = self.store.lookup(path if path is not None else img, fp)
+        if found.profile is not None:
             self._counts["hits"] += 1
-            return prof
+            return found.profile
         self._counts["misses"] += 1
         name = path or f"<{type(img).__name__} {tuple(getattr(img, 'shape', ()))}>"
         if self.on_missing == "error":
@@ -181,13 +174,10 @@ class AttachVLMProfiled(MapTransform):
             return self._fallback(
                 f"cache miss in a DataLoader worker (heavy profiler not loaded there); {PRECOMPUTE_HINT}", name
             )
-        if arr is None:
-            arr = canonical_image(path)  # display orientation for the profiler
-        prof = self.profiler.profile([arr])[0]
+        write_errors: list = []  # read-only / full cache: keep training on the computed profile
+        prof = self.store.compute([found], self.profiler, write_errors=write_errors)[0]
         self._counts["computed"] += 1
-        try:
-            store.put_by_key(key, prof, fp, digest)
-        except ProfileStoreError as e:  # read-only / full cache: keep training on the computed profile
+        for _key, e in write_errors:
             self._counts["write_errors"] += 1
             self._warn("profile for %s computed but not cached: %s", name, e)
         if prof.is_fallback:
@@ -203,5 +193,152 @@ class AttachVLMProfiled(MapTransform):
             vec = torch.from_numpy(self.profile_of(d[key]).to_vector())
             d[pkey] = vec
             if isinstance(d[key], MetaTensor):
-                d[key].meta["vlm_profile"] = vec.clone()
+                d[key].meta[PROFILE_KEY] = vec.clone()
         return d
+
+
+class EnsureGrayscale2Dd(MapTransform):
+    """Make channel-first 2D images single-channel: ``[C, H, W]`` RGB(A) -> luminance, ``[1, H, W, 1]`` -> ``[1, H, W]``.
+
+    Angiograms are grayscale but often stored as RGB PNGs or as 2D NIfTI with a trailing singleton axis; the
+    network takes one image channel. Put it right after ``LoadImaged(..., ensure_channel_first=True)``.
+
+    Args:
+        keys: keys of the images to convert.
+        allow_missing_keys: don't raise when a key is absent.
+
+    Raises:
+        ValueError: for a truly 3D volume or an unexpected channel count, naming the file.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    @staticmethod
+    def _name(img: Any) -> str:
+        meta = getattr(img, "meta", {}) or {}
+        return str(meta.get("filename_or_obj", "<array>"))
+
+    def _convert(self, img: torch.Tensor) -> torch.Tensor:
+        while img.ndim > 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim != 3:
+            raise ValueError(
+                f"{self._name(img)}: expected a 2D image (channel-first [C, H, W]), got shape {tuple(img.shape)}"
+            )
+        c = img.shape[0]
+        if c == 1:
+            return img
+        if c in (3, 4):  # alpha dropped
+            gray = rgb_to_luma(img.float(), channel_axis=0)[None]
+            return gray.to(img.dtype) if img.dtype.is_floating_point else gray
+        if c == 2:  # gray + alpha
+            return img[:1]
+        raise ValueError(f"{self._name(img)}: expected 1 (gray), 2, 3 or 4 (RGB[A]) channels, got {c}")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._convert(d[key])
+        return d
+
+
+class VesselOverlayd(MapTransform):
+    """Add an RGB preview (channel-first ``[3, H, W]`` in [0, 1]): the image in gray, the mask tinted red.
+
+    Save it with ``SaveImaged(keys="overlay", output_ext=".png", scale=255, output_dtype=uint8)``; it carries
+    the image's meta data, so the file is named after the input.
+
+    Args:
+        keys: the mask key (e.g. ``"pred"``); one overlay per mask key.
+        image_key: the grayscale image ``[1, H, W]`` (any range: min-max scaled for display).
+        overlay_key: output key (``"{key}_overlay"`` when several mask keys are given).
+        color: RGB of the mask tint.
+        alpha: opacity of the tint.
+        threshold: mask values ``>= threshold`` are tinted (channel 0 of the mask).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        overlay_key: str = "overlay",
+        color: Sequence[float] = (1.0, 0.1, 0.1),
+        alpha: float = 0.5,
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.overlay_key = overlay_key
+        self.color = torch.tensor([float(c) for c in color], dtype=torch.float32).reshape(3, 1, 1)
+        self.alpha = float(alpha)
+        self.threshold = float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        img = d[self.image_key]
+        g = torch.as_tensor(img).detach().float().cpu()[:1]
+        lo, hi = float(g.min()), float(g.max())
+        g = (g - lo) / (hi - lo) if hi > lo else torch.zeros_like(g)
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            m = (torch.as_tensor(d[key]).detach().float().cpu()[:1] >= self.threshold).float()
+            if m.shape[1:] != g.shape[1:]:
+                raise ValueError(f"overlay: mask {key!r} {tuple(m.shape)} and image {tuple(g.shape)} differ in size")
+            rgb = g.expand(3, *g.shape[1:]) * (1 - self.alpha * m) + self.color * (self.alpha * m)
+            out = MetaTensor(rgb.clamp(0, 1))
+            if isinstance(img, MetaTensor):
+                out.copy_meta_from(img, copy_attr=False)
+            d[self.overlay_key if len(keys) == 1 else f"{key}_{self.overlay_key}"] = out
+        return d
+
+
+class SaveVesselOverlayd(SaveImaged):
+    """Write the :class:`VesselOverlayd` preview of each mask key as an RGB PNG (``<name>_overlay.png``).
+
+    A ``SaveImaged`` (MONAI's writer stack, file names from the image's meta data) that builds the overlay on
+    the fly and leaves the data dict unchanged. Being a ``SaveImaged``, it is dropped by MONAI Label, which
+    removes every ``SaveImaged`` from a bundle's post-processing.
+
+    Args:
+        keys: mask key(s), e.g. ``"pred"``.
+        image_key: the image shown under the mask.
+        output_dir, output_postfix, separate_folder, data_root_dir, print_log: as ``SaveImaged``.
+        color, alpha, threshold: as :class:`VesselOverlayd`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        output_dir: str = "./",
+        output_postfix: str = "overlay",
+        separate_folder: bool = False,
+        data_root_dir: str = "",
+        print_log: bool = True,
+        color: Sequence[float] = (1.0, 0.1, 0.1),
+        alpha: float = 0.5,
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        self.overlay = VesselOverlayd(keys, image_key, "_overlay", color, alpha, threshold, allow_missing_keys)
+        mask_keys = list(self.overlay.keys)
+        overlay_keys = ["_overlay"] if len(mask_keys) == 1 else [f"{k}__overlay" for k in mask_keys]
+        super().__init__(
+            keys=overlay_keys,
+            output_dir=output_dir,
+            output_postfix=output_postfix,
+            output_ext=".png",
+            resample=False,
+            scale=255,
+            output_dtype=np.uint8,
+            separate_folder=separate_folder,
+            data_root_dir=data_root_dir,
+            print_log=print_log,
+            allow_missing_keys=True,
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        super().__call__(self.overlay(data))
+        return dict(data)

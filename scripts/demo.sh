@@ -45,7 +45,7 @@ step 2/5 "profiles by the heuristic profiler (the embedded default; Qwen2.5-VL t
 "$PY" -m monai_vlmfilm.profiles stats --datalist "$DATALIST" --cache-dir "$CACHE" --profiler heuristic 2>&1 | head -12 || true
 
 step 3/5 "training from scratch, use_vlm_film true, $EPOCHS epochs on ${PATCH}x${PATCH} crops -> $TRAIN_DIR"
-"$PY" -m monai.bundle run training --bundle_root bundle \
+"$PY" -m monai.bundle run --bundle_root bundle \
   --config_file "['bundle/configs/train.yaml','configs/flow_vlm.yaml']" \
   --datalist "$DATALIST" --profile_cache_dir "$CACHE" --use_vlm_film True --epochs "$EPOCHS" \
   --patch_size "[$PATCH,$PATCH]" --batch_size 8 --learning_rate 0.002 --val_interval "$VAL_INTERVAL" \
@@ -53,13 +53,13 @@ step 3/5 "training from scratch, use_vlm_film true, $EPOCHS epochs on ${PATCH}x$
   --ckpt_dir "$TRAIN_DIR/models" --output_dir "$TRAIN_DIR" 2>&1 | quiet
 
 step 4/5 "inference on the test split -> $INFER_DIR"
-"$PY" -m monai.bundle run inference --bundle_root bundle --config_file bundle/configs/inference.yaml \
+"$PY" -m monai.bundle run --bundle_root bundle --config_file bundle/configs/inference.yaml \
   --datalist "$DATALIST" --data_split test --profile_cache_dir "$CACHE" --ckpt_path "$MODEL" \
   --patch_size "[$PATCH,$PATCH]" --output_dir "$INFER_DIR" 2>&1 | quiet
 
 step 5/5 "evaluation on the test split (the demo model, then the shipped one) -> $EVAL_DIR"
 evaluate() { # $1 checkpoint, $2 output folder, $3 window size
-  "$PY" -m monai.bundle run evaluating --bundle_root bundle \
+  "$PY" -m monai.bundle run --bundle_root bundle \
     --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" \
     --datalist "$DATALIST" --profile_cache_dir "$CACHE" --use_vlm_film True --ckpt_path "$1" \
     --patch_size "[$3,$3]" --eval_dir "$2" 2>&1 | quiet

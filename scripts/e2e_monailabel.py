@@ -359,7 +359,7 @@ def probe_profile(bundle_dir: Path, image: Path, film_on: bool) -> dict[str, Any
 
 
 def bundle_cli_mask(bundle_dir: Path, image: Path, out_dir: Path) -> Any:
-    """The same bundle's own ``python -m monai.bundle run inference`` on the same image: its NIfTI mask.
+    """The same bundle's own ``python -m monai.bundle run`` on the same image: its NIfTI mask.
 
     Returned in display orientation ``(H, W)`` (MONAI reads PNGs as ``(W, H)``; MONAI Label's PNG writer
     transposes back), so it must equal what ``/infer`` returned pixel for pixel.
@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         same_as_cli = cli.shape == masks["vlmfilm_on"].shape and bool(((cli > 0) == (masks["vlmfilm_on"] > 0)).all())
         summary["infer_equals_bundle_cli"] = same_as_cli
         if not same_as_cli:
-            raise E2EError("/infer/vlmfilm_on differs from `python -m monai.bundle run inference` on the same image")
-        log("/infer/vlmfilm_on equals `python -m monai.bundle run inference` of the same bundle, pixel for pixel")
+            raise E2EError("/infer/vlmfilm_on differs from `python -m monai.bundle run` on the same image")
+        log("/infer/vlmfilm_on equals `python -m monai.bundle run` of the same bundle, pixel for pixel")
         for m, on in models.items():
             res = probe_profile(app / "model" / m, ref, on)
             summary.setdefault("profile_probe", {})[m] = res

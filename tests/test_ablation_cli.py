@@ -97,10 +97,10 @@ def test_variants_calibration_and_profile_norm(tmp_path):
     assert arg("shuffle.cal+nogate_seed0", "profile_cache_dir").endswith("profiles/shuffle-cal-train")
     spec = arg("on.cal+nogate_seed0", "profiler")
     assert "HeuristicProfiler" in spec and "heuristic_calibration_train.json" in spec
-    on_store, cal_store = ab.store_of("on"), ab.store_of("on.cal+nogate")
+    on_store, cal_store = ab.sources.of("on"), ab.sources.of("on.cal+nogate")
     train = json.loads(splits[0][1].read_text())["training"]
-    v_on = D.profile_vectors(on_store["dir"], train, on_store["profiler"])
-    v_cal = D.profile_vectors(cal_store["dir"], train, cal_store["profiler"])
+    v_on = D.profile_vectors(on_store.dir, train, on_store.profiler)
+    v_cal = D.profile_vectors(cal_store.dir, train, cal_store.profiler)
     assert not np.allclose(v_on, v_cal)  # another calibration gives other profiles
     # profile_norm=train: the statistics of the job's own store over the training images
     mean, std = load_profile_norm(arg("on.norm_seed0", "profile_norm"))
@@ -133,3 +133,20 @@ def test_variant_specs_are_checked():
                   ["--modes", "off,on", "--variant", "a@oracle:b=1"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(base + extra)
+
+
+def test_bundle_root_from_the_option_or_the_working_directory(tmp_path, monkeypatch):
+    """Installed from a wheel the package holds no bundle: --bundle-root names it, else ./bundle, else a clear error."""
+    from pathlib import Path
+
+    from monai_vlmfilm.ablation.cli import bundle_root_of
+
+    repo_bundle = Path(__file__).resolve().parents[1] / "bundle"
+    assert bundle_root_of(str(repo_bundle)) == repo_bundle
+    monkeypatch.chdir(repo_bundle.parent)
+    assert bundle_root_of(None) == repo_bundle
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no ./bundle here.*--bundle-root"):
+        bundle_root_of(None)
+    with pytest.raises(ValueError, match="not a MONAI bundle folder"):
+        bundle_root_of(str(tmp_path))

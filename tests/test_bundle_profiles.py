@@ -1,7 +1,7 @@
 """The bundle's profiler overlay finds what the precompute CLI wrote: same fingerprint, same keys, no miss.
 
 Uses the tiny offline Qwen2.5-VL of tests/conftest.py as a *local model folder*, which is the documented way to
-point configs/profiler/qwen2_5_vl_3b.yaml at a model (`--qwen_model <folder>`).
+point bundle/configs/profiler_qwen2_5_vl_3b.yaml at a model (`--qwen_model <folder>`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _attach_transforms(overlays: list[str], overrides: dict):
 def test_qwen_overlay_reads_cli_precompute(tiny_qwen_dir, small_data, tmp_path):
     from monai.transforms import Compose
 
-    from monai_vlmfilm.bundle_utils import load_split
+    from monai_vlmfilm.data.datalist import load_split
     from monai_vlmfilm.transforms import AttachVLMProfiled
 
     cache = tmp_path / "cache"
@@ -51,7 +51,7 @@ def test_qwen_overlay_reads_cli_precompute(tiny_qwen_dir, small_data, tmp_path):
                 "--dtype", "bfloat16", "--batch-size", "2", "--no-progress"])  # fmt: skip
     assert "new 4" in out
     transforms, parser = _attach_transforms(
-        ["configs/flow_vlm.yaml", "configs/profiler/qwen2_5_vl_3b.yaml"],
+        ["configs/flow_vlm.yaml", "bundle/configs/profiler_qwen2_5_vl_3b.yaml"],
         {"qwen_model": str(tiny_qwen_dir), "profile_cache_dir": str(cache), "profile_on_missing": "error"},
     )
     attach = transforms[2]
@@ -72,12 +72,12 @@ def test_heuristic_overlay_matches_cli(small_data, tmp_path):
     _run([sys.executable, "-m", "monai_vlmfilm.profiles", "precompute", "--datalist", str(small_data),
           "--cache-dir", str(cache), "--profiler", "heuristic", "--no-progress"])  # fmt: skip
     transforms, _ = _attach_transforms(
-        ["configs/flow_vlm.yaml", "configs/profiler/heuristic.yaml"],
+        ["configs/flow_vlm.yaml", "bundle/configs/profiler_heuristic.yaml"],
         {"profile_cache_dir": str(cache), "profile_on_missing": "error"},
     )
     from monai.transforms import Compose
 
-    from monai_vlmfilm.bundle_utils import load_split
+    from monai_vlmfilm.data.datalist import load_split
 
     pipeline = Compose(transforms)
     for item in load_split(small_data, "training"):

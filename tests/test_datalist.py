@@ -14,6 +14,8 @@ from shared_data import DCA1
 from monai_vlmfilm.data.datalist import (
     DatalistError,
     build_datalist,
+    image_list,
+    load_split,
     main,
     mask_threshold,
     split_items,
@@ -204,3 +206,44 @@ def test_dca1_folders_reproduce_datalist(tmp_path):
     }
     assert len(got_pairs) == 80 and got_pairs == ref_pairs
     assert "127" in dl["mask_binarisation"]
+
+
+def _write_png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_load_split_and_image_list(tmp_path):
+    img = (np.random.default_rng(0).random((16, 16)) * 255).astype(np.uint8)
+    _write_png(tmp_path / "d/images/a.png", img)
+    _write_png(tmp_path / "d/images/b.png", img)
+    _write_png(tmp_path / "d/masks/a.png", (img > 128).astype(np.uint8) * 255)
+    datalist = tmp_path / "d/datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "images/a.png", "label": "masks/a.png", "factors": {}}],
+                                    "test": [{"image": "images/b.png"}], "validation": []}))  # fmt: skip
+    items = load_split(datalist, "training")
+    assert items[0]["image"] == str(tmp_path / "d/images/a.png") and items[0]["factors"] == {}
+    with pytest.raises(ValueError, match="has no list 'nope'"):
+        load_split(datalist, "nope")
+    with pytest.raises(ValueError, match="split 'validation' is empty"):
+        load_split(datalist, "validation")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_split(tmp_path / "missing.json", "training")
+    bad = tmp_path / "d/bad.json"
+    bad.write_text(json.dumps({"training": [{"image": "images/zzz.png", "label": "masks/a.png"}]}))
+    with pytest.raises(ValueError, match="zzz.png"):
+        load_split(bad, "training")
+    # inference inputs: datalist split (labels dropped), folder, glob, single file, list
+    assert image_list(datalist, "test") == [{"image": str(tmp_path / "d/images/b.png")}]
+    assert [d["image"] for d in image_list(tmp_path / "d/images")] == [
+        str(tmp_path / "d/images/a.png"),
+        str(tmp_path / "d/images/b.png"),
+    ]
+    assert len(image_list(str(tmp_path / "d/images/*.png"))) == 2
+    assert image_list(str(tmp_path / "d/images/a.png")) == [{"image": str(tmp_path / "d/images/a.png")}]
+    with pytest.raises(ValueError, match="nor a glob matching images"):
+        image_list(tmp_path / "d/nothing_*.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image files"):
+        image_list(tmp_path / "empty")

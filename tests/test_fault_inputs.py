@@ -1,4 +1,4 @@
-"""Fault campaign (issue 9): bad inputs through AttachVLMProfiled + LoadImaged and the bundle, and a cache
+"""Bad inputs through AttachVLMProfiled + LoadImaged and the bundle, and a cache
 directory that cannot be written (read-only store, disk full).
 
 Every bad input must end in a clear error naming the file and the problem, or in a flagged fallback profile
@@ -97,7 +97,7 @@ def bad_files(tmp_path) -> dict[str, tuple[Path, str]]:
     out["4d"] = (d / "fourd.nii.gz", "2D")
     nib.save(nib.Nifti1Image(rng.random((16, 16, 8)).astype(np.float32), np.eye(4)), d / "vol8.nii.gz")
     out["3d_volume"] = (d / "vol8.nii.gz", "2D")
-    # regression (fault campaign): 3 slices used to be read as an RGB picture and profiled as its luma
+    # regression: 3 slices used to be read as an RGB picture and profiled as its luma
     nib.save(nib.Nifti1Image(rng.random((16, 16, 3)).astype(np.float32), np.eye(4)), d / "vol3.nii.gz")
     out["3_slice_volume"] = (d / "vol3.nii.gz", "2D")
     return out
@@ -152,10 +152,10 @@ def _channel_variants(d: Path) -> dict[str, tuple[Path, np.ndarray]]:
     cases["rgb_different_channels"] = (d / "rgb.png", luma)
     Image.fromarray(np.dstack([rgb, alpha])).save(d / "rgba.png")
     cases["rgba_different_channels"] = (d / "rgba.png", luma)
-    # regression (fault campaign): gray + alpha used to be refused although the bundle trains on it
+    # regression: gray + alpha used to be refused although the bundle trains on it
     Image.fromarray(np.dstack([g, alpha]), mode="LA").save(d / "la.png")
     cases["gray_alpha"] = (d / "la.png", g.astype(np.float32))
-    # regression (fault campaign): CMYK used to be read as RGBA (C, M, Y as colours, K dropped as alpha)
+    # regression: CMYK used to be read as RGBA (C, M, Y as colours, K dropped as alpha)
     Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
     cmyk_rgb = np.asarray(Image.open(d / "cmyk.jpg").convert("RGB"), np.float32)
     cases["cmyk"] = (d / "cmyk.jpg", cmyk_rgb @ np.asarray([0.299, 0.587, 0.114], np.float32))
@@ -196,7 +196,7 @@ def test_too_large_image_names_the_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", [0, 77, 255])
 def test_constant_image_gives_a_flagged_profile_never_a_made_up_one(tmp_path, value, caplog):
-    """Regression (fault campaign): a constant image used to get an unflagged heuristic profile whose fields
+    """Regression: a constant image used to get an unflagged heuristic profile whose fields
     were z-scores of all-zero features (difficulty 1.2, 'easy'); now a neutral fallback, flagged and counted."""
     p = tmp_path / f"const{value}.png"
     Image.fromarray(np.full((48, 64), value, np.uint8)).save(p)
@@ -230,7 +230,7 @@ def _bundle_parser(tmp_path: Path, **overrides):
 
 @pytest.mark.parametrize("use_vlm_film", [True, False])
 def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
-    """Regression (fault campaign): a label of another size used to be cropped with the image's random window
+    """Regression: a label of another size used to be cropped with the image's random window
     (silently misaligned training pairs); now the bundle's preprocessing refuses it, naming the label file."""
     img, lab, wide = tmp_path / "img.png", tmp_path / "lab.png", tmp_path / "lab_wide.png"
     Image.fromarray(_vessels(160, 144)).save(img)
@@ -248,7 +248,7 @@ def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
 
 
 def test_bundle_datalist_with_a_missing_file_names_it(tmp_path):
-    """One real `python -m monai.bundle run training` (about 10 s): the error names the missing image."""
+    """One real `python -m monai.bundle run` (about 10 s): the error names the missing image."""
     img, lab = tmp_path / "a.png", tmp_path / "a_mask.png"
     Image.fromarray(_vessels()).save(img)
     Image.fromarray(((_vessels() < 150) * 255).astype(np.uint8)).save(lab)
@@ -262,7 +262,7 @@ def test_bundle_datalist_with_a_missing_file_names_it(tmp_path):
             }
         )
     )
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(tmp_path / "bundle"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(tmp_path / "bundle"),
            "--config_file", str(REPO / "bundle" / "configs" / "train.yaml"), "--datalist", str(datalist),
            "--epochs", "1", "--profile_cache_dir", str(tmp_path / "cache")]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -421,7 +421,7 @@ def _old_pixel_digest(arr: np.ndarray) -> str:
 
 
 def test_pixel_digest_of_a_large_image_needs_no_full_size_copies():
-    """Regression (fault campaign): hashing an 8000 x 8000 image took ~1.1 GB on top of the image (four
+    """Regression: hashing an 8000 x 8000 image took ~1.1 GB on top of the image (four
     full-size float32 copies); now the digest is computed in row blocks with the same result."""
     import tracemalloc
 
@@ -444,7 +444,7 @@ def test_pixel_digest_of_a_large_image_needs_no_full_size_copies():
 
 @pytest.mark.parametrize("shape", [(60464, 40), (20000, 3), (2, 9000), (1, 4000)])
 def test_extreme_aspect_ratio_images_are_profiled(tmp_path, shape):
-    """Regression (fault campaign, a damaged TIFF header decoded as 60464 x 40): downsampling the long side to
+    """Regression (a damaged TIFF header decoded as 60464 x 40): downsampling the long side to
     512 px used to shrink the short side to 0 px and crash the heuristic with a bare IndexError."""
     x = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     p = tmp_path / "strip.png"
@@ -456,7 +456,7 @@ def test_extreme_aspect_ratio_images_are_profiled(tmp_path, shape):
 
 
 def test_values_beyond_float32_are_named_as_such(tmp_path):
-    """Regression (fault campaign): finite float64 pixels of 1e39 overflow the canonical float32 and were
+    """Regression: finite float64 pixels of 1e39 overflow the canonical float32 and were
     reported as 'NaN or Inf pixels' (with a numpy overflow warning); the message now says what is wrong."""
     import warnings
 

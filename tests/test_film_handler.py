@@ -75,11 +75,13 @@ def test_values_match_network_and_batch(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         t.run()
     m = t.state.metrics
-    stats = net.last_film_stats()["stages"]
-    assert sorted(stats) == [0, 1, 2]
-    for i, s in stats.items():
-        assert m[f"film/stage{i}/gamma_mean"] == pytest.approx(s["gamma"].mean().item(), rel=1e-5, abs=1e-7)
-        assert m[f"film/stage{i}/beta_absmax"] == pytest.approx(s["beta"].abs().max().item(), rel=1e-5)
+    profiles = torch.stack([d["vlm_profile"] for d in data])
+    with torch.no_grad():  # lr 0: the network's FiLM parameters for the batch, computed independently
+        film = net.film_parameters(profiles)
+    assert sorted(film) == [0, 1, 2]
+    for i, (gamma, beta, _) in film.items():
+        assert m[f"film/stage{i}/gamma_mean"] == pytest.approx(gamma.mean().item(), rel=1e-5, abs=1e-7)
+        assert m[f"film/stage{i}/beta_absmax"] == pytest.approx(beta.abs().max().item(), rel=1e-5)
         assert m[f"film/stage{i}/gamma_std"] > 0
         expected = torch.sigmoid(
             net.film_heads[str(i)].gate_scale * torch.stack([d["vlm_profile"][0] for d in data])
@@ -87,7 +89,6 @@ def test_values_match_network_and_batch(tmp_path, caplog):
         )
         assert m[f"film/stage{i}/gate_mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
         assert m[f"film/stage{i}/gate_min"] == pytest.approx(expected.min().item(), rel=1e-5)
-    profiles = torch.stack([d["vlm_profile"] for d in data])
     assert m["film/fallback_rate"] == pytest.approx(0.25)
     assert m["film/profile/difficulty_mean"] == pytest.approx(profiles[:, 0].mean().item(), rel=1e-5)
     assert m["film/profile/confidence_spread"] == pytest.approx(profiles[:, 1].std(unbiased=False).item(), rel=1e-5)
@@ -141,3 +142,18 @@ def test_cache_hit_rate_from_transform(tmp_path):
     assert t.state.metrics["film/cache_hit_rate"] == pytest.approx(expected)
     assert 0 < expected < 1
     assert FiLMStatsHandler(profile_stats={"hits": 3, "misses": 1}).compute(t)["film/cache_hit_rate"] == 0.75
+
+
+def test_hooks_live_only_for_the_computed_iterations():
+    """The handler observes the network through forward hooks it registers and removes: none stay behind."""
+    net, data = make_net(), items(n=8)
+    handler = FiLMStatsHandler(log_every=2)
+    heads = [net.profile_encoder, *net.film_heads.values()]
+    during = []
+    t = trainer(net, data, [handler], batch_size=2)
+    from ignite.engine import Events
+
+    t.add_event_handler(Events.ITERATION_STARTED, lambda e: during.append(sum(len(m._forward_hooks) for m in heads)))
+    t.run()
+    assert during == [0, len(heads), 0, len(heads)]  # hooks only for iterations 2 and 4 (log_every=2)
+    assert all(not m._forward_hooks for m in heads) and t.state.film_stats

@@ -16,6 +16,7 @@ from monai.networks.schedulers import RFlowScheduler
 from monai.transforms import AsDiscreted
 from monai.utils import set_determinism
 
+from monai_vlmfilm.data.synthetic import generate_sample
 from monai_vlmfilm.engines import FlowMatchingPrepareBatch, ProfilePrepareBatch, label_to_flow_space
 from monai_vlmfilm.inferers import FlowSegInferer
 from monai_vlmfilm.networks import FiLMFlowUNet
@@ -110,26 +111,7 @@ def test_profile_handling():
 # short CPU training run
 
 
-def _lines_sample(rng: np.random.Generator, size: int):
-    """Fallback data: dark curved lines (quadratic Bezier strokes) on a noisy light background."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    label = np.zeros((size, size), bool)
-    for _ in range(rng.integers(2, 5)):
-        p = rng.uniform(0, size, (3, 2))
-        ts = np.linspace(0, 1, 4 * size)[:, None]
-        pts = (1 - ts) ** 2 * p[0] + 2 * (1 - ts) * ts * p[1] + ts**2 * p[2]
-        r = rng.uniform(1.0, 2.5)
-        d2 = (yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2
-        label |= d2.min(-1) <= r * r
-    image = 0.75 - 0.35 * label + rng.normal(0, 0.05, (size, size))
-    return np.clip(image, 0, 1).astype(np.float32), label.astype(np.uint8), {}
-
-
 def _dataset(n: int, size: int, seed: int) -> list[dict]:
-    try:
-        from monai_vlmfilm.data.synthetic import generate_sample
-    except ImportError:
-        generate_sample = _lines_sample
     rng = np.random.default_rng(seed)
     items = []
     for _ in range(n):
@@ -154,22 +136,22 @@ def _val_dice(net, val, steps=2):
     return evaluator.state.metrics["dice"]
 
 
-@pytest.mark.slow
 def test_cpu_training_loss_falls_and_dice_rises():
-    """300 iterations (batch 8) on 32 synthetic 64x64 images, validation Dice with a 2-step Euler FlowSegInferer.
+    """210 iterations (batch 8) on 24 synthetic 48x48 images, validation Dice with a 2-step Euler FlowSegInferer.
 
-    Measured with the synthetic XCA generator, this setup with seeds 0-4 (seed: determinism, train and val data):
-    untrained Dice 0.126-0.137, trained 0.47-0.66 (gain >= 0.33); loss (mean of the first / last 20 batches)
-    1.24-1.30 -> 0.20-0.28 (ratio 0.16-0.21). The bars leave margin under the worst seed.
+    Measured with the synthetic XCA generator, this setup with seeds 0-4 (seed: determinism and training data,
+    seed + 100: validation data): untrained Dice 0.12-0.19, trained 0.39-0.63 (gain >= 0.22); loss (mean of the
+    first / last 21 batches) 1.26-1.31 -> 0.27-0.34 (ratio 0.22-0.26). The bars leave margin under the worst seed.
+    About 20 s on one CPU thread.
     """
     set_determinism(0)
-    train, val = _dataset(32, 64, seed=0), _dataset(8, 64, seed=1)
+    train, val = _dataset(24, 48, seed=0), _dataset(8, 48, seed=100)
     net = FiLMFlowUNet(**NET)
     dice_untrained = _val_dice(net, val)
     losses: list[float] = []
     trainer = SupervisedTrainer(
         device="cpu",
-        max_epochs=75,
+        max_epochs=70,
         train_data_loader=DataLoader(Dataset(train), batch_size=8, shuffle=True),
         network=net,
         optimizer=torch.optim.Adam(net.parameters(), 3e-3),
@@ -180,12 +162,12 @@ def test_cpu_training_loss_falls_and_dice_rises():
     trainer.run()
     dice_trained = _val_dice(net, val)
     set_determinism(None)
-    first, last = float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
+    first, last = float(np.mean(losses[:21])), float(np.mean(losses[-21:]))
     print(f"loss {first:.3f} -> {last:.3f}; val Dice untrained {dice_untrained:.3f} -> trained {dice_trained:.3f}")
-    assert len(losses) == 300
+    assert len(losses) == 210
     assert last < 0.4 * first
     assert dice_untrained < 0.25
-    assert dice_trained > 0.35 and dice_trained > dice_untrained + 0.2
+    assert dice_trained > 0.3 and dice_trained > dice_untrained + 0.15
 
 
 def _threshold_task(n: int, seed: int):

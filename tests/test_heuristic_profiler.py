@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -56,22 +54,7 @@ def test_constant_and_large_images():
     p = prof.profile([np.zeros((64, 64), np.float32)])[0]
     assert p.confidence == 0.0 and np.isfinite(p.to_vector()).all()
     big = np.tile(_vessel_image(3, 0.6, 0.1, 128), (8, 8))  # 1024x1024 is downsampled first
-    t0 = time.perf_counter()
     assert np.isfinite(prof.profile([big])[0].to_vector()).all()
-    assert time.perf_counter() - t0 < 1.0
-
-
-def test_speed_300px():
-    x = _vessel_image(4, 0.5, 0.1, 300)
-    prof = HeuristicProfiler()
-    prof.profile([x])
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        prof.profile([x])
-        times.append(time.perf_counter() - t0)
-    # ~15 ms measured on an idle core; the minimum of several runs is robust to a busy machine
-    assert min(times) < 0.05, f"{min(times) * 1000:.1f} ms per 300x300 image"
 
 
 @pytest.mark.dca1

@@ -6,7 +6,7 @@ Steps:
    ``factors`` (synthetic data), the oracle's, each in a :class:`~monai_vlmfilm.profiles.store.ProfileStore` under
    ``DIR/profiles/``; ``shuffle`` is a third store whose entries hold the profiler's profiles permuted across
    images by a seeded derangement (same keys, same multiset of profiles, no per-image information);
-2. one job per (mode, seed[, fold]): the bundle's own training (``python -m monai.bundle run training``) then its
+2. one job per (mode, seed[, fold]): the bundle's own training (``python -m monai.bundle run``) then its
    evaluate config on the evaluation split, each a subprocess with its own log, K jobs per GPU in parallel;
    a finished job is skipped on a rerun, a failing one is reported with its log and does not stop the others;
 3. per job: per-image metrics from the evaluate run's MetricsSaver CSVs, FiLM γ/β magnitudes from the trained
@@ -27,16 +27,16 @@ import json
 import os
 import shlex
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import data as D
+from .collect import FINAL_CHECKPOINT, JobCollector, coerce, metric_name, parse_metric_csvs
 from .jobs import Job, JobOutcome, Step, make_slots, run_jobs
 from .report import write_report
-from .stats import METRICS
+from .sources import ProfileSource, ProfileSources
 
 __all__ = ["MODES", "BUNDLE_KEYS", "parse_args", "parse_variant", "main", "parse_metric_csvs", "metric_name"]
 
@@ -44,7 +44,9 @@ MODES: tuple[str, ...] = ("off", "on", "shuffle", "oracle")
 CALIBRATIONS: tuple[str, ...] = ("default", "train")
 PROFILE_NORMS: tuple[str, ...] = ("none", "train")
 VARIANT_MODES: tuple[str, ...] = ("on", "shuffle", "oracle")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: the folder holding this ``monai_vlmfilm`` package (a checkout or site-packages): the jobs' PYTHONPATH, so the
+#: bundle subprocesses import the same package as this process
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 #: Names of the bundle config keys the ablation sets (one place to change if the bundle renames them).
 BUNDLE_KEYS: dict[str, str] = {
@@ -66,64 +68,7 @@ BUNDLE_KEYS: dict[str, str] = {
     "eval_dir": "eval_dir",
     "data_split": "data_split",
 }
-#: the final training checkpoint (CheckpointSaver ``save_final``): evaluated instead of the best-on-validation
-#: ``model.pt``, because without a test split the validation images are the evaluation images (no selection bias)
-FINAL_CHECKPOINT = "checkpoint_final.pt"
 NEVER = 10**9  # an epoch interval that never fires
-
-#: canonical metric name -> substrings of a MetricsSaver file name that identify it (first match wins, in order)
-_METRIC_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cldice", ("cldice", "cl_dice")),
-    ("betti0_error", ("betti0", "betti_0", "b0_error")),
-    ("betti1_error", ("betti1", "betti_1", "b1_error")),
-    ("hd95", ("hd95", "hausdorff")),
-    ("dice", ("dice",)),
-)
-
-
-def metric_name(file_stem: str) -> str | None:
-    """Canonical metric name of a MetricsSaver ``<name>_raw.csv`` stem, or None when it is not one of ours."""
-    s = file_stem.lower().replace("-", "_")
-    for name, pats in _METRIC_PATTERNS:
-        if any(p in s for p in pats):
-            return name
-    return None
-
-
-def parse_metric_csvs(folder: Path) -> dict[str, dict[str, float]]:
-    """``{image path: {metric: value}}`` from MetricsSaver's ``*_raw.csv`` files in ``folder`` (searched recursively).
-
-    Each file has a header ``filename,class0[,...],mean`` and one row per image; the ``mean`` column is used.
-
-    Raises:
-        ValueError: when no metric CSV is found (the message names the folder).
-    """
-    import csv
-
-    out: dict[str, dict[str, float]] = {}
-    files = sorted(folder.rglob("*_raw.csv"))
-    for f in files:
-        name = metric_name(f.name[: -len("_raw.csv")])
-        if name is None:
-            continue
-        with open(f, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            continue
-        header = rows[0]
-        col = header.index("mean") if "mean" in header else len(header) - 1
-        for row in rows[1:]:
-            if len(row) < len(header):
-                continue
-            try:
-                v = float(row[col])
-            except ValueError:
-                v = float("nan")
-            out.setdefault(os.path.abspath(row[0]), {})[name] = v
-    if not out:
-        raise ValueError(f"no per-image metric CSV (*_raw.csv from MetricsSaver) found under {str(folder)!r}")
-    return out
-
 
 # ------------------------------------------------------------------------------------------------------ arguments
 
@@ -168,11 +113,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-split", default=None, help="split to evaluate without --folds (default test, else validation)"
     )
-    p.add_argument("--bundle-root", default=None, help="bundle folder (default: the repository's bundle/)")
+    p.add_argument("--bundle-root", default=None, help="bundle folder (default: ./bundle when it exists)")
     p.add_argument("--train-config", default=None, help="default <bundle>/configs/train.yaml")
     p.add_argument("--eval-config", default=None, help="default <bundle>/configs/evaluate.yaml")
-    p.add_argument("--overlay-off", default=None, help="overlay for off (default <repo>/configs/flow.yaml if present)")
-    p.add_argument("--overlay-on", default=None, help="overlay for on/shuffle/oracle (default configs/flow_vlm.yaml)")
+    p.add_argument("--overlay-off", default=None, help="extra config overlay for off (default: none)")
+    p.add_argument("--overlay-on", default=None, help="extra config overlay for on/shuffle/oracle (default: none)")
     p.add_argument(
         "--override",
         action="append",
@@ -336,14 +281,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def bundle_cmd(workflow: str, bundle_root: Path, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
-    """``python -m monai.bundle run <workflow> --bundle_root ... --config_file "[...]" --key value ...``."""
+def bundle_cmd(bundle_root: Path, configs: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
+    """``python -m monai.bundle run --bundle_root ... --config_file "[...]" --key value ...`` (the configs' ``run``)."""
     cmd = [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
-        workflow,
         "--bundle_root",
         str(bundle_root),
         "--config_file",
@@ -362,19 +306,13 @@ class Ablation:
         self.argv = list(argv)
         self.out = Path(args.out).resolve()
         self.datalist_path = Path(args.datalist).resolve()
-        self.bundle_root = Path(args.bundle_root).resolve() if args.bundle_root else REPO_ROOT / "bundle"
+        self.bundle_root = bundle_root_of(args.bundle_root)
         cfg = self.bundle_root / "configs"
         self.train_config = Path(args.train_config).resolve() if args.train_config else cfg / "train.yaml"
         self.eval_config = Path(args.eval_config).resolve() if args.eval_config else cfg / "evaluate.yaml"
-
-        def overlay(given: str | None, default: str) -> Path | None:
-            if given:
-                return Path(given).resolve()
-            d = REPO_ROOT / "configs" / default
-            return d if d.is_file() else None
-
-        self.overlay_off = overlay(args.overlay_off, "flow.yaml")
-        self.overlay_on = overlay(args.overlay_on, "flow_vlm.yaml")
+        # the switch itself is an override of every job (use_vlm_film); these are optional extra overlays
+        self.overlay_off = Path(args.overlay_off).resolve() if args.overlay_off else None
+        self.overlay_on = Path(args.overlay_on).resolve() if args.overlay_on else None
         for f in (self.train_config, self.eval_config):
             if not f.is_file():
                 raise ValueError(f"bundle config {str(f)!r} does not exist (see --bundle-root / --train-config)")
@@ -385,7 +323,25 @@ class Ablation:
                 f"mode 'oracle' needs ground-truth 'factors' (with 'difficulty') on every item of "
                 f"{str(self.datalist_path)!r}; real data has none: leave oracle out of --modes"
             )
-        self._collect_lock = threading.Lock()
+        self.eval_split = "held-out fold" if args.folds else D.eval_split_of(self.datalist, args.eval_split)
+        self.sources = ProfileSources(
+            self.out,
+            self.datalist_path,
+            self.datalist,
+            self.synthetic,
+            args.profiler,
+            args.calibration,
+            self.calibration_of,
+            args.shuffle_seed,
+        )
+        #: (fold, datalist, evaluation items) of every split, set by run()
+        self.split_list: list[tuple[int | None, Path, list[dict[str, Any]]]] = []
+        #: image -> difficulty (1-5) of the report's terciles, and where it comes from; filled by prepare_difficulty()
+        self.difficulty: dict[str, float] = {}
+        self.difficulty_source = ""
+        self.collector = JobCollector(
+            self.bundle_root, lambda mode: self.configs(mode, self.train_config), self.sources, self.difficulty
+        )
 
     # -------------------------------------------------------------------- splits
     def splits(self) -> list[tuple[int | None, Path, list[dict[str, Any]]]]:
@@ -401,7 +357,7 @@ class Ablation:
             for k, held in enumerate(D.make_folds(pool, a.folds, a.fold_seed)):
                 held_set = {it["image"] for it in held}
                 train = [it for it in pool if it["image"] not in held_set]
-                path = D.write_datalist(
+                path = D.write_fold_datalist(
                     self.out / "datalists" / f"fold{k}.json",
                     {"training": train, "validation": held, "test": held},
                     f"fold {k} of {a.folds} (seed {a.fold_seed}) over training+validation of {self.datalist_path}",
@@ -410,38 +366,15 @@ class Ablation:
         else:
             split = D.eval_split_of(dl, a.eval_split)
             ev = list(dl[split])
-            path = D.write_datalist(
+            path = D.write_fold_datalist(
                 self.out / "datalists" / "main.json",
                 {"training": dl["training"], "validation": dl.get("validation") or ev, "test": ev},
                 f"{self.datalist_path} with absolute paths; test = its {split!r} split",
             )
             out.append((None, path, ev))
-        self.eval_split = "held-out fold" if a.folds else D.eval_split_of(dl, a.eval_split)
         return out
 
     # -------------------------------------------------------------------- profiles
-    def _profiler(self, calibration: str) -> tuple[Any, Any]:
-        """``(bundle spec, profiler)`` of the configured profiler with the given heuristic calibration."""
-        from monai_vlmfilm.profiles.base import create_profiler
-
-        spec: Any = self.args.profiler
-        if calibration == "train":
-            if spec != "heuristic":
-                raise ValueError(f"calibration 'train' applies to the heuristic profiler only, not {spec!r}")
-            path = self.out / "profiles" / "heuristic_calibration_train.json"
-            if not path.is_file():
-                from monai_vlmfilm.profiles.heuristic import HeuristicProfiler
-
-                images = sorted({it["image"] for it in self.datalist["training"]})
-                HeuristicProfiler.save_calibration(
-                    path,
-                    HeuristicProfiler.calibrate(images),
-                    len(images),
-                    source=f"training split of {self.datalist_path}",
-                )
-            spec = {"_target_": "monai_vlmfilm.profiles.HeuristicProfiler", "calibration": str(path)}
-        return spec, create_profiler(spec)
-
     def variant_settings(self, mode: str) -> dict[str, str]:
         """The ``--variant`` settings of a mode such as ``on.norm`` (empty for the plain modes)."""
         return self.args.variants.get(mode.partition(".")[2], {})
@@ -457,73 +390,15 @@ class Ablation:
         a = self.args
         return list(a.mode_list) + [f"{m}.{v}" for v in a.variants for m in a.variant_modes_of[v]]
 
-    def prepare_profiles(self) -> dict[str, dict[str, Any]]:
-        """Fill the profile stores; returns ``{store name: {"dir", "profiler", "spec"}}`` for every store made.
-
-        One store of the configured profiler (and one shuffled copy when shuffle runs) per heuristic calibration in
-        use; the base calibration's stores are named after the profiler and ``shuffle``, the others get a
-        ``-cal-<calibration>`` suffix. Synthetic data also gets the oracle's store.
-        """
-        from monai_vlmfilm.profiles.oracle import OracleProfiler
-
-        a = self.args
-        items = D.unique_images(self.datalist)
-        modes = self.all_modes()
-        stores: dict[str, dict[str, Any]] = {}
-        self.store_names: dict[tuple[str, str], str] = {}
-        cals = [a.calibration] + sorted({self.calibration_of(m) for m in modes} - {a.calibration})
-        for cal in cals:
-            spec, prof = self._profiler(cal)
-            suffix = "" if cal == a.calibration else f"-cal-{cal}"
-            name = prof.name + suffix
-            pdir = self.out / "profiles" / name
-            t0 = time.time()
-            # the profiler's profiles are always made: real data takes its difficulty terciles from them
-            D.prepare_profile_cache(pdir, items, prof)
-            stores[name] = {"dir": pdir, "profiler": prof, "spec": spec}
-            self.store_names[("on", cal)] = name
-            print(f"[ablation] {name} profiles of {len(items)} images in {pdir} ({time.time() - t0:.1f} s)")
-            if any(m.partition(".")[0] == "shuffle" and self.calibration_of(m) == cal for m in modes):
-                sname = "shuffle" + suffix
-                sdir = self.out / "profiles" / sname
-                D.build_shuffled_cache(pdir, sdir, items, prof, seed=a.shuffle_seed)
-                stores[sname] = {"dir": sdir, "profiler": prof, "spec": spec}
-                self.store_names[("shuffle", cal)] = sname
-        if self.synthetic:
-            odir = self.out / "profiles" / "oracle"
-            oracle = OracleProfiler(datalist=str(self.datalist_path))
-            D.prepare_profile_cache(odir, items, oracle)
-            stores["oracle"] = {"dir": odir, "profiler": oracle, "spec": "oracle"}
-            for cal in cals:
-                self.store_names[("oracle", cal)] = "oracle"
-        self.stores = stores
-        self.profiler_name = self.store_names[("on", a.calibration)]
-        return stores
-
-    def store_name_of(self, mode: str) -> str | None:
-        """Name of the profile store a mode reads (None for ``off``)."""
-        return self.store_names.get((mode.partition(".")[0], self.calibration_of(mode)))
-
-    def store_of(self, mode: str) -> dict[str, Any] | None:
-        name = self.store_name_of(mode)
-        return self.stores.get(name) if name else None
+    def prepare_profiles(self) -> dict[str, ProfileSource]:
+        """Fill the profile stores every mode reads (see :class:`~monai_vlmfilm.ablation.sources.ProfileSources`)."""
+        return self.sources.prepare(self.all_modes())
 
     def profile_norm_file(self, mode: str, fold: int | None, train_items: Sequence[Mapping[str, Any]]) -> Path | None:
-        """The normalisation JSON of a mode's profile store over a split's training images (made once), or None."""
+        """The normalisation JSON of a mode's profile store over a split's training images, or None."""
         if self.profile_norm_of(mode) != "train" or mode == "off":
             return None
-        from monai_vlmfilm.profiles.normalization import compute_profile_norm, save_profile_norm
-
-        name = self.store_name_of(mode)
-        assert name is not None
-        st = self.stores[name]
-        path = self.out / "profiles" / "norm" / f"{name}_{'main' if fold is None else f'fold{fold}'}.json"
-        if not path.is_file():
-            vecs = D.profile_vectors(st["dir"], train_items, st["profiler"])
-            save_profile_norm(
-                path, compute_profile_norm(vecs), source=f"{name} profiles of {len(train_items)} training images"
-            )
-        return path
+        return self.sources.norm_file(mode, fold, train_items)
 
     # -------------------------------------------------------------------- jobs
     def bundle_value(self, key: str) -> Any:
@@ -534,7 +409,7 @@ class Ablation:
         parser.read_config([str(c) for c in self.configs("off", self.train_config)])
         for kv in self.args.override:
             k, v = kv.split("=", 1)
-            parser[k] = _coerce(v)
+            parser[k] = coerce(v)
         return parser.get_parsed_content(key) if key in parser else None
 
     def epochs_for(self, n_train: int) -> int:
@@ -558,10 +433,10 @@ class Ablation:
             K["ckpt_dir"]: str(run_dir),
             K["output_dir"]: str(run_dir),
         }
-        st = self.store_of(mode)
+        st = self.sources.of(mode)
         if st is not None:
-            ov[K["cache_dir"]] = str(st["dir"])
-            ov[K["profiler"]] = st["spec"]
+            ov[K["cache_dir"]] = str(st.dir)
+            ov[K["profiler"]] = st.spec
             # every image was profiled ahead: a miss would silently recompute (shuffle would see true profiles)
             ov[K["on_missing"]] = "error"
         if a.epochs is not None or a.max_iterations is not None:
@@ -590,7 +465,7 @@ class Ablation:
     def make_jobs(self, splits: Sequence[tuple[int | None, Path, list[dict[str, Any]]]]) -> list[Job]:
         a, K = self.args, BUNDLE_KEYS
         jobs = []
-        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        pythonpath = os.pathsep.join(p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")) if p)
         # seed-major order: a run cut short still holds complete (off, on, ...) sets for the first seeds
         for seed in a.seeds:
             for fold, dl_path, ev_items in splits:
@@ -601,7 +476,7 @@ class Ablation:
                     wd = self.out / "jobs" / name
                     norm = self.profile_norm_file(mode, fold, train_items)
                     ov = self.overrides(mode, seed, dl_path, wd / "train", n_train, norm)
-                    train = bundle_cmd("training", self.bundle_root, self.configs(mode, self.train_config), ov)
+                    train = bundle_cmd(self.bundle_root, self.configs(mode, self.train_config), ov)
                     ev_ov = {
                         **ov,
                         K["output_dir"]: str(wd / "eval"),
@@ -609,9 +484,7 @@ class Ablation:
                         K["eval_dir"]: str(wd / "eval"),
                         K["data_split"]: "test",
                     }
-                    evaluate = bundle_cmd(
-                        "evaluating", self.bundle_root, self.configs(mode, self.train_config, evaluate=True), ev_ov
-                    )
+                    evaluate = bundle_cmd(self.bundle_root, self.configs(mode, self.train_config, evaluate=True), ev_ov)
                     info = {
                         "mode": mode,
                         "seed": seed,
@@ -624,91 +497,25 @@ class Ablation:
                     steps = [
                         Step("train", train, a.job_timeout),
                         Step("evaluate", evaluate, a.job_timeout),
-                        Step("collect", self.collect),
+                        Step("collect", self.collector),
                     ]
                     _invalidate_if_changed(wd, {"train": train, "evaluate": evaluate})
                     jobs.append(Job(name, wd, steps, info, {"PYTHONPATH": pythonpath}))
         return jobs
 
-    # -------------------------------------------------------------------- collection
-    def checkpoint_of(self, job: Job) -> Path:
-        path = job.workdir / "train" / FINAL_CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"training left no {FINAL_CHECKPOINT} in {path.parent}")
-        return path
-
-    def collect(self, job: Job, env: Mapping[str, str]) -> None:
-        """Per-image records and FiLM magnitudes of a finished job -> ``<job>/result.json``."""
-        info = job.info
-        metrics = parse_metric_csvs(job.workdir / "eval")
-        by_path = {os.path.abspath(it["image"]): it for it in info["eval_items"]}
-        by_base: dict[str, list[str]] = {}
-        for pth in by_path:
-            by_base.setdefault(os.path.basename(pth), []).append(pth)
-        records = []
-        unmatched = []
-        for fname, vals in metrics.items():
-            path = fname if fname in by_path else None
-            if path is None and len(by_base.get(os.path.basename(fname), [])) == 1:
-                path = by_base[os.path.basename(fname)][0]
-            if path is None:
-                unmatched.append(fname)
-                continue
-            rec = {
-                "mode": info["mode"],
-                "seed": info["seed"],
-                "fold": info["fold"],
-                "image": path,
-                "difficulty": self.difficulty_of(path),
-            }
-            rec.update({k: vals.get(k) for k in METRICS if k in vals})
-            records.append(rec)
-        if unmatched:
-            raise ValueError(f"evaluate wrote metrics for images not in the evaluation split: {unmatched[:3]}")
-        if len(records) != len(by_path):
-            missing = sorted(set(by_path) - {r["image"] for r in records})[:3]
-            raise ValueError(f"evaluate wrote {len(records)} of {len(by_path)} images; missing e.g. {missing}")
-        film = None
-        if info["mode"] != "off":
-            with self._collect_lock:  # one network at a time in this process
-                film = self.film_stats(job)
-        doc = {"mode": info["mode"], "seed": info["seed"], "fold": info["fold"], "records": records, "film": film}
-        tmp = job.workdir / "result.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1, allow_nan=True))
-        tmp.replace(job.workdir / "result.json")
-
-    def film_stats(self, job: Job) -> dict[str, Any]:
-        import torch
-        from monai.bundle import ConfigParser
-
-        from .film import film_magnitudes, load_state_dict
-
-        mode = job.info["mode"]
-        parser = ConfigParser()
-        parser.read_config([str(c) for c in self.configs(mode, self.train_config)])
-        ov = job.info["overrides"]
-        parser.update({"bundle_root": str(self.bundle_root), **{k: _coerce(v) for k, v in ov.items()}})
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        net = parser.get_parsed_content("network_def", instantiate=True)
-        sd = load_state_dict(str(self.checkpoint_of(job)))
-        net.load_state_dict(sd)
-        st = self.store_of(mode)
-        vecs = D.profile_vectors(st["dir"], job.info["eval_items"], st["profiler"])
-        return film_magnitudes(net, vecs)
-
     # -------------------------------------------------------------------- difficulty
-    def difficulty_of(self, path: str) -> float:
-        return self._difficulty[path]
-
-    def prepare_difficulty(self) -> str:
+    def prepare_difficulty(self) -> None:
+        """Each image's difficulty for the report: ground truth on synthetic data, else the profiler's estimate."""
         items = D.unique_images(self.datalist)
         if self.synthetic:
-            self._difficulty = {it["image"]: float(it["factors"]["difficulty"]) for it in items}
-            return "factors.difficulty (the synthetic generator's ground truth, 1-5)"
-        st = self.stores[self.profiler_name]
-        vecs = D.profile_vectors(st["dir"], items, st["profiler"])
-        self._difficulty = {it["image"]: float(1.0 + 4.0 * v[0]) for it, v in zip(items, vecs)}
-        return f"{self.profiler_name} profile difficulty (1-5; no ground truth for real images)"
+            self.difficulty.update({it["image"]: float(it["factors"]["difficulty"]) for it in items})
+            self.difficulty_source = "factors.difficulty (the synthetic generator's ground truth, 1-5)"
+            return
+        name = self.sources.profiler_name
+        st = self.sources.stores[name]
+        vecs = D.profile_vectors(st.dir, items, st.profiler)
+        self.difficulty.update({it["image"]: float(1.0 + 4.0 * v[0]) for it, v in zip(items, vecs)})
+        self.difficulty_source = f"{name} profile difficulty (1-5; no ground truth for real images)"
 
     # -------------------------------------------------------------------- report
     def results(self, outcomes: Sequence[JobOutcome], wall: float, card: str) -> dict[str, Any]:
@@ -740,11 +547,11 @@ class Ablation:
             elif o.status not in ("failed", "not_run"):
                 j["status"], j["error"] = "failed", f"no result.json in {o.job.workdir}"
             jobs.append(j)
-        eval_items = {it["image"]: it for _, _, ev in self._splits for it in ev}
+        eval_items = {it["image"]: it for _, _, ev in self.split_list for it in ev}
         ev_list = sorted(eval_items.values(), key=lambda it: it["image"])
         profiles = {}
-        for src, st in self.stores.items():
-            v = D.profile_vectors(st["dir"], ev_list, st["profiler"])
+        for src, st in self.sources.stores.items():
+            v = D.profile_vectors(st.dir, ev_list, st.profiler)
             from monai_vlmfilm.profiles.schema import VECTOR_FIELDS
 
             profiles[src] = {
@@ -775,7 +582,7 @@ class Ablation:
             "profile_norm": a.profile_norm,
             "seeds": a.seeds,
             "folds": a.folds,
-            "profiler": self.profiler_name,
+            "profiler": self.sources.profiler_name,
             "eval_split": self.eval_split,
             "difficulty_source": self.difficulty_source,
             "settings": {k: v for k, v in settings.items() if v not in (None, [], "")},
@@ -792,10 +599,10 @@ class Ablation:
         (self.out / "command.txt").write_text(
             " ".join(shlex.quote(x) for x in [sys.executable, "-m", "monai_vlmfilm.ablation", *self.argv]) + "\n"
         )
-        self._splits = self.splits()
+        self.split_list = self.splits()
         self.prepare_profiles()
-        self.difficulty_source = self.prepare_difficulty()
-        jobs = self.make_jobs(self._splits)
+        self.prepare_difficulty()
+        jobs = self.make_jobs(self.split_list)
         gpus = _gpus(a.gpus)
         card = _card(gpus)
         slots = make_slots(gpus, a.jobs_per_gpu, a.cpu_jobs)
@@ -838,6 +645,25 @@ class Ablation:
         return 1 if n_failed else 0
 
 
+def bundle_root_of(given: str | None) -> Path:
+    """The bundle folder: ``--bundle-root``, else ``./bundle`` when it exists.
+
+    Args:
+        given: the ``--bundle-root`` value, or None.
+
+    Raises:
+        ValueError: neither names a bundle (a folder with ``configs/train.yaml``), saying what to pass.
+    """
+    root = Path(given if given else "bundle").resolve()
+    if not (root / "configs" / "train.yaml").is_file():
+        hint = "" if given else " (no ./bundle here)"
+        raise ValueError(
+            f"{str(root)!r} is not a MONAI bundle folder (no configs/train.yaml){hint}: pass --bundle-root <bundle>, "
+            "e.g. the bundle/ folder of the monai-vlmfilm repository or a downloaded copy of it"
+        )
+    return root
+
+
 def _invalidate_if_changed(workdir: Path, spec: Mapping[str, Any]) -> None:
     """Resume only what the same commands produced: a job folder from other settings is run again."""
     path = workdir / "spec.json"
@@ -848,18 +674,6 @@ def _invalidate_if_changed(workdir: Path, spec: Mapping[str, Any]) -> None:
             f.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def _coerce(v: Any) -> Any:
-    """An override value as the bundle CLI (fire) would parse it: True/False/None/numbers/lists, else the string."""
-    if not isinstance(v, str):
-        return v
-    import ast
-
-    try:
-        return ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -12,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from monai_vlmfilm.data.datalist import read_datalist, write_datalist
+
 __all__ = [
     "load_datalist",
     "eval_split_of",
     "make_folds",
-    "write_datalist",
+    "write_fold_datalist",
     "seeded_derangement",
     "has_factors",
     "unique_images",
@@ -27,42 +28,26 @@ __all__ = [
 
 
 def load_datalist(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a MONAI datalist JSON and make every item's ``image`` / ``label`` path absolute.
+    """A MONAI datalist JSON with every item's ``image`` / ``label`` path absolute and checked to exist.
 
-    Relative paths are taken relative to the datalist's folder (MONAI's ``load_decathlon_datalist`` rule).
+    Read with :func:`monai_vlmfilm.data.datalist.read_datalist`; the ablation also needs a non-empty ``training``
+    list and an ``image`` and a ``label`` in every item.
 
     Raises:
         ValueError: unreadable JSON, no ``training`` list, an item without ``image``/``label`` or a missing file;
             the message names the datalist and the item.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"datalist {str(p)!r} does not exist")
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"datalist {str(p)!r} is not readable JSON: {e}") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("training"), list) or not doc["training"]:
-        raise ValueError(f"datalist {str(p)!r} needs a non-empty 'training' list")
-    base = p.resolve().parent
-    out: dict[str, Any] = {k: v for k, v in doc.items() if not isinstance(v, list)}
+        doc = read_datalist(path, check_files=True)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    if not isinstance(doc.get("training"), list) or not doc["training"]:
+        raise ValueError(f"datalist {str(path)!r} needs a non-empty 'training' list")
     for split, items in doc.items():
-        if not isinstance(items, list):
-            continue
-        fixed = []
-        for i, it in enumerate(items):
+        for i, it in enumerate(items if isinstance(items, list) else []):
             if not isinstance(it, dict) or "image" not in it or "label" not in it:
-                raise ValueError(f"datalist {str(p)!r}: item {i} of {split!r} needs 'image' and 'label' keys")
-            it = dict(it)
-            for k in ("image", "label"):
-                f = Path(it[k])
-                f = f if f.is_absolute() else base / f
-                if not f.is_file():
-                    raise ValueError(f"datalist {str(p)!r}: {split}[{i}].{k} file {str(f)!r} does not exist")
-                it[k] = str(f)
-            fixed.append(it)
-        out[split] = fixed
-    return out
+                raise ValueError(f"datalist {str(path)!r}: item {i} of {split!r} needs 'image' and 'label' keys")
+    return doc
 
 
 def eval_split_of(datalist: Mapping[str, Any], requested: str | None = None) -> str:
@@ -87,14 +72,9 @@ def make_folds(items: Sequence[Mapping[str, Any]], k: int, seed: int = 0) -> lis
     return [[items[i] for i in part] for part in np.array_split(order, k)]
 
 
-def write_datalist(path: Path, splits: Mapping[str, Sequence[Mapping[str, Any]]], description: str = "") -> Path:
-    """Write a datalist JSON (absolute paths) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"description": description, **{k: list(v) for k, v in splits.items()}}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+def write_fold_datalist(path: Path, splits: Mapping[str, Sequence[Mapping[str, Any]]], description: str = "") -> Path:
+    """Write a fold's datalist JSON (absolute paths) with :func:`monai_vlmfilm.data.datalist.write_datalist`."""
+    return write_datalist({"description": description, **{k: list(v) for k, v in splits.items()}}, path)
 
 
 def seeded_derangement(n: int, seed: int = 0) -> np.ndarray:
@@ -169,14 +149,12 @@ def build_shuffled_cache(
     by_key: dict[str, tuple[str, str, Any]] = {}
     owners: dict[str, list[str]] = {}
     for it in items:
-        digest = src.digest(it["image"])
-        key = src.make_key(digest, fp)
-        owners.setdefault(key, []).append(it["image"])
-        if key not in by_key:
-            prof = src.get_by_key(key, fp)
-            if prof is None:
+        found = src.lookup(it["image"], fp)
+        owners.setdefault(found.key, []).append(it["image"])
+        if found.key not in by_key:
+            if found.profile is None:
                 raise ValueError(f"no {profiler.name} profile for {it['image']!r} in {str(source_dir)!r}")
-            by_key[key] = (it["image"], digest, prof)
+            by_key[found.key] = (it["image"], found.digest, found.profile)
     keys = sorted(by_key)
     perm = seeded_derangement(len(keys), seed)
     mapping: dict[str, str] = {}
@@ -197,7 +175,7 @@ def profile_vectors(cache_dir: Path, items: Sequence[Mapping[str, Any]], profile
     store = ProfileStore(cache_dir, read_only=True)
     out = []
     for it in items:
-        prof = store.get(it["image"], profiler.fingerprint)
+        prof = store.lookup(it["image"], profiler.fingerprint).profile
         if prof is None:
             raise ValueError(f"no {profiler.name} profile for {it['image']!r} in {str(cache_dir)!r}")
         out.append(prof.to_vector())

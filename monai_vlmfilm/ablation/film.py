@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["film_magnitudes", "load_state_dict"]
+from monai_vlmfilm.networks.checkpoint import unwrap
 
-
-def load_state_dict(path: str, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """A network state dict from a checkpoint file: a bare state dict or MONAI ``CheckpointSaver``'s
-    ``{"network"|"model"|"net": state_dict, ...}``; a DDP ``module.`` prefix is stripped.
-
-    Raises:
-        ValueError: when no state dict is found (the message names the file and its top-level keys).
-    """
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = dict(obj)
-    else:
-        sd = None
-        if isinstance(obj, Mapping):
-            for k in ("network", "model", "net", "state_dict", "network_def"):
-                v = obj.get(k)
-                if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
-                    sd = dict(v)
-                    break
-        if sd is None:
-            keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-            raise ValueError(f"checkpoint {path!r} holds no network state dict (top level: {keys})")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
+__all__ = ["film_magnitudes"]
 
 
 @torch.no_grad()
@@ -50,7 +25,7 @@ def film_magnitudes(network: Any, profiles: np.ndarray | torch.Tensor) -> dict[s
         "gamma_image_std"}}``; ``gamma_image_std`` is the spread of γ across images (mean over channels), which
         is 0 when the heads ignore the profile.
     """
-    net = network.module if hasattr(network, "module") else network
+    net = unwrap(network)
     if not getattr(net, "use_vlm_film", False):
         raise ValueError("film_magnitudes needs a network built with use_vlm_film=True")
     net.eval()

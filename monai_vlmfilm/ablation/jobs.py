@@ -211,12 +211,9 @@ def run_jobs(
 
     bar = None
     if progress:
-        try:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(jobs), desc="ablation jobs", unit="job", dynamic_ncols=True)
-        except ImportError:  # tqdm is a dependency, but a missing bar must never stop the run
-            bar = None
+        bar = tqdm(total=len(jobs), desc="ablation jobs", unit="job", dynamic_ncols=True)
     outcomes: dict[int, JobOutcome] = {}
     failed = 0
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:

@@ -1,9 +1,11 @@
-"""Build a MONAI datalist from folders of angiograms and vessel masks, validating every pair first.
+"""Datalists: the one reader (``load_split``, ``image_list``) and writer, and the builder from image / mask folders.
+
+Build a MONAI datalist from folders of angiograms and vessel masks, validating every pair first.
 
 Images and masks are paired by name: the mask of ``<stem>.<ext>`` is ``<stem><mask_suffix>.<any ext>`` in the
 masks folder (DCA1's original layout ``N.pgm`` + ``N_gt.pgm`` in one folder: ``--masks`` = ``--images`` and
 ``--mask-suffix _gt``; an XCAD-like ``images/N.png`` + ``masks/N.png``: empty suffix).  Supported: PNG, PGM/PPM,
-JPEG, BMP, TIFF and NIfTI (``.nii``, ``.nii.gz``).  Files are read with MONAI's own readers (``PILReader``,
+JPEG, BMP, TIFF and NIfTI (``.nii``, ``.nii.gz``; MHA / NRRD through ITK when installed).  Files are read with MONAI's own readers (``PILReader``,
 ``NibabelReader``), so shapes are compared in the layout the training pipeline sees.
 
 Every pair is checked (readable, non-empty, same spatial shape, mask binary or binarisable) and every problem
@@ -25,6 +27,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -44,12 +47,16 @@ __all__ = [
     "read_array",
     "mask_threshold",
     "split_items",
+    "read_datalist",
+    "load_split",
+    "image_list",
     "write_datalist",
     "build_datalist",
     "main",
 ]
 
-# longest first, so ".nii.gz" wins over ".gz"
+#: the image file endings the package reads (datalist building, inference inputs, image folders); longest first,
+#: so ".nii.gz" wins over ".gz"
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".nii.gz",
     ".nii",
@@ -61,6 +68,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".bmp",
     ".tif",
     ".tiff",
+    ".mha",
+    ".nrrd",
 )
 _NEEDS_PIL_READER = (".pgm", ".ppm", ".tif", ".tiff")  # LoadImage's automatic reader choice skips these
 BINARISATION_RULE = (
@@ -100,7 +109,8 @@ def read_array(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes)")
     ext = split_name(path)[1].lower()
-    reader = NibabelReader() if ext.startswith(".nii") else PILReader()
+    # .mha / .nrrd: LoadImage's own choice (ITKReader, when itk is installed)
+    reader = NibabelReader() if ext.startswith(".nii") else None if ext in (".mha", ".nrrd") else PILReader()
     try:
         arr = LoadImage(reader=reader, image_only=True, dtype=None)(str(path))
     except Exception as e:  # any reader failure is a broken file for the user
@@ -351,6 +361,138 @@ def build_datalist(
     if out is not None:
         write_datalist(datalist, out)
     return datalist
+
+
+def read_datalist(
+    datalist: str | os.PathLike,
+    sections: Sequence[str] | None = None,
+    path_keys: Sequence[str] = ("image", "label"),
+    check_files: bool = False,
+) -> dict[str, Any]:
+    """A MONAI datalist JSON with the file paths of its items made absolute: the package's one datalist reader.
+
+    Paths are relative to the datalist's folder unless absolute (the rule of ``monai.data.load_decathlon_datalist``).
+    Every list-valued section is read, or only ``sections``; other top-level entries (``description``, ...) pass
+    through, and items keep their extra keys (e.g. the synthetic generator's ``factors``).
+
+    Args:
+        datalist: the JSON file.
+        sections: the list sections to read (each must be present); None reads every list section.
+        path_keys: item keys holding a path or a list of paths.
+        check_files: raise when a path under ``path_keys`` names no file.
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: not a JSON object, a requested section is not a list, an item is neither a dict nor a path, or
+            (``check_files``) a file is missing; the message names the datalist and the item.
+    """
+    path = Path(datalist).expanduser()
+    name = repr(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"datalist {name} does not exist: generate one with `python -m monai_vlmfilm.data.synthetic --out DIR` "
+            "or `python -m monai_vlmfilm.data.datalist`, then pass --datalist DIR/datalist.json"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"datalist {name} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ValueError(f"datalist {name} is not a JSON object with sections (it is a {type(doc).__name__})")
+    absent = [sec for sec in sections or () if not isinstance(doc.get(sec), list)]
+    if absent:
+        raise ValueError(f"datalist {name} has no list {absent[0]!r} (it has: {sorted(doc)})")
+    base = path.parent.absolute()
+
+    def absolute(value: Any, where: str) -> Any:
+        if isinstance(value, list):
+            return [absolute(v, where) for v in value]
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        f = os.path.normpath(base / value)
+        if check_files and not os.path.isfile(f):
+            raise ValueError(f"datalist {name}, {where} file {f!r} does not exist")
+        return f
+
+    out: dict[str, Any] = {}
+    for sec, items in doc.items():
+        if not isinstance(items, list):
+            out[sec] = items
+            continue
+        if sections is not None and sec not in sections:
+            continue
+        fixed = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, os.PathLike)):  # the Decathlon format lists test images as bare paths
+                fixed.append(absolute(item, f"{sec}[{i}]"))
+                continue
+            if not isinstance(item, dict):
+                raise ValueError(f"datalist {name}: item {i} of {sec!r} is neither an object nor a path ({item!r})")
+            fixed.append({k: absolute(v, f"{sec}[{i}].{k}") if k in path_keys else v for k, v in item.items()})
+        out[sec] = fixed
+    return out
+
+
+def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
+    """One split (``"training"``, ``"validation"``, ``"test"``) of a MONAI datalist JSON, paths made absolute.
+
+    Paths in the file are relative to the datalist's folder. Entries may carry extra keys (e.g. ``factors``); they
+    pass through. A bare path entry (the Decathlon format's test list) becomes ``{"image": path}``.
+
+    Args:
+        datalist: the datalist JSON.
+        split: the section to read.
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: the file is not a JSON datalist, the split is missing or empty, or an image file is missing.
+    """
+    items = [
+        it if isinstance(it, dict) else {"image": it}
+        for it in read_datalist(datalist, sections=[split], check_files=True)[split]
+    ]
+    if not items:
+        raise ValueError(f"datalist {str(datalist)!r}: split {split!r} is empty")
+    return items
+
+
+def _is_image_file(p: str) -> bool:
+    return p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p)
+
+
+def image_list(source: str | os.PathLike | Sequence[str], split: str = "test") -> list[dict]:
+    """The inference inputs as ``[{"image": path, ...}, ...]`` from whatever the user points at.
+
+    Args:
+        source: a MONAI datalist JSON (its ``split`` list is used), a folder (every image file in it, sorted),
+            a glob pattern, a single image file, or a list of image paths.
+        split: the datalist key to read when ``source`` is a JSON datalist.
+
+    Raises:
+        ValueError: when nothing usable is found, naming the source.
+    """
+    if isinstance(source, (list, tuple)):
+        paths = [str(p) for p in source]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"input image files do not exist: {missing[:5]}")
+        return [{"image": p} for p in paths]
+    src = os.path.expanduser(str(source))
+    if src.endswith(".json"):
+        return [{k: v for k, v in d.items() if k != "label"} for d in load_split(src, split)]
+    if os.path.isdir(src):
+        paths = sorted(str(p) for p in Path(src).rglob("*") if _is_image_file(str(p)))
+        if not paths:
+            raise ValueError(f"input folder {src!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return [{"image": p} for p in paths]
+    if os.path.isfile(src):
+        return [{"image": src}]
+    paths = sorted(p for p in glob.glob(src) if _is_image_file(p))
+    if not paths:
+        raise ValueError(
+            f"input {src!r} is neither a datalist JSON, a folder, an image file nor a glob matching images"
+        )
+    return [{"image": p} for p in paths]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

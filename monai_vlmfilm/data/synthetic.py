@@ -66,6 +66,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.signal import lfilter
 
+from monai_vlmfilm.data.datalist import write_datalist
+
 __all__ = [
     "FACTOR_NAMES",
     "DIFFICULTY_WEIGHTS",
@@ -729,10 +731,7 @@ def generate_dataset(
                 prev_lbls.append(lbl)
                 prev_titles.append(f"d={factors['difficulty']:.1f}")
         datalist[split] = items
-    path = out / "datalist.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(datalist, indent=1))
-    tmp.replace(path)
+    path = write_datalist(datalist, out / "datalist.json")
     if preview is not None and prev_imgs:
         save_preview(prev_imgs, prev_lbls, preview, titles=prev_titles)
     return path

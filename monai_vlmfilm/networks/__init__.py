@@ -1,15 +1,20 @@
-"""Networks: profile encoder, FiLM heads and the FiLM flow-matching UNet."""
+"""Networks: profile encoder, FiLM heads, the FiLM flow-matching UNet and its checkpoint loading."""
 
+from .checkpoint import FILM_KEY_PREFIXES, describe_missing_keys, load_network_weights, load_off_checkpoint, unwrap
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
-from .flow_unet import FILM_KEY_PREFIXES, FiLMFlowUNet, as_profile_batch, describe_missing_keys, load_off_checkpoint
+from .fixed_time import FixedTimeVelocity
+from .flow_unet import FiLMFlowUNet, as_profile_batch
 
 __all__ = [
     "AdaptiveFiLMHead",
     "FILM_KEY_PREFIXES",
     "FiLMFlowUNet",
+    "FixedTimeVelocity",
     "ProfileEncoder",
     "as_profile_batch",
     "describe_missing_keys",
     "film_modulate",
+    "load_network_weights",
     "load_off_checkpoint",
+    "unwrap",
 ]

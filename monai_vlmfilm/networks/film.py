@@ -7,12 +7,14 @@ the image size. Their last linear layer is zero-initialised, so a freshly built 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, PROFILE_DIM
+from monai_vlmfilm.profiles.schema import PROFILE_DIM
 
 __all__ = ["ProfileEncoder", "AdaptiveFiLMHead", "film_modulate"]
 
@@ -24,14 +26,17 @@ class ProfileEncoder(nn.Module):
     -> SiLU``.
 
     ``mean`` / ``std`` are buffers (saved in the state_dict, so a checkpoint carries them); they start as the
-    identity (0 / 1) and are set from the training set's profiles by ``norm`` or :meth:`set_normalization`
-    (see :mod:`monai_vlmfilm.profiles.normalization`). A checkpoint saved before they existed loads with the identity.
+    identity (0 / 1) and are set from the training set's profiles by ``norm`` or :meth:`set_normalization`. The
+    network reads no file: a config loads the statistics with
+    :func:`monai_vlmfilm.profiles.normalization.load_profile_norm` and passes them in. A checkpoint saved before
+    the buffers existed loads with the identity.
 
     Args:
         profile_dim: length of the profile vector (``PROFILE_DIM`` of ``monai_vlmfilm.profiles``).
         cond_dim: size of the conditioning vector fed to every FiLM head.
         hidden_dim: hidden width of the MLP (defaults to ``cond_dim``).
-        norm: ``None`` (identity), a normalisation JSON path or a mapping with ``mean`` and ``std``.
+        norm: ``None`` (identity), ``(mean, std)`` or a mapping with ``mean`` and ``std`` (e.g. the result of
+            ``load_profile_norm``).
         clip: bound of the normalised features: an out-of-distribution profile cannot drive the heads arbitrarily far.
     """
 
@@ -53,9 +58,7 @@ class ProfileEncoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(profile_dim))
         self.register_buffer("feature_std", torch.ones(profile_dim))
         if norm is not None:
-            from monai_vlmfilm.profiles.normalization import load_profile_norm
-
-            self.set_normalization(*load_profile_norm(norm))
+            self.set_normalization(*_mean_std(norm))
         self.net = nn.Sequential(
             nn.Linear(profile_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, cond_dim), nn.SiLU()
         )
@@ -179,6 +182,14 @@ def film_modulate(h: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> t
     return torch.addcmul(beta.to(h.dtype), h, (1 + gamma).to(h.dtype))
 
 
-def difficulty_of(profile: torch.Tensor) -> torch.Tensor:
-    """The difficulty scalar (profile element ``DIFFICULTY_INDEX``) of a ``[B, P]`` profile batch."""
-    return profile[:, DIFFICULTY_INDEX]
+def _mean_std(norm: Any) -> tuple[Any, Any]:
+    """``(mean, std)`` of normalisation statistics given as a mapping or a pair (never a file: see ProfileEncoder)."""
+    if isinstance(norm, (str, os.PathLike)):
+        raise TypeError(
+            f"profile normalisation {str(norm)!r} is a path: load it first, e.g. "
+            "monai_vlmfilm.profiles.normalization.load_profile_norm(path), and pass the (mean, std) it returns"
+        )
+    if isinstance(norm, Mapping):
+        return norm["mean"], norm["std"]
+    mean, std = norm
+    return mean, std

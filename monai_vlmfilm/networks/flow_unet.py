@@ -2,56 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from monai.utils import str2bool
 
-from monai_vlmfilm.profiles.schema import PROFILE_DIM
+from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, PROFILE_DIM, as_profile_batch
 
-from .film import AdaptiveFiLMHead, ProfileEncoder, difficulty_of, film_modulate
+from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 
-__all__ = ["FiLMFlowUNet", "FILM_KEY_PREFIXES", "load_off_checkpoint", "describe_missing_keys", "as_profile_batch"]
-
-logger = logging.getLogger(__name__)
-
-#: state_dict key prefixes of the modules that exist only when FiLM is on.
-FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
-
-
-def as_profile_batch(
-    profile: Any, batch_size: int, profile_dim: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Turn a profile given as tensor / array / list (``[P]``, ``[1, P]`` or ``[B, P]``) into float32 ``[B, P]``.
-
-    The result is detached: no gradient ever flows back into whatever produced the profile (the VLM is frozen).
-
-    Raises:
-        ValueError: when the shape does not fit ``batch_size`` x ``profile_dim``.
-    """
-    if isinstance(profile, torch.Tensor):
-        p = profile.detach()
-        if hasattr(p, "as_tensor"):  # MetaTensor -> plain tensor, no meta bookkeeping in the forward pass
-            p = p.as_tensor()
-    elif isinstance(profile, (list, tuple)) and profile and isinstance(profile[0], torch.Tensor):
-        p = torch.stack([torch.as_tensor(q).detach() for q in profile])
-    else:
-        p = torch.as_tensor(np.asarray(profile, dtype=np.float32))
-    p = p.to(device=device, dtype=torch.float32)
-    if p.ndim == 1:
-        p = p[None]
-    if p.ndim != 2 or p.shape[1] != profile_dim:
-        raise ValueError(f"profile must have shape [B, {profile_dim}] (or [{profile_dim}]), got {tuple(p.shape)}.")
-    if p.shape[0] == 1 and batch_size > 1:
-        p = p.expand(batch_size, -1)
-    if p.shape[0] != batch_size:
-        raise ValueError(f"profile batch size {p.shape[0]} does not match the input batch size {batch_size}.")
-    return p
+__all__ = ["FiLMFlowUNet", "as_profile_batch"]
 
 
 class FiLMFlowUNet(DiffusionModelUNet):
@@ -66,26 +30,32 @@ class FiLMFlowUNet(DiffusionModelUNet):
     - ``use_vlm_film=True`` (ON): a :class:`ProfileEncoder` (``profile -> [B, cond_dim]``) and one
       :class:`AdaptiveFiLMHead` per chosen decoder stage, built after the UNet (so the UNet consumes the
       same random numbers as the OFF network). After up block ``i`` the features become
-      ``h * (1 + gamma_i) + beta_i``. The last head layer is zero-initialised: a fresh ON network gives
-      exactly the OFF outputs and an OFF checkpoint warm-starts it (:func:`load_off_checkpoint`).
+      ``h * (1 + gamma_i) + beta_i``: a forward hook on that up block, so ``DiffusionModelUNet.forward`` itself
+      runs unchanged. The last head layer is zero-initialised: a fresh ON network gives exactly the OFF outputs
+      and an OFF checkpoint warm-starts it (:func:`~monai_vlmfilm.networks.load_off_checkpoint`).
       ``profile=None`` means the null profile: no modulation at all, identical to OFF (MONAI Label calls
       ``inferer(inputs, network)`` with nothing else).
 
-    The profile is detached inside ``forward``: the profiler (VLM) never receives gradients.
+    The profile is detached inside ``forward``: the profiler (VLM) never receives gradients. The network keeps no
+    per-call state for observers: :class:`~monai_vlmfilm.handlers.FiLMStatsHandler` reads the FiLM heads through
+    forward hooks of its own.
 
     Args:
         spatial_dims, in_channels, out_channels: as ``DiffusionModelUNet`` (``in_channels`` = mask + image channels).
-        use_vlm_film: build and apply the FiLM modules.
+        use_vlm_film: build and apply the FiLM modules (a bool, or its string form from the command line).
         profile_dim: length of the profile vector.
         cond_dim: size of the profile embedding fed to every head.
         film_hidden_dim: hidden width of the encoder and head MLPs.
-        use_difficulty_gate: gate gamma/beta by ``sigmoid(a * difficulty + b)`` (see :class:`AdaptiveFiLMHead`).
+        use_difficulty_gate: gate gamma/beta by ``sigmoid(a * profile[:, gate_index] + b)`` (see
+            :class:`AdaptiveFiLMHead`).
+        gate_index: the profile element that drives the gate (default: the difficulty scalar).
         film_stages: decoder (up) block indices to modulate, 0 being the deepest (lowest resolution) block;
             ``None`` or ``"all"`` means every up block.
-        profile_norm: per-feature normalisation of the profile before the encoder: ``None`` (identity), a JSON
-            file from ``python -m monai_vlmfilm.profiles stats --norm-out`` or a mapping with ``mean`` / ``std``
-            (see :mod:`monai_vlmfilm.profiles.normalization`). Kept in the state_dict; the difficulty gate still
-            reads the raw difficulty.
+        profile_norm: per-feature normalisation of the profile before the encoder: ``None`` (identity),
+            ``(mean, std)`` or a mapping with ``mean`` / ``std``; a bundle config loads the JSON of
+            ``python -m monai_vlmfilm.profiles stats --norm-out`` with
+            :func:`monai_vlmfilm.profiles.normalization.load_profile_norm`. Kept in the state_dict; the gate still
+            reads the raw profile.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -94,11 +64,12 @@ class FiLMFlowUNet(DiffusionModelUNet):
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
-        use_vlm_film: bool = False,
+        use_vlm_film: bool | str = False,
         profile_dim: int = PROFILE_DIM,
         cond_dim: int = 256,
         film_hidden_dim: int = 256,
         use_difficulty_gate: bool = True,
+        gate_index: int = DIFFICULTY_INDEX,
         film_stages: str | Sequence[int] | None = None,
         profile_norm: Any = None,
         **kwargs: Any,
@@ -106,12 +77,15 @@ class FiLMFlowUNet(DiffusionModelUNet):
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
         self.spatial_dims = spatial_dims
-        self.use_vlm_film = bool(use_vlm_film)
+        try:  # `--use_vlm_film false` on the bundle command line arrives as the string "false"
+            self.use_vlm_film = str2bool(str(use_vlm_film).strip())
+        except ValueError as e:
+            raise ValueError(f"use_vlm_film must be true or false, got {use_vlm_film!r}") from e
         self.profile_dim = profile_dim
         self.use_difficulty_gate = use_difficulty_gate
-        #: record the last gamma/beta/gate per stage for FiLMStatsHandler (detached references, no copies).
-        self.record_film_stats = True
-        self._last_film_stats: dict[str, Any] = {}
+        if not 0 <= gate_index < profile_dim:
+            raise ValueError(f"gate_index must be in [0, {profile_dim - 1}], got {gate_index}.")
+        self.gate_index = int(gate_index)
         n_up = len(self.up_blocks)
         if film_stages is None or (isinstance(film_stages, str) and film_stages == "all"):
             stages = list(range(n_up))
@@ -122,6 +96,8 @@ class FiLMFlowUNet(DiffusionModelUNet):
             if not stages or any(s < 0 or s >= n_up for s in stages):
                 raise ValueError(f"film_stages {list(film_stages)} must be non-empty indices in [0, {n_up - 1}].")
         self.film_stages: tuple[int, ...] = tuple(stages)
+        # gamma / beta of the forward pass in progress, read by the up-block hooks and cleared when it returns
+        self._film_now: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if self.use_vlm_film:
             stage_channels = list(reversed(self.block_out_channels))
             self.profile_encoder = ProfileEncoder(profile_dim, cond_dim, film_hidden_dim, norm=profile_norm)
@@ -133,22 +109,22 @@ class FiLMFlowUNet(DiffusionModelUNet):
                     for i in self.film_stages
                 }
             )
+            for i in self.film_stages:
+                self.up_blocks[i].register_forward_hook(functools.partial(self._modulate_up_block, i))
 
     def film_parameters(self, profile: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``{stage: (gamma, beta, gate)}`` for a ``[B, profile_dim]`` profile batch (ON networks only)."""
         if not self.use_vlm_film:
             raise RuntimeError("film_parameters() needs a network built with use_vlm_film=True.")
         cond = self.profile_encoder(profile)
-        d = difficulty_of(profile)
-        return {i: self.film_heads[str(i)](cond, d) for i in self.film_stages}
+        gate_input = profile[:, self.gate_index]
+        return {i: self.film_heads[str(i)](cond, gate_input) for i in self.film_stages}
 
-    def last_film_stats(self) -> dict[str, Any]:
-        """Detached tensors of the last ON forward pass with a profile.
-
-        ``{"profile": [B, P], "stages": {i: {"gamma": [B, C], "beta": [B, C], "gate": [B]}}}``;
-        empty when the last forward pass applied no FiLM (OFF network or null profile).
-        """
-        return self._last_film_stats
+    def _modulate_up_block(
+        self, stage: int, module: nn.Module, args: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        film = self._film_now.get(stage)
+        return None if film is None else film_modulate(output, film[0], film[1])
 
     def forward(
         self,
@@ -168,107 +144,12 @@ class FiLMFlowUNet(DiffusionModelUNet):
             context, class_labels, down_block_additional_residuals, mid_block_additional_residual: as
                 ``DiffusionModelUNet.forward``.
         """
+        args = (x, timesteps, context, class_labels, down_block_additional_residuals, mid_block_additional_residual)
         if not self.use_vlm_film or profile is None:
-            self._last_film_stats = {}
-            return super().forward(
-                x, timesteps, context, class_labels, down_block_additional_residuals, mid_block_additional_residual
-            )
+            return super().forward(*args)
         p = as_profile_batch(profile, x.shape[0], self.profile_dim, device=x.device)
-        film = self.film_parameters(p)
-        if self.record_film_stats:
-            self._last_film_stats = {
-                "profile": p,
-                "stages": {
-                    i: {"gamma": g.detach().flatten(1), "beta": b.detach().flatten(1), "gate": gt.detach()}
-                    for i, (g, b, gt) in film.items()
-                },
-            }
-
-        # the body below follows DiffusionModelUNet.forward (MONAI 1.5/1.6) with FiLM after the chosen up blocks
-        t_emb = get_timestep_embedding(timesteps, self.block_out_channels[0])
-        t_emb = t_emb.to(dtype=x.dtype)
-        emb = self.time_embed(t_emb)
-        if self.num_class_embeds is not None:
-            if class_labels is None:
-                raise ValueError("class_labels should be provided when num_class_embeds > 0")
-            emb = emb + self.class_embedding(class_labels).to(dtype=x.dtype)
-        h = self.conv_in(x)
-        if context is not None and self.with_conditioning is False:
-            raise ValueError("model should have with_conditioning = True if context is provided")
-        down_block_res_samples: list[torch.Tensor] = [h]
-        for downsample_block in self.down_blocks:
-            h, res_samples = downsample_block(hidden_states=h, temb=emb, context=context)
-            down_block_res_samples.extend(res_samples)
-        if down_block_additional_residuals is not None:
-            down_block_res_samples = [s + r for s, r in zip(down_block_res_samples, down_block_additional_residuals)]
-        h = self.middle_block(hidden_states=h, temb=emb, context=context)
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual
-        for i, upsample_block in enumerate(self.up_blocks):
-            idx: int = -len(upsample_block.resnets)  # type: ignore
-            res_samples = down_block_res_samples[idx:]
-            down_block_res_samples = down_block_res_samples[:idx]
-            h = upsample_block(hidden_states=h, res_hidden_states_list=res_samples, temb=emb, context=context)
-            if i in film:
-                gamma, beta, _ = film[i]
-                h = film_modulate(h, gamma, beta)
-        output: torch.Tensor = self.out(h)
-        return output
-
-
-def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
-    """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
-    film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
-    other = [k for k in missing if not k.startswith(FILM_KEY_PREFIXES)]
-    lines = []
-    if film:
-        heads = sorted({k.split(".")[1] for k in film if k.startswith("film_heads.")}, key=int)
-        lines.append(
-            f"{len(film)} FiLM parameters are not in the checkpoint (profile_encoder, film_heads for decoder stages "
-            f"{heads}); they keep their initialisation (zero last layer), so the network starts exactly as the "
-            "checkpoint's FiLM-off network."
-        )
-    if other:
-        lines.append(f"{len(other)} non-FiLM parameters are missing from the checkpoint: {other[:10]}")
-    if unexpected:
-        lines.append(f"{len(unexpected)} checkpoint entries do not belong to this network: {list(unexpected)[:10]}")
-    if not lines:
-        lines.append("checkpoint matches the network exactly.")
-    return " ".join(lines)
-
-
-def load_off_checkpoint(network: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a FiLM-off (plain ``DiffusionModelUNet``) checkpoint into a FiLM network.
-
-    Only FiLM keys (``profile_encoder.*``, ``film_heads.*``) may be missing; anything else raises.
-    A ``module.`` prefix (DistributedDataParallel) on every key is stripped.
-
-    Args:
-        network: a :class:`FiLMFlowUNet` (ON or OFF) or a DDP wrapper around one.
-        state_dict: the checkpoint's state dict.
-
-    Returns:
-        the FiLM keys left at their initialisation.
-
-    Raises:
-        RuntimeError: on missing non-FiLM keys, unexpected keys or shape mismatches, with a plain description.
-    """
-    net = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
-    sd = dict(state_dict)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    own = net.state_dict()
-    shape_errors = [
-        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    message = describe_missing_keys(missing, unexpected)
-    if shape_errors or unexpected or any(not k.startswith(FILM_KEY_PREFIXES) for k in missing):
-        details = f" Shape mismatches: {shape_errors[:10]}" if shape_errors else ""
-        raise RuntimeError(f"cannot load the checkpoint into {type(net).__name__}: {message}{details}")
-    net.load_state_dict(sd, strict=False)
-    logger.info(message)
-    return missing
+        self._film_now = self.film_parameters(p)
+        try:
+            return super().forward(*args)
+        finally:
+            self._film_now = {}

@@ -31,6 +31,8 @@ __all__ = [
     "create_profiler",
     "is_heavy",
     "PIL_SUFFIXES",
+    "LUMA_WEIGHTS",
+    "rgb_to_luma",
 ]
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -109,6 +111,24 @@ def _read_file(path: str) -> np.ndarray:
     return arr
 
 
+#: ITU-R BT.601 luma weights of R, G, B: the conversion PIL's "L" mode uses.
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+
+def rgb_to_luma(rgb: Any, channel_axis: int = -1) -> Any:
+    """BT.601 luma of the first three channels of a float array or tensor, the channel axis removed.
+
+    The one RGB -> gray conversion of the package (profile hashing and ``EnsureGrayscale2Dd``), written as one
+    weighted sum so that hashed pixels stay bit-identical across versions.
+
+    Args:
+        rgb: float ``numpy`` array or ``torch`` tensor with 3 or 4 (alpha, ignored) channels on ``channel_axis``.
+        channel_axis: the channel axis.
+    """
+    x = rgb.movedim(channel_axis, 0) if hasattr(rgb, "movedim") else np.moveaxis(rgb, channel_axis, 0)
+    return x[0] * LUMA_WEIGHTS[0] + x[1] * LUMA_WEIGHTS[1] + x[2] * LUMA_WEIGHTS[2]
+
+
 def _drop_channels(arr: np.ndarray, what: str) -> np.ndarray:
     while arr.ndim > 2 and arr.shape[0] == 1:
         arr = arr[0]
@@ -126,9 +146,8 @@ def _drop_channels(arr: np.ndarray, what: str) -> np.ndarray:
         first = rgb[..., 0]
         if np.array_equal(first, rgb[..., 1]) and np.array_equal(first, rgb[..., 2]):
             arr = first
-        else:  # ITU-R 601 luma, the conversion PIL's "L" mode uses
-            rgb = rgb.astype(np.float32)
-            arr = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        else:
+            arr = rgb_to_luma(rgb.astype(np.float32), channel_axis=-1)
     if arr.ndim != 2:
         raise ImageReadError(f"{what}: expected a 2D image, got shape {arr.shape}")
     return arr

@@ -20,7 +20,6 @@ calibrate
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -31,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import PIL_SUFFIXES, ImageReadError, canonical_image, create_profiler
+from monai_vlmfilm.data.datalist import IMAGE_EXTENSIONS, read_datalist
+
+from .base import ImageReadError, canonical_image, create_profiler
 from .schema import FOCUS_KEYS, VLMProfile
 from .store import ProfileStore
 
@@ -41,7 +42,6 @@ logger = logging.getLogger("monai_vlmfilm.profiles")
 
 FIELDS = ("difficulty", "confidence", *FOCUS_KEYS)
 FLAT_STD = 0.05
-_OTHER_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd")
 
 
 def read_image_list(
@@ -50,43 +50,41 @@ def read_image_list(
     key: str = "image",
     sections: Sequence[str] | None = None,
 ) -> list[str]:
-    """Image paths of a MONAI datalist (every list-valued section, or only ``sections``) or an image folder."""
+    """Image paths of a MONAI datalist (every list-valued section, or only ``sections``) or an image folder.
+
+    Args:
+        datalist: a datalist JSON, read with :func:`monai_vlmfilm.data.datalist.read_datalist`.
+        images: a folder searched recursively for files ending in one of ``IMAGE_EXTENSIONS``.
+        key: the item key holding the image path(s).
+        sections: datalist sections to read (None: all).
+
+    Raises:
+        SystemExit: with a message for the command line when nothing usable is found.
+    """
     if datalist:
-        path = Path(datalist)
         try:
-            doc = json.loads(path.read_text())
+            doc = read_datalist(datalist, sections=sections, path_keys=(key,))
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read datalist {datalist!r}: {e}") from e
-        if not isinstance(doc, dict):
-            raise SystemExit(f"error: datalist {datalist!r} is not a JSON object with sections")
-        if sections:
-            absent = [sec for sec in sections if not isinstance(doc.get(sec), list)]
-            if absent:
-                raise SystemExit(f"error: datalist {datalist!r} has no list section(s) {absent}")
+            raise SystemExit(f"error: {e}") from e
         out: list[str] = []
-        for name, items in doc.items():
-            if not isinstance(items, list) or (sections and name not in sections):
-                continue
-            for item in items:
+        for items in doc.values():
+            for item in items if isinstance(items, list) else []:
                 vals = item.get(key) if isinstance(item, dict) else item
-                for v in vals if isinstance(vals, list) else [vals]:
-                    if isinstance(v, str) and v:
-                        out.append(v if os.path.isabs(v) else str(path.parent / v))
+                out += [v for v in (vals if isinstance(vals, list) else [vals]) if isinstance(v, str) and v]
         if not out:
             raise SystemExit(f"error: datalist {datalist!r} has no {key!r} entries")
-        return list(dict.fromkeys(os.path.normpath(p) for p in out))
+        return list(dict.fromkeys(out))
     if images:
         root = Path(images)
         if not root.is_dir():
             raise SystemExit(f"error: image folder {images!r} does not exist")
-        suffixes = PIL_SUFFIXES + _OTHER_SUFFIXES
         files = [
             str(p)
             for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(suffixes)
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_EXTENSIONS)
         ]
         if not files:
-            raise SystemExit(f"error: no image files ({', '.join(suffixes)}) under {images!r}")
+            raise SystemExit(f"error: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {images!r}")
         return files
     raise SystemExit("error: give --datalist or --images")
 
@@ -102,17 +100,21 @@ def _dist() -> tuple[int, int, int]:
 
 
 def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
-    name = args.profiler.lower()
-    if name == "oracle":
-        from .oracle import OracleProfiler
+    """The profiler the command line asks for: its options as keyword arguments of :func:`create_profiler`.
 
+    Args:
+        args: parsed ``--profiler`` and its options (``--datalist`` for the oracle, ``--model``, ``--mode``,
+            ``--prompt-template``, ``--device`` ... for Qwen, ``--calibration`` for the heuristic).
+        local_rank: this process's GPU under ``torchrun`` (one model per GPU).
+    """
+    name = args.profiler.lower()
+    kw: dict[str, Any] = {}
+    if name == "oracle":
         if not args.datalist:
             raise SystemExit("error: --profiler oracle needs --datalist (items with ground-truth 'factors')")
-        return OracleProfiler.from_datalist(args.datalist)
-    if name in ("qwen", "qwen2_5_vl"):
-        from .qwen import QwenVLProfiler
-
-        kw: dict[str, Any] = {"mode": args.mode, "batch_size": args.batch_size}
+        kw["datalist"] = args.datalist
+    elif name in ("qwen", "qwen2_5_vl"):
+        kw = {"mode": args.mode, "batch_size": args.batch_size}
         if args.model:
             kw["model"] = args.model
         if args.prompt_template:
@@ -126,69 +128,44 @@ def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
 
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
-        if device is not None:
-            kw["device"] = device
-        if args.dtype:
-            kw["dtype"] = args.dtype
-        if args.device_map:
-            kw["device_map"] = args.device_map
-        return QwenVLProfiler(**kw)
-    if name == "heuristic" and getattr(args, "calibration", None):
-        from .heuristic import HeuristicProfiler
-
-        return HeuristicProfiler(calibration=args.calibration)
-    return create_profiler(args.profiler)
+        kw.update({k: v for k, v in (("device", device), ("dtype", args.dtype), ("device_map", args.device_map)) if v})
+    elif name == "heuristic" and getattr(args, "calibration", None):
+        kw["calibration"] = args.calibration
+    return create_profiler({"name": args.profiler, **kw})
 
 
 def precompute(
     paths: Sequence[str], store: ProfileStore, profiler: Any, batch_size: int = 8, progress: bool = True, desc: str = ""
 ) -> dict[str, Any]:
-    """Profile ``paths`` into ``store``; returns counts and the unreadable images with reasons."""
+    """Profile ``paths`` into ``store`` with :meth:`ProfileStore.get_or_compute`, one batch of paths at a time.
+
+    Args:
+        paths: image files.
+        store: the cache.
+        profiler: computes the misses.
+        batch_size: images per profiler call.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        counts (``total``, ``cached``: already in the cache or a duplicate, ``new``, ``fallback``), ``seconds`` and
+        ``unreadable``: ``[(path, reason), ...]``.
+    """
     from tqdm.auto import tqdm
 
-    fp = profiler.fingerprint
     counts = {"total": len(paths), "cached": 0, "new": 0, "fallback": 0}
     unreadable: list[tuple[str, str]] = []
-    pending: list[tuple[str, str, str, np.ndarray]] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True)
-
-    def flush() -> None:
-        if not pending:
-            return
-        profs = profiler.profile([a for *_, a in pending])
-        if len(profs) != len(pending):
-            raise RuntimeError(f"profiler returned {len(profs)} profiles for {len(pending)} images")
-        for (_p, key, digest, _a), prof in zip(pending, profs):
-            store.put_by_key(key, prof, fp, digest)
-            counts["new"] += 1
-            counts["fallback"] += int(prof.is_fallback)
-        bar.update(len(pending))
-        pending.clear()
-
-    seen: set[str] = set()
-    for p in paths:
-        try:
-            digest, arr = store.path_digest(p)
-            key = store.make_key(digest, fp)
-            hit = store.get_by_key(key, fp)
-            if hit is None and key not in seen and arr is None:
-                arr = canonical_image(p)  # memo hit but no entry: read the pixels for the profiler
-        except (ImageReadError, OSError) as e:
-            unreadable.append((p, str(e)))
-            bar.update(1)
-            continue
-        if hit is not None or key in seen:  # duplicates of one image are profiled once
-            counts["cached"] += 1
-            counts["fallback"] += int(hit is not None and hit.is_fallback)
-            bar.update(1)
-            continue
-        seen.add(key)
-        pending.append((p, key, digest, arr))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    bar.close()
+    with tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True) as bar:
+        for s in range(0, len(paths), batch_size):
+            chunk = paths[s : s + batch_size]
+            writes, n_bad = store.stats.writes, len(unreadable)
+            profs = store.get_or_compute(chunk, profiler, batch_size, unreadable=unreadable)
+            new = store.stats.writes - writes
+            counts["new"] += new
+            counts["cached"] += len(chunk) - (len(unreadable) - n_bad) - new
+            counts["fallback"] += sum(1 for p in profs if p is not None and p.is_fallback)
+            bar.update(len(chunk))
     counts["seconds"] = time.perf_counter() - t0
     counts["unreadable"] = unreadable
     try:
@@ -257,7 +234,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         missing = 0
         for p in paths:
             try:
-                prof = store.get(p, fp)
+                prof = store.lookup(p, fp).profile
             except (ImageReadError, OSError):
                 prof = None
             if prof is None:

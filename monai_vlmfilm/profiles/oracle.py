@@ -18,13 +18,13 @@ clutter            ``0.7 * clutter + 0.3 * catheter``
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from monai_vlmfilm.data.datalist import read_datalist
 
 from .base import Profiler, pixel_digest
 from .schema import DEFAULT_PROFILE, VLMProfile
@@ -61,25 +61,18 @@ class OracleProfiler(Profiler):
 
     @staticmethod
     def _read_datalist(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-        path = Path(path)
+        """``{absolute image path: factors}`` of the items (all sections) that carry ``"factors"``."""
         try:
-            doc = json.loads(path.read_text())
+            doc = read_datalist(path, path_keys=("image",))
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read datalist {str(path)!r}: {e}") from e
-        base = path.parent
-        out: dict[str, dict[str, float]] = {}
-        for items in doc.values() if isinstance(doc, dict) else []:
-            if not isinstance(items, list):
-                continue
-            for item in items:
-                if (
-                    isinstance(item, dict)
-                    and isinstance(item.get("factors"), dict)
-                    and isinstance(item.get("image"), str)
-                ):
-                    img = item["image"] if os.path.isabs(item["image"]) else str(base / item["image"])
-                    out[os.path.abspath(img)] = item["factors"]
-        return out
+        return {
+            item["image"]: item["factors"]
+            for items in doc.values()
+            if isinstance(items, list)
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("factors"), dict) and isinstance(item.get("image"), str)
+        }
 
     @classmethod
     def from_datalist(cls, path: str | os.PathLike) -> OracleProfiler:

@@ -3,7 +3,7 @@
 Two modes:
 
 ``generate``
-    The seed's way: chat template with the image and the prompt, greedy decoding of free text, then
+    Free text: chat template with the image and the prompt, greedy decoding of free text, then
     :func:`parse_profile` (which never raises; unusable output becomes a counted fallback).
 
 ``scored`` (default)
@@ -230,7 +230,7 @@ class QwenVLProfiler(Profiler):
     Args:
         model: hub id or local checkpoint folder.
         mode: ``"scored"`` (one forward, read-out of the next-token distributions; never fails to parse) or
-            ``"generate"`` (free text + :func:`parse_profile`, the seed's way).
+            ``"generate"`` (free text + :func:`parse_profile`).
         prompt_template: None (packaged ``prompts/profile_prompt.txt``), a text file path or the prompt text;
             ``{schema}`` is replaced by the JSON schema line.
         batch_size: images per forward pass.

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "FOCUS_KEYS",
@@ -32,7 +33,12 @@ __all__ = [
     "FALLBACK_INDEX",
     "VLMProfile",
     "DEFAULT_PROFILE",
+    "PROFILE_KEY",
+    "as_profile_batch",
 ]
+
+#: the key of the profile vector in a data dict, a batch and an image's meta dict (MONAI Label route).
+PROFILE_KEY = "vlm_profile"
 
 FOCUS_KEYS: tuple[str, ...] = ("boundary", "thin_structure", "small_objects", "clutter")
 VECTOR_FIELDS: tuple[str, ...] = ("difficulty", "confidence", *FOCUS_KEYS, "is_fallback")
@@ -81,7 +87,7 @@ class VLMProfile:
         return self.source == "fallback"
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The seed schema plus provenance (``source``, ``reason``)."""
+        """The profile JSON (``difficulty``, ``confidence``, ``focus``) plus provenance (``source``, ``reason``)."""
         return {
             "difficulty": self.difficulty,
             "confidence": self.confidence,
@@ -128,5 +134,49 @@ class VLMProfile:
         return replace(self, source="fallback", reason=reason)
 
 
-#: The neutral profile (seed schema values). Fallbacks are ``DEFAULT_PROFILE.as_fallback(reason)``.
+#: The neutral profile (difficulty 3, every other value 0.5). Fallbacks are ``DEFAULT_PROFILE.as_fallback(reason)``.
 DEFAULT_PROFILE = VLMProfile()
+
+
+def as_profile_batch(
+    profile: Any,
+    batch_size: int | None = None,
+    profile_dim: int | None = None,
+    device: torch.device | str | None = None,
+    non_blocking: bool = False,
+) -> torch.Tensor:
+    """A profile batch as a detached float32 ``[B, P]`` tensor: the one coercion of the engine, inferer and network.
+
+    The result is detached: no gradient ever flows back into whatever produced the profile (the VLM is frozen), and
+    a MetaTensor becomes a plain tensor (no meta bookkeeping in the forward pass).
+
+    Args:
+        profile: tensor / MetaTensor / array / list, ``[P]``, ``[1, P]`` or ``[B, P]``, or a list of ``[P]`` tensors
+            (a decollated batch).
+        batch_size: the input's batch size; a single profile is broadcast to it. None: not checked.
+        profile_dim: the expected ``P``; None: not checked.
+        device: target device.
+        non_blocking: passed to ``Tensor.to``.
+
+    Raises:
+        ValueError: when the shape does not fit ``batch_size`` x ``profile_dim``.
+    """
+    if isinstance(profile, torch.Tensor):
+        p = profile.detach()
+    elif isinstance(profile, (list, tuple)) and profile and isinstance(profile[0], torch.Tensor):
+        p = torch.stack([q.detach() for q in profile])
+    else:
+        p = torch.as_tensor(np.asarray(profile, dtype=np.float32))
+    if hasattr(p, "as_tensor"):  # MetaTensor
+        p = p.as_tensor()
+    p = p.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+    if p.ndim == 1:
+        p = p[None]
+    dim = "P" if profile_dim is None else profile_dim
+    if p.ndim != 2 or (profile_dim is not None and p.shape[1] != profile_dim):
+        raise ValueError(f"profile must have shape [B, {dim}] (or [{dim}]), got {tuple(p.shape)}.")
+    if batch_size is not None and p.shape[0] == 1 and batch_size > 1:
+        p = p.expand(batch_size, -1)
+    if batch_size is not None and p.shape[0] != batch_size:
+        raise ValueError(f"profile batch size {p.shape[0]} does not match the input batch size {batch_size}.")
+    return p

@@ -54,10 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from .base import Profiler, canonical_image, pixel_digest
+from .base import ImageReadError, Profiler, canonical_image, pixel_digest
 from .schema import VLMProfile
 
-__all__ = ["ProfileStore", "ProfileStoreError", "StoreStats", "entry_checksum"]
+__all__ = ["Lookup", "ProfileStore", "ProfileStoreError", "StoreStats", "entry_checksum"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,29 @@ _HOST = socket.gethostname().replace("-", "_")[:32] or "host"
 
 class ProfileStoreError(OSError):
     """A write to the profile cache failed (read-only store or directory, disk full, permissions)."""
+
+
+@dataclass
+class Lookup:
+    """One image's cache lookup (:meth:`ProfileStore.lookup`).
+
+    Attributes:
+        source: the image as given (path, array, Tensor, MetaTensor), read again when ``pixels`` is None.
+        key: the cache key (pixel digest + profiler fingerprint).
+        digest: the pixel digest.
+        pixels: the canonical pixels when they had to be read for hashing (None after a path-memo hit).
+        profile: the cached profile, None on a miss.
+    """
+
+    source: Any
+    key: str
+    digest: str
+    pixels: np.ndarray | None
+    profile: VLMProfile | None
+
+    def image(self) -> np.ndarray:
+        """The canonical pixels for a profiler (read from ``source`` when hashing did not read them)."""
+        return self.pixels if self.pixels is not None else canonical_image(self.source)
 
 
 @dataclass
@@ -371,45 +394,103 @@ class ProfileStore:
         self.put_by_key(key, profile, fingerprint, digest)
         return key
 
-    def get_or_compute(
-        self, images: Sequence[Any], profiler: Profiler, batch_size: int | None = None
+    def lookup(self, image: Any, fingerprint: str) -> Lookup:
+        """Digest -> key -> cached entry for one image: the one lookup of the transform, the CLI and the ablation.
+
+        Args:
+            image: a path (hashed through the path memo), array, Tensor or MetaTensor.
+            fingerprint: the profiler's fingerprint.
+
+        Raises:
+            ImageReadError: the image cannot be read (a path) or is not an image.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            digest, arr = self.path_digest(image)
+        else:
+            arr = canonical_image(image)
+            digest = pixel_digest(arr)
+            self.stats.hashed += 1
+        key = self.make_key(digest, fingerprint)
+        return Lookup(image, key, digest, arr, self.get_by_key(key, fingerprint))
+
+    def compute(
+        self,
+        misses: Sequence[Lookup],
+        profiler: Profiler,
+        batch_size: int | None = None,
+        write_errors: list[tuple[str, ProfileStoreError]] | None = None,
     ) -> list[VLMProfile]:
-        """Profiles of ``images`` (paths, arrays, tensors); misses are computed in batches and stored."""
+        """Profile ``misses`` with ``profiler`` in batches and store each result under its key.
+
+        Args:
+            misses: lookups without a cached profile (one per key).
+            profiler: the profiler whose fingerprint made the keys.
+            batch_size: images per ``profiler.profile`` call (default: the profiler's ``batch_size``, else 8).
+            write_errors: when a list, a failed write (read-only or full cache) is appended as ``(key, error)`` and
+                the computed profile is still returned; when None it raises.
+
+        Raises:
+            ProfileStoreError: a write failed and ``write_errors`` is None.
+            RuntimeError: the profiler returned another number of profiles than images.
+        """
+        fp = profiler.fingerprint
+        bs = max(1, int(batch_size or getattr(profiler, "batch_size", 0) or 8))
+        out: list[VLMProfile] = []
+        for s in range(0, len(misses), bs):
+            chunk = misses[s : s + bs]
+            profs = profiler.profile([m.image() for m in chunk])
+            if len(profs) != len(chunk):
+                raise RuntimeError(f"{profiler!r} returned {len(profs)} profiles for {len(chunk)} images")
+            for m, prof in zip(chunk, profs):
+                try:
+                    self.put_by_key(m.key, prof, fp, m.digest)
+                except ProfileStoreError as e:
+                    if write_errors is None:
+                        raise
+                    write_errors.append((m.key, e))
+            out += profs
+        return out
+
+    def get_or_compute(
+        self,
+        images: Sequence[Any],
+        profiler: Profiler,
+        batch_size: int | None = None,
+        unreadable: list[tuple[Any, str]] | None = None,
+    ) -> list[VLMProfile]:
+        """Profiles of ``images`` (paths, arrays, tensors): :meth:`lookup` each, :meth:`compute` the misses once per key.
+
+        Args:
+            images: the images.
+            profiler: computes the misses; its fingerprint selects the entries.
+            batch_size: as :meth:`compute`.
+            unreadable: when a list, an image that cannot be read is appended as ``(image, reason)`` and gets None
+                in the result; when None it raises.
+
+        Raises:
+            ImageReadError, OSError: an image cannot be read and ``unreadable`` is None.
+        """
         fp = profiler.fingerprint
         out: list[VLMProfile | None] = [None] * len(images)
-        todo: list[tuple[int, str, str, Any]] = []
-        dups: dict[str, list[int]] = {}  # same pixels twice in one call: compute once
+        misses: dict[str, Lookup] = {}
+        wanted: dict[str, list[int]] = {}  # same pixels twice in one call: compute once
         for i, img in enumerate(images):
-            if isinstance(img, (str, os.PathLike)):
-                digest, arr = self.path_digest(img)
-            else:
-                arr = canonical_image(img)
-                digest = pixel_digest(arr)
-                self.stats.hashed += 1
-            key = self.make_key(digest, fp)
-            if key in dups:
-                dups[key].append(i)
+            try:
+                found = self.lookup(img, fp)
+            except (ImageReadError, OSError) as e:
+                if unreadable is None:
+                    raise
+                unreadable.append((img, str(e)))
                 continue
-            hit = self.get_by_key(key, fp)
-            if hit is not None:
-                out[i] = hit
+            if found.profile is not None:
+                out[i] = found.profile
+            elif found.key in misses:
+                wanted[found.key].append(i)
             else:
-                dups[key] = [i]
-                todo.append((i, key, digest, arr if arr is not None else img))
-        bs = max(1, int(batch_size or getattr(profiler, "batch_size", 0) or 8))
-        for s in range(0, len(todo), bs):
-            chunk = todo[s : s + bs]
-            arrays = [a if isinstance(a, np.ndarray) else canonical_image(a) for *_, a in chunk]
-            profs = profiler.profile(arrays)
-            if len(profs) != len(arrays):
-                raise RuntimeError(f"{profiler!r} returned {len(profs)} profiles for {len(arrays)} images")
-            for (_i, key, digest, _), prof in zip(chunk, profs):
-                self.put_by_key(key, prof, fp, digest)
-                for j in dups[key]:
-                    out[j] = prof
-        for idxs in dups.values():  # duplicates of hits
-            for j in idxs[1:]:
-                out[j] = out[idxs[0]]
+                misses[found.key], wanted[found.key] = found, [i]
+        for key, prof in zip(misses, self.compute(list(misses.values()), profiler, batch_size)):
+            for j in wanted[key]:
+                out[j] = prof
         return out  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- listing / maintenance

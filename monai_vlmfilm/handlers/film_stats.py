@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, VECTOR_FIELDS
+from monai_vlmfilm.networks.checkpoint import unwrap
+from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, PROFILE_KEY, VECTOR_FIELDS
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -20,17 +21,14 @@ else:
 __all__ = ["FiLMStatsHandler"]
 
 
-def _unwrap(network: Any) -> Any:
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
-
-
 class FiLMStatsHandler:
     """Per-stage FiLM statistics, profile statistics, fallback and cache-hit rates.
 
     Every ``log_every`` iterations it computes (one host sync per computation):
 
     - ``{tag_prefix}stage{i}/gamma_mean``, ``gamma_std``, ``gamma_absmax``, the same for ``beta``, and
-      ``gate_mean``, ``gate_min``, ``gate_max`` for every FiLM stage ``i`` (from ``network.last_film_stats()``;
+      ``gate_mean``, ``gate_min``, ``gate_max`` for every FiLM stage ``i`` (observed through forward hooks that the
+      handler registers on the network's FiLM heads for the iterations it computes and removes afterwards;
       absent while the network applies no FiLM: OFF network or null profile);
     - ``{tag_prefix}profile/{field}_mean`` and ``{field}_spread`` (std across the batch) for every profile
       vector field (``difficulty``, ``confidence``, ``boundary``, ...);
@@ -51,7 +49,7 @@ class FiLMStatsHandler:
     Args:
         network: the FiLM network; None uses ``engine.network`` (MONAI workflows).
         profile_key: batch key of the profile vectors ``[B, P]`` (``engine.state.batch[profile_key]``); when
-            absent, the profile recorded by the network is used.
+            absent, the profile the network's encoder received is used.
         tag_prefix: prefix of every value name.
         log_every: compute every ``log_every`` iterations.
         profile_stats: where cache counters live: a mapping, or an object (e.g. the ``AttachVLMProfiled``
@@ -65,7 +63,7 @@ class FiLMStatsHandler:
     def __init__(
         self,
         network: torch.nn.Module | None = None,
-        profile_key: str = "vlm_profile",
+        profile_key: str = PROFILE_KEY,
         tag_prefix: str = "film/",
         log_every: int = 1,
         profile_stats: Any = None,
@@ -85,10 +83,40 @@ class FiLMStatsHandler:
         self.logger = logging.getLogger(name)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
+        self._hooks: list[Any] = []
+        self._seen: dict[str, Any] = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_STARTED(every=self.log_every), self.observe)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self)
+
+    def observe(self, engine: Engine) -> None:
+        """Register forward hooks on the network's profile encoder and FiLM heads for this iteration.
+
+        Args:
+            engine: the engine whose network (``self.network`` or ``engine.network``) is observed.
+        """
+        self.stop_observing()
+        network = unwrap(self.network if self.network is not None else getattr(engine, "network", None))
+        heads = getattr(network, "film_heads", None)
+        if heads is None:  # OFF network: nothing to observe
+            return
+
+        def keep(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                self._seen[name] = args[0].detach() if name == "profile" else tuple(o.detach() for o in output)
+
+            return hook
+
+        self._hooks = [network.profile_encoder.register_forward_hook(keep("profile"))]
+        self._hooks += [head.register_forward_hook(keep(f"stage{i}")) for i, head in heads.items()]
+
+    def stop_observing(self) -> None:
+        """Remove the hooks and forget what they saw."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._seen = [], {}
 
     def reset(self, engine: Engine | None = None) -> None:
         self._sums, self._counts = {}, {}
@@ -117,8 +145,6 @@ class FiLMStatsHandler:
 
     def compute(self, engine: Engine) -> dict[str, float]:
         """The values of the current iteration (see the class docstring)."""
-        network = _unwrap(self.network if self.network is not None else getattr(engine, "network", None))
-        film = network.last_film_stats() if hasattr(network, "last_film_stats") else {}
         names: list[str] = []
         parts: list[torch.Tensor] = []
 
@@ -126,20 +152,21 @@ class FiLMStatsHandler:
             names.append(self.tag_prefix + name)
             parts.append(value.detach().float().reshape(1))
 
-        for i, s in sorted((film.get("stages") or {}).items()):
-            for key in ("gamma", "beta"):
-                v = s[key].float()
+        stages = {int(k[len("stage") :]): v for k, v in self._seen.items() if k.startswith("stage")}
+        for i, (gamma, beta, gate) in sorted(stages.items()):
+            for key, t in (("gamma", gamma), ("beta", beta)):
+                v = t.float().flatten(1)
                 add(f"stage{i}/{key}_mean", v.mean())
                 add(f"stage{i}/{key}_std", v.std(unbiased=False))
                 add(f"stage{i}/{key}_absmax", v.abs().max())
-            g = s["gate"].float()
+            g = gate.float()
             add(f"stage{i}/gate_mean", g.mean())
             add(f"stage{i}/gate_min", g.min())
             add(f"stage{i}/gate_max", g.max())
 
         profile = self._batch_profile(getattr(engine.state, "batch", None))
         if profile is None:
-            profile = film.get("profile")
+            profile = self._seen.get("profile")
         if isinstance(profile, torch.Tensor) and profile.ndim == 2 and profile.shape[1] == len(VECTOR_FIELDS):
             p = profile.detach().float()
             means, spreads = p.mean(0), p.std(0, unbiased=False)
@@ -160,6 +187,7 @@ class FiLMStatsHandler:
 
     def __call__(self, engine: Engine) -> None:
         values = self.compute(engine)
+        self.stop_observing()
         engine.state.film_stats = values
         if not values:
             return

@@ -1,0 +1,8 @@
+"""Ignite handlers of monai-vlmfilm (referenced from the bundle configs as ``monai_vlmfilm.handlers.<Name>``)."""
+
+from .checkpoint import NetworkCheckpointLoader
+from .film_stats import FiLMStatsHandler
+from .metrics_summary import MetricsSummaryJSON
+from .progress import ProgressHandler
+
+__all__ = ["FiLMStatsHandler", "MetricsSummaryJSON", "NetworkCheckpointLoader", "ProgressHandler"]

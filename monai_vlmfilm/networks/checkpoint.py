@@ -1,0 +1,187 @@
+"""Checkpoint loading for the FiLM flow network: one reader of checkpoint files, across the ``use_vlm_film`` switch."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FILM_KEY_PREFIXES",
+    "unwrap",
+    "strip_ddp_prefix",
+    "load_state_dict",
+    "describe_missing_keys",
+    "load_off_checkpoint",
+    "load_network_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: state_dict key prefixes of the modules that exist only when FiLM is on.
+FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
+
+
+def unwrap(network: Any) -> Any:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else ``network`` itself.
+
+    Args:
+        network: a network, wrapped or not.
+    """
+    return network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
+
+
+def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the ``module.`` prefix that ``DistributedDataParallel`` puts on every key.
+
+    Args:
+        state_dict: a state dict; left as it is unless every key carries the prefix.
+    """
+    sd = dict(state_dict)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """The network state dict of a checkpoint file: the package's one checkpoint reader.
+
+    Accepts a bare state dict (``CheckpointSaver`` with one object, the bundle's ``model.pt``) or MONAI
+    ``CheckpointSaver``'s ``{"model"|"network"|"net"|"state_dict"|"network_def": state_dict, ...}``; a DDP
+    ``module.`` prefix is stripped. Read with ``weights_only=True``: nothing in a checkpoint is executed.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: the file holds no network state dict (the message names the file and its top-level keys).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run ...` "
+            "or point --ckpt_path at a model.pt"
+        )
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if _is_state_dict(obj):
+        return strip_ddp_prefix(obj)
+    for k in ("model", "network", "net", "state_dict", "network_def"):
+        if isinstance(obj, Mapping) and _is_state_dict(obj.get(k)):
+            return strip_ddp_prefix(obj[k])
+    keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise ValueError(f"checkpoint {str(path)!r} holds no network state dict (top level: {keys})")
+
+
+def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a bundle checkpoint into ``network`` across the ``use_vlm_film`` switch.
+
+    The file is read with :func:`load_state_dict`. A FiLM-off network ignores the FiLM parameters of a FiLM-on
+    checkpoint; a FiLM-on network loads a FiLM-off checkpoint with its FiLM heads at their identity
+    initialisation (:func:`load_off_checkpoint`). Anything else must match exactly.
+
+    Args:
+        network: the network (a DDP wrapper is unwrapped).
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        ``{"missing": [...], "ignored": [...]}``: FiLM keys left at initialisation / FiLM keys dropped.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        RuntimeError: the checkpoint holds no state dict or does not fit the network (other keys or shapes), with a
+            plain description.
+    """
+    try:
+        sd = load_state_dict(path, map_location)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from e
+    net = unwrap(network)
+    ignored: list[str] = []
+    if not getattr(net, "use_vlm_film", False):
+        ignored = [k for k in sd if k.startswith(FILM_KEY_PREFIXES)]
+        sd = {k: v for k, v in sd.items() if k not in ignored}
+        if ignored:
+            logger.warning(
+                f"{path}: the checkpoint was trained with use_vlm_film=true; the network has use_vlm_film=false, "
+                f"so its {len(ignored)} FiLM parameters are ignored (set use_vlm_film true to use them)."
+            )
+    if hasattr(net, "use_vlm_film"):
+        try:
+            missing = load_off_checkpoint(net, sd)
+        except RuntimeError as e:
+            raise RuntimeError(f"{path}: {e}") from e
+        if missing:
+            logger.warning(
+                f"{path}: FiLM-off checkpoint loaded into a FiLM-on network; {len(missing)} FiLM parameters keep "
+                "their identity initialisation (the network behaves exactly as the FiLM-off one)."
+            )
+    else:
+        net.load_state_dict(sd, strict=True)
+        missing = []
+    logger.info(f"loaded network weights from {path}")
+    return {"missing": missing, "ignored": ignored}
+
+
+def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
+    film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
+    other = [k for k in missing if not k.startswith(FILM_KEY_PREFIXES)]
+    lines = []
+    if film:
+        heads = sorted({k.split(".")[1] for k in film if k.startswith("film_heads.")}, key=int)
+        lines.append(
+            f"{len(film)} FiLM parameters are not in the checkpoint (profile_encoder, film_heads for decoder stages "
+            f"{heads}); they keep their initialisation (zero last layer), so the network starts exactly as the "
+            "checkpoint's FiLM-off network."
+        )
+    if other:
+        lines.append(f"{len(other)} non-FiLM parameters are missing from the checkpoint: {other[:10]}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} checkpoint entries do not belong to this network: {list(unexpected)[:10]}")
+    if not lines:
+        lines.append("checkpoint matches the network exactly.")
+    return " ".join(lines)
+
+
+def load_off_checkpoint(network: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a FiLM-off (plain ``DiffusionModelUNet``) checkpoint into a FiLM network.
+
+    Only FiLM keys (``profile_encoder.*``, ``film_heads.*``) may be missing; anything else raises.
+    A ``module.`` prefix (DistributedDataParallel) on every key is stripped.
+
+    Args:
+        network: a :class:`FiLMFlowUNet` (ON or OFF) or a DDP wrapper around one.
+        state_dict: the checkpoint's state dict.
+
+    Returns:
+        the FiLM keys left at their initialisation.
+
+    Raises:
+        RuntimeError: on missing non-FiLM keys, unexpected keys or shape mismatches, with a plain description.
+    """
+    net = unwrap(network)
+    sd = strip_ddp_prefix(state_dict)
+    own = net.state_dict()
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    message = describe_missing_keys(missing, unexpected)
+    if shape_errors or unexpected or any(not k.startswith(FILM_KEY_PREFIXES) for k in missing):
+        details = f" Shape mismatches: {shape_errors[:10]}" if shape_errors else ""
+        raise RuntimeError(f"cannot load the checkpoint into {type(net).__name__}: {message}{details}")
+    net.load_state_dict(sd, strict=False)
+    logger.info(message)
+    return missing
