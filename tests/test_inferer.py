@@ -12,7 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import RFlowScheduler
 
 from monai_vlmfilm.engines import ProfilePrepareBatch
-from monai_vlmfilm.inferers import FlowSegInferer
+from monai_vlmfilm.inferers import FlowSegInferer, dihedral_transforms
 from monai_vlmfilm.networks import FiLMFlowUNet
 from monai_vlmfilm.profiles import PROFILE_DIM
 
@@ -53,7 +53,30 @@ def test_time_grid_and_solvers():
     assert seen == [1000.0, 500.0] and torch.allclose(euler, torch.full_like(euler, 0.75))  # left Riemann sum
     seen.clear()
     heun = FlowSegInferer(num_steps=2, solver="heun").integrate(vel, image, noise, None)
-    assert seen == [1000.0, 500.0, 500.0, 0.0] and torch.allclose(heun, torch.full_like(heun, 0.5))  # trapezoid
+    # trapezoid on [1000, 500] (0.5 * (1 + 0.5) / 2), then an Euler step into t = 0 (0.5 * 0.5): no call at t = 0
+    assert seen == [1000.0, 500.0, 500.0] and torch.allclose(heun, torch.full_like(heun, 0.625))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 5])
+def test_heun_is_exact_on_a_known_field(num_steps):
+    """The ideal field of one target mask, v(x, s) = (x0 - x) / s, carries any start to x0 exactly.
+
+    It is singular at s = 0, where the old final Heun correction evaluated it: the result was inf / nan.
+    """
+    x0 = torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]])
+    calls = []
+
+    def ideal(x, timesteps):
+        s = timesteps[:, None, None, None] / 1000
+        calls.append(float(timesteps[0]))
+        return (x0 - x[:, :1]) / s
+
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for solver, n_calls in (("heun", 2 * num_steps - 1), ("euler", num_steps)):
+        calls.clear()
+        out = FlowSegInferer(num_steps=num_steps, solver=solver).integrate(ideal, torch.zeros(1, 1, 2, 2), noise, None)
+        assert torch.allclose(out, x0, atol=1e-5), (solver, out)
+        assert len(calls) == n_calls and min(calls) > 0
 
 
 def test_euler_matches_rflow_scheduler_step(net):
@@ -171,3 +194,52 @@ def test_inside_supervised_evaluator(net):
         direct = inferer(image, net, profile=profile)
         null = inferer(image, net)
     assert torch.equal(preds[0], direct) and not torch.equal(preds[0], null)
+
+
+@pytest.mark.parametrize(
+    ("dims", "mode", "count"), [(2, "none", 1), (2, "flip", 4), (2, "dihedral", 8), (3, "flip", 8)]
+)
+def test_tta_transforms_are_invertible_and_distinct(dims, mode, count):
+    shape = (2, 3, 5, 7) if dims == 2 else (1, 2, 3, 4, 5)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    pairs = dihedral_transforms(dims, mode)
+    assert len(pairs) == count
+    seen = []
+    for fwd, inv in pairs:
+        y = fwd(x)
+        assert torch.equal(inv(y), x)
+        assert not any(y.shape == z.shape and torch.equal(y, z) for z in seen)  # each copy is a different view
+        seen.append(y)
+    with pytest.raises(ValueError, match="tta"):
+        dihedral_transforms(2, "rot45")
+
+
+def _copy_image(x, timesteps):
+    """One Euler step from t = T with v = (2 * image - 1) - x_t lands on 2 * image - 1: probability = image."""
+    return (2 * x[:, 1:] - 1) - x[:, :1]
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "dihedral"])
+def test_tta_maps_every_copy_back(tta):
+    """An equivariant 'network' must give the image itself under any TTA, also on a non-square image."""
+    image = torch.rand(2, 1, 12, 20, generator=torch.Generator().manual_seed(3))
+    inf = FlowSegInferer(num_steps=1, tta=tta, mask_channels=1, return_uncertainty=True, seed=0)
+    out = inf(image, _copy_image)
+    assert out.shape == (2, 2, 12, 20)
+    assert torch.allclose(out[:, :1], image, atol=1e-6) and float(out[:, 1:].abs().max()) < 1e-6
+
+
+def test_whole_image_padding_to_the_network_multiple():
+    seen = []
+
+    def needs_multiple_of_8(x, timesteps):
+        assert x.shape[2] % 8 == 0 and x.shape[3] % 8 == 0, x.shape
+        seen.append(tuple(x.shape[2:]))
+        return _copy_image(x, timesteps)
+
+    image = torch.rand(1, 1, 30, 17, generator=torch.Generator().manual_seed(4))
+    out = FlowSegInferer(num_steps=1, mask_channels=1, divisible_by=8, tta="dihedral")(image, needs_multiple_of_8)
+    assert out.shape == image.shape and torch.allclose(out, image, atol=1e-6)  # replicate-padding cropped off exactly
+    assert set(seen) == {(32, 24), (24, 32)}
+    with pytest.raises(AssertionError):
+        FlowSegInferer(num_steps=1, mask_channels=1)(image, needs_multiple_of_8)
