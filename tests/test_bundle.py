@@ -33,7 +33,7 @@ TINY_NET = [
     "--patch_size", "[64,64]",
     "--num_inference_steps", "2",
 ]  # fmt: skip
-TINY_TRAIN = ["--epochs", "1", "--batch_size", "2", "--cache_rate", "0"]
+TINY_TRAIN = ["--epochs", "1", "--val_interval", "1", "--batch_size", "2", "--cache_rate", "0"]
 
 
 def run_cli(args: list[str], timeout: int = 300, env: dict | None = None) -> str:

@@ -2,7 +2,8 @@
 
 from .checkpoint import NetworkCheckpointLoader
 from .film_stats import FiLMStatsHandler
+from .gradient_clip import GradientClipHandler
 from .metrics_summary import MetricsSummaryJSON
 from .progress import ProgressHandler
 
-__all__ = ["FiLMStatsHandler", "MetricsSummaryJSON", "NetworkCheckpointLoader", "ProgressHandler"]
+__all__ = ["FiLMStatsHandler", "GradientClipHandler", "MetricsSummaryJSON", "NetworkCheckpointLoader", "ProgressHandler"]
