@@ -372,7 +372,6 @@ def bundle_cli_mask(bundle_dir: Path, image: Path, out_dir: Path) -> Any:
         "-m",
         "monai.bundle",
         "run",
-        "inference",
         "--bundle_root",
         str(bundle_dir),
         "--config_file",

@@ -45,3 +45,15 @@ def test_as_bool_rejects(value):
     shim = _import_shim()
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="use_vlm_film must be true or false"):
         shim.as_bool(value, "use_vlm_film")
+
+
+def test_a_config_naming_the_old_dotted_path_still_builds():
+    """User configs written against 0.2 name ``monai_vlmfilm.bundle_utils.<Name>``: they build, with the warning."""
+    from monai.bundle import ConfigParser
+
+    from monai_vlmfilm.transforms import EnsureGrayscale2Dd
+
+    sys.modules.pop("monai_vlmfilm.bundle_utils", None)
+    parser = ConfigParser({"t": {"_target_": "monai_vlmfilm.bundle_utils.EnsureGrayscale2Dd", "keys": "image"}})
+    with pytest.warns(DeprecationWarning, match="bundle_utils is deprecated"):
+        assert isinstance(parser.get_parsed_content("t"), EnsureGrayscale2Dd)
