@@ -4,7 +4,8 @@
     python benchmarks/flow_vs_unet.py --settings dca1_cv,xcad_cv --models unet,flow-m --seeds 0 --iterations 3000
     python benchmarks/flow_vs_unet.py --settings dca1_to_xcad,xcad_to_dca1 --models unet,flow-m --seeds 0,1,2
     python benchmarks/flow_vs_unet.py --settings ship --models flow-m --seeds 0    # trains the bundle's model.pt
-    python benchmarks/flow_vs_unet.py --smoke                                      # CPU, tiny sizes, ~1 min
+    python benchmarks/flow_vs_unet.py --smoke                                      # CPU, tiny sizes, a few min
+    python benchmarks/flow_vs_unet.py --summarise benchmarks/results/flow_vs_unet_jobs.jsonl   # tables from results
 
 Both models get exactly the same recipe: ``--iterations`` AdamW steps of ``--batch`` crops of ``--crop``², vessel-aware
 (half centred on a vessel pixel), with flips / rot90 / affine / gamma / noise / blur (:class:`GPUAugment`, a batched
@@ -574,8 +575,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny CPU run: 2 folds' worth of jobs, 20 iterations, 96² crops"
     )
+    ap.add_argument(
+        "--summarise",
+        nargs="+",
+        default=None,
+        metavar="JOBS_JSONL",
+        help="only rebuild summary.md / summary.json from finished runs' jobs.jsonl files",
+    )
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
+    if a.summarise:
+        results = [json.loads(line) for f in a.summarise for line in Path(f).read_text().splitlines() if line.strip()]
+        summary, table = summarise(results)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "summary.json").write_text(json.dumps({"sources": a.summarise, "summary": summary}, indent=1))
+        (Path(a.out) / "summary.md").write_text(f"from {', '.join(a.summarise)}\n\n{table}\n")
+        print(table)
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     root = data_root(a.data)
