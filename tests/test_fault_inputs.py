@@ -240,6 +240,9 @@ def test_bundle_label_shape_mismatch_names_the_file(tmp_path, use_vlm_film):
     for section in ("train#preprocessing", "validate#preprocessing"):
         t = p.get_parsed_content(section)
         out = t({"image": str(img), "label": str(lab)})
+        if section.startswith("train"):  # RandCropByPosNegLabeld gives a list of crops (num_samples of them)
+            assert isinstance(out, list) and len(out) == 1
+            out = out[0]
         assert out["image"].shape[1:] == out["label"].shape[1:]
         with pytest.raises(Exception) as info:
             t({"image": str(img), "label": str(wide)})
