@@ -6,4 +6,10 @@ from .gradient_clip import GradientClipHandler
 from .metrics_summary import MetricsSummaryJSON
 from .progress import ProgressHandler
 
-__all__ = ["FiLMStatsHandler", "GradientClipHandler", "MetricsSummaryJSON", "NetworkCheckpointLoader", "ProgressHandler"]
+__all__ = [
+    "FiLMStatsHandler",
+    "GradientClipHandler",
+    "MetricsSummaryJSON",
+    "NetworkCheckpointLoader",
+    "ProgressHandler",
+]
