@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -266,6 +267,15 @@ def test_evaluate(data, run_on, tmp_path):
     for name in ("cldice", "betti0_error", "betti1_error", "hd95"):
         assert (eval_dir / f"{name}_raw.csv").is_file() and (eval_dir / f"{name}_summary.csv").is_file()
     assert "evaluation summary (2 images)" in log
+    # pictures of the errors: one per image, named in errors.csv (worst first), and the worst / best sheet
+    with open(eval_dir / "errors" / "errors.csv") as f:
+        pics = list(csv.DictReader(f))
+    assert sorted(r["image"] for r in pics) == ["test_0000", "test_0001"]
+    assert [float(r["dice"]) for r in pics] == sorted(float(r["dice"]) for r in pics)
+    for r in pics:
+        with Image.open(r["picture"]) as im:
+            assert im.mode == "RGB" and im.size == (64, 64)
+    assert (eval_dir / "errors" / "errors_summary.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------------ multi-process

@@ -161,3 +161,25 @@ def test_ignite_handlers():
     assert m["betti1"] == pytest.approx(0.5) and m["betti0"] == 0.0
     assert m["cldice"] == pytest.approx((1.0 + cldice_score(ring(32, 32, 8, 12), disk(32, 32, 12))) / 2)
     assert engine.state.metric_details["betti1"].shape == (4, 1)
+
+
+def test_error_overlay_colours_each_class():
+    from monai_vlmfilm.handlers.error_pictures import ERROR_COLOURS, error_overlay
+
+    image = np.linspace(0, 1, 12 * 12, dtype=np.float32).reshape(1, 12, 12)
+    label = np.zeros((1, 12, 12), np.float32)
+    label[0, 2:10, 5:7] = 1  # a vertical vessel, 2 px wide
+    pred = label.copy()
+    pred[0, 6:10, 5:7] = 0  # its lower half missed
+    pred[0, 1, 1] = 1  # one false pixel
+    rgb, counts = error_overlay(image, pred, label)
+    assert rgb.shape == (12, 12, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[1, 1]) == ERROR_COLOURS["false_positive"]
+    assert tuple(rgb[3, 5]) == ERROR_COLOURS["true_positive"] or tuple(rgb[3, 6]) == ERROR_COLOURS["true_positive"]
+    missed = [tuple(rgb[r, c]) for r in range(6, 10) for c in (5, 6)]
+    assert ERROR_COLOURS["missed_centreline"] in missed and ERROR_COLOURS["false_negative"] in missed
+    assert tuple(rgb[0, 11]) == (rgb[0, 11, 0],) * 3  # background stays grey
+    assert counts["true_positive"] == 8 and counts["false_positive"] == 1 and counts["false_negative"] == 8
+    assert counts["dice"] == pytest.approx(2 * 8 / (9 + 16))
+    with pytest.raises(ValueError, match="same size"):
+        error_overlay(image, pred[:, :6], label)

@@ -1,12 +1,14 @@
 """Ignite handlers of monai-vlmfilm (referenced from the bundle configs as ``monai_vlmfilm.handlers.<Name>``)."""
 
 from .checkpoint import NetworkCheckpointLoader
+from .error_pictures import ErrorPictureSaver
 from .film_stats import FiLMStatsHandler
 from .gradient_clip import GradientClipHandler
 from .metrics_summary import MetricsSummaryJSON
 from .progress import ProgressHandler
 
 __all__ = [
+    "ErrorPictureSaver",
     "FiLMStatsHandler",
     "GradientClipHandler",
     "MetricsSummaryJSON",
