@@ -49,3 +49,38 @@ def test_gpu_film_overhead_smoke(tmp_path):
         assert ov["variants"]["sdpa"]["params"] == ov["params"]  # same parameters, other attention kernels
     md = (tmp_path / "gpu_film_overhead.md").read_text()
     assert "| train step (fwd+bwd+AdamW) |" in md and "| euler 2 x 2 samples |" in md
+
+
+def test_flow_vs_unet_smoke(tmp_path):
+    """The flow-vs-UNet benchmark end to end on CPU (about a minute): two jobs on real DCA1 images, then its tables
+    rebuilt from the per-image results alone."""
+    import pytest
+    from shared_data import DCA1, find_shared, looked_in
+
+    xcad = find_shared("data/xcad")
+    if not (DCA1 / "datalist.json").is_file() or not (xcad / "datalist.json").is_file():
+        pytest.skip(f"needs the shared DCA1 and XCAD data: looked in {looked_in('data')}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "flow_vs_unet.py"), "--smoke", "--settings", "dca1_cv",
+           "--data", str(DCA1.parent), "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    jobs = [json.loads(line) for line in (tmp_path / "run" / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(j["model"] for j in jobs) == ["flow-s", "unet"] and not any("error" in j for j in jobs)
+    for j in jobs:
+        assert j["setting"] == "dca1_cv" and j["n_train"] == 64 and len(j["records"]) == 2
+        assert set(j["thr_scores"]) and j["threshold"] in [float(t) for t in j["thr_scores"]]
+        for r in j["records"]:
+            assert r["site"] == "dca1" and 0.0 <= r["dice"] <= 1.0 and r["b0_err"] >= 0
+    flow, unet = (next(j for j in jobs if j["model"] == m) for m in ("flow-s", "unet"))
+    assert [r["image"] for r in flow["records"]] == [r["image"] for r in unet["records"]]  # paired over images
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["summary"]
+    assert set(summary["dca1_cv"]["dca1"]) == {"flow-s", "unet", "flow-s - unet"}
+    rebuilt = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "flow_vs_unet.py"), "--summarise",
+         str(tmp_path / "run" / "jobs.jsonl"), "--out", str(tmp_path / "again")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())["summary"]
+    assert again == summary
