@@ -183,6 +183,53 @@ def _check_mask(path: Path, mask: np.ndarray, threshold: float | None, max_gray_
     return t
 
 
+def check_pair(
+    image: str | Path,
+    mask: str | Path | None,
+    chk: _Check,
+    threshold: float | None = None,
+    max_gray_fraction: float = 0.05,
+    require_finite: bool = False,
+) -> tuple[np.ndarray | None, float | None]:
+    """Read and check one image and its mask (if any), adding "file: what is wrong" lines to ``chk``.
+
+    Checks: both files exist and decode; the image is 2D gray or colour; the mask has the image's size and is binary
+    (:func:`mask_threshold` rules); with ``require_finite``, a floating-point image has no NaN / infinite pixel.
+    The datalist builder and the preflight share this one check.
+
+    Returns:
+        ``(image array, mask threshold)``; the array is None when the image is unusable, the threshold None when
+        there is no usable mask.
+    """
+    arrs: dict[str, np.ndarray] = {}
+    for kind, p in (("image", image), ("mask", mask)):
+        if p is None:
+            continue
+        if not os.path.isfile(p):
+            chk.problems.append(f"{p}: {kind} file does not exist")
+            continue
+        try:
+            arrs[kind] = _spatial(read_array(p))
+        except ValueError as e:  # read_array names the file and the reader's complaint
+            chk.problems.append(str(e))
+    img = arrs.get("image")
+    if img is not None and (img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4))):
+        chk.problems.append(f"{image}: not a 2D gray or colour image (shape {img.shape})")
+        return None, None
+    if require_finite and img is not None and np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+        chk.problems.append(f"{image}: image has {int((~np.isfinite(img)).sum())} NaN / infinite pixels")
+        return None, None
+    if img is None or "mask" not in arrs:
+        return img, None
+    msk = arrs["mask"]
+    if img.shape[:2] != msk.shape[:2]:
+        chk.problems.append(
+            f"{mask}: mask shape {msk.shape[:2]} differs from image {Path(image).name} shape {img.shape[:2]}"
+        )
+        return img, None
+    return img, _check_mask(Path(mask), msk, threshold, max_gray_fraction, chk)
+
+
 def _natural_key(s: str) -> list[Any]:
     return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", s)]
 
@@ -311,23 +358,8 @@ def build_datalist(
     thresholds: set[float] = set()
     for stem in sorted(set(images) & set(masks), key=_natural_key):
         ip, mp = images[stem][0], masks[stem][0]
-        arrs = {}
-        for p in (ip, mp):
-            try:
-                arrs[p] = _spatial(read_array(p))
-            except ValueError as e:
-                chk.problems.append(str(e))
-        if len(arrs) < 2:
-            continue
-        img, msk = arrs[ip], arrs[mp]
-        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
-            chk.problems.append(f"{ip}: not a 2D gray or colour image (shape {img.shape})")
-            continue
-        if img.shape[:2] != msk.shape[:2]:
-            chk.problems.append(f"{mp}: mask shape {msk.shape[:2]} differs from image {ip.name} shape {img.shape[:2]}")
-            continue
         n_before = len(chk.problems)
-        t = _check_mask(mp, msk, threshold, max_gray_fraction, chk)
+        _, t = check_pair(ip, mp, chk, threshold, max_gray_fraction)
         if len(chk.problems) == n_before:
             thresholds.add(t)
             items.append({"image": ip, "label": mp})
@@ -433,7 +465,7 @@ def read_datalist(
     return out
 
 
-def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
+def load_split(datalist: str | os.PathLike, split: str, check_files: bool = True) -> list[dict]:
     """One split (``"training"``, ``"validation"``, ``"test"``) of a MONAI datalist JSON, paths made absolute.
 
     Paths in the file are relative to the datalist's folder. Entries may carry extra keys (e.g. ``factors``); they
@@ -442,6 +474,7 @@ def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
     Args:
         datalist: the datalist JSON.
         split: the section to read.
+        check_files: raise when an image file is missing (off where a later check reports every problem at once).
 
     Raises:
         FileNotFoundError: the datalist does not exist.
@@ -449,7 +482,7 @@ def load_split(datalist: str | os.PathLike, split: str) -> list[dict]:
     """
     items = [
         it if isinstance(it, dict) else {"image": it}
-        for it in read_datalist(datalist, sections=[split], check_files=True)[split]
+        for it in read_datalist(datalist, sections=[split], check_files=check_files)[split]
     ]
     if not items:
         raise ValueError(f"datalist {str(datalist)!r}: split {split!r} is empty")

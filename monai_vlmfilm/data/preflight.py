@@ -22,9 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .datalist import DatalistError, _Check, _check_mask, _spatial, read_array, read_datalist
+from .datalist import DatalistError, _Check, check_pair, load_split
 
 __all__ = ["PREFLIGHT_MODES", "check_entry", "preflight", "checked_split"]
 
@@ -33,51 +31,17 @@ PREFLIGHT_MODES = ("error", "skip", "off")
 logger = logging.getLogger(__name__)
 
 
-def _image_problem(path: str, arr: np.ndarray) -> str | None:
-    a = _spatial(arr)
-    if a.ndim == 3 and a.shape[-1] in (3, 4):
-        a = a[..., 0]
-    if a.ndim != 2:
-        return f"{path}: image is not 2D (shape {tuple(arr.shape)})"
-    if np.issubdtype(a.dtype, np.floating) and not bool(np.isfinite(a).all()):
-        return f"{path}: image has {int((~np.isfinite(a)).sum())} NaN / infinite pixels"
-    return None
-
-
 def check_entry(entry: dict[str, Any], image_key: str = "image", label_key: str = "label") -> list[str]:
-    """Problems of one datalist entry (``[]`` when it is fine), each starting with the file it concerns."""
-    problems: list[str] = []
+    """Problems of one datalist entry (``[]`` when it is fine), each starting with the file it concerns.
+
+    The datalist builder's own pair check (:func:`~monai_vlmfilm.data.datalist.check_pair`), plus finite pixels.
+    """
     img_path = entry.get(image_key)
     if not isinstance(img_path, (str, os.PathLike)):
         return [f"entry {entry!r}: no {image_key!r} path"]
-    shapes = {}
-    for key, path in ((image_key, img_path), (label_key, entry.get(label_key))):
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            problems.append(f"{path}: {key} file does not exist")
-            continue
-        try:
-            arr = read_array(path)
-        except ValueError as e:  # read_array names the file and the reader's complaint
-            problems.append(str(e))
-            continue
-        if key == image_key:
-            bad = _image_problem(str(path), arr)
-        else:
-            chk = _Check()
-            _check_mask(Path(path), arr, None, 0.05, chk)
-            bad = chk.problems[0] if chk.problems else None
-        if bad:
-            problems.append(bad)
-            continue
-        s = _spatial(arr)
-        shapes[key] = s.shape[:2]
-    if len(shapes) == 2 and shapes[image_key] != shapes[label_key]:
-        problems.append(
-            f"{entry[label_key]}: label size {shapes[label_key]} differs from its image {img_path} {shapes[image_key]}"
-        )
-    return problems
+    chk = _Check()
+    check_pair(img_path, entry.get(label_key), chk, require_finite=True)
+    return chk.problems
 
 
 def preflight(
@@ -141,11 +105,7 @@ def checked_split(datalist: str | os.PathLike, split: str, on_bad: str = "error"
 
     A missing file is one of the problems preflight reports (and ``skip`` leaves out), not an error of its own.
     """
-    check = on_bad == "off"  # without preflight, load_split's existence check still guards the run
-    entries = read_datalist(datalist, sections=[split], check_files=check)[split]
-    items = [it if isinstance(it, dict) else {"image": it} for it in entries]
-    if not items:
-        raise ValueError(f"datalist {str(datalist)!r}: split {split!r} is empty")
+    items = load_split(datalist, split, check_files=on_bad == "off")  # without preflight, load_split's check guards
     return preflight(items, on_bad=on_bad, name=f"{datalist} [{split}]", report=report)
 
 
