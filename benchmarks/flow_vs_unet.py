@@ -394,9 +394,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     predict = Predictor(model, info, device, amp)
 
     # threshold on the job's own training images (never the test images)
-    thr_imgs = train[:: max(1, len(train) // args["thr_images"])]
-    probs = [predict(d["image"], None if p_train is None else p_train[train.index(d)], "dihedral") for d in thr_imgs]
-    gts = [d["mask"].astype(bool) for d in thr_imgs]
+    thr_rows = range(0, len(train), max(1, len(train) // args["thr_images"]))
+    probs = [predict(train[i]["image"], None if p_train is None else p_train[i], "dihedral") for i in thr_rows]
+    gts = [train[i]["mask"].astype(bool) for i in thr_rows]
     thr_scores = {t: float(np.mean([dice(p >= t, g) for p, g in zip(probs, gts)])) for t in THRESHOLDS}
     thr = max(thr_scores, key=thr_scores.get)
     records = []

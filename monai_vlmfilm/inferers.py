@@ -101,7 +101,8 @@ class FlowSegInferer(Inferer):
         tta: test-time augmentation, one of ``TTA_MODES``: each flipped / rotated copy of the image is segmented
             (with the image's own profile) and the probabilities mapped back and averaged with the samples.
         divisible_by: whole-image inference (``roi_size=None``) pads the image (replicating its border) up to a
-            multiple of this, the network's total downsampling, and crops the output back.
+            multiple of this and crops the output back; None uses the network's total downsampling
+            (``2 ** (len(block_out_channels) - 1)`` for a ``DiffusionModelUNet``, else 1).
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class FlowSegInferer(Inferer):
         cval: float = 0.0,
         mask_channels: int | None = None,
         tta: str = "none",
-        divisible_by: int = 1,
+        divisible_by: int | None = None,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -132,7 +133,7 @@ class FlowSegInferer(Inferer):
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}.")
         self.tta = tta
-        self.divisible_by = int(divisible_by)
+        self.divisible_by = None if divisible_by is None else int(divisible_by)
         self.num_steps = num_steps
         self.solver = solver
         self.num_samples = num_samples
@@ -211,6 +212,10 @@ class FlowSegInferer(Inferer):
             )
         s = self.num_samples
         b, c_img, *spatial = image.shape
+        multiple = self.divisible_by
+        if multiple is None:  # a DiffusionModelUNet halves the size at every level but the last
+            levels = getattr(net, "block_out_channels", None)
+            multiple = 2 ** (len(levels) - 1) if levels else 1
         gen = None
         if self.seed is not None:
             gen = torch.Generator(device=image.device)
@@ -227,11 +232,12 @@ class FlowSegInferer(Inferer):
 
         def segment(img: torch.Tensor) -> torch.Tensor:
             """``[B, s * c_m, *spatial]`` sample probabilities of one (possibly transformed) image batch."""
-            if self.roi_size is None:
-                img_p, crop = pad_to_multiple(img, self.divisible_by)
-                nz = torch.randn((b, s * c_m, *img_p.shape[2:]), generator=gen, device=img.device, dtype=torch.float32)
-                return predict(list(range(b)), img_p, nz.to(img.dtype))[tuple(crop)]
+            crop = None
+            if self.roi_size is None:  # whole image: padded to the network's multiple, cropped back below
+                img, crop = pad_to_multiple(img, multiple)
             nz = torch.randn((b, s * c_m, *img.shape[2:]), generator=gen, device=img.device, dtype=torch.float32)
+            if crop is not None:
+                return predict(list(range(b)), img, nz.to(img.dtype))[tuple(crop)]
 
             def window(win: torch.Tensor, coords: list) -> torch.Tensor:
                 rows = [int(c[0].start) for c in coords]
@@ -252,9 +258,7 @@ class FlowSegInferer(Inferer):
 
         # every TTA copy adds its samples: the mean and the spread run over copies x noise draws
         copies = [inverse(segment(forward(image))) for forward, inverse in dihedral_transforms(len(spatial), self.tta)]
-        s = s * len(copies)
-        per_sample = torch.stack([c.float().reshape(b, -1, c_m, *spatial) for c in copies], 1)
-        per_sample = per_sample.float().reshape(b, s, c_m, *spatial)
+        per_sample = torch.cat([c.float().reshape(b, s, c_m, *spatial) for c in copies], dim=1)
         out = per_sample.mean(dim=1)
         if self.return_uncertainty:
             out = torch.cat([out, per_sample.std(dim=1, unbiased=False)], dim=1)

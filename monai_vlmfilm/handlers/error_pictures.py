@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_vlmfilm.data.datalist import split_name
+
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 Image, _ = optional_import("PIL.Image")
 skeletonize, _ = optional_import("skimage.morphology", name="skeletonize")
@@ -111,11 +113,7 @@ class ErrorPictureSaver:
         if isinstance(src, (list, tuple)):
             src = src[0] if src else None
         if isinstance(src, (str, os.PathLike)) and str(src):
-            name = Path(str(src)).name
-            for ext in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-                if name.lower().endswith(ext):
-                    return name[: -len(ext)]
-            return name
+            return split_name(src)[0]
         return f"image_{index:05d}"
 
     def iteration_completed(self, engine: Any) -> None:
