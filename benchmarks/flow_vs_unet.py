@@ -3,7 +3,7 @@
     # on the GPU machine (data copied to .carry/data, MONAI / ignite wheels in .whl; see benchmarks/BENCHMARKS.md):
     python benchmarks/flow_vs_unet.py --settings dca1_cv,xcad_cv --models unet,flow-m --seeds 0 --iterations 3000
     python benchmarks/flow_vs_unet.py --settings dca1_to_xcad,xcad_to_dca1 --models unet,flow-m --seeds 0,1,2
-    python benchmarks/flow_vs_unet.py --settings ship --models flow-m --seeds 0    # trains the bundle's model.pt
+    python benchmarks/flow_vs_unet.py --plan "ship=flow-m@6000,flow-m,unet;xcad_cv=flow-m,unet"  # + the bundle's model
     python benchmarks/flow_vs_unet.py --smoke                                      # CPU, tiny sizes, a few min
     python benchmarks/flow_vs_unet.py --summarise benchmarks/results/flow_vs_unet_jobs.jsonl   # tables from results
 
@@ -18,9 +18,13 @@ segmented by :class:`~monai_vlmfilm.inferers.FlowSegInferer` (1 Euler step, 1 sa
 of the unaugmented images (normalised with the training images' statistics) unless the model name ends in ``:off``.
 
 Settings: ``dca1_cv`` / ``xcad_cv`` (5-fold cross-validation over all images, folds fixed by seed 0),
+``mixed_cv`` (both sites in one model: fold f of each site held out together, results per site),
 ``dca1_to_xcad`` / ``xcad_to_dca1`` (train on every image of one site, test on every image of the other),
-``ship`` (train on both sites' ``training`` splits, report each site's ``validation`` split, save the EMA weights as
-``model_ship.pt``). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
+``ship`` (train on both sites' ``training`` splits, report each site's ``validation`` split with uncertainty-map
+figures, save the EMA weights as float16 shards ``model_ship_<model>_s<seed>.<i>.pt``). Models: ``unet``,
+``flow-s`` / ``flow-m`` / ``flow-l`` (FiLM on), with ``:off`` (no FiLM) or ``:shuffle`` (each image gets another
+training image's profile) and ``@N`` (N iterations instead of ``--iterations``); ``--plan`` gives each group of
+settings its own models. Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
 ``$OUT/jobs.jsonl``; ``summary.md`` / ``summary.json`` hold per-setting means and paired bootstrap 95 % CIs
 (flow − UNet, per image, seeds averaged first) from :mod:`monai_vlmfilm.ablation.stats`; ``latency.json`` the
 inference latency of both models measured before training starts (batch 1, bf16, idle GPU).
@@ -58,6 +62,10 @@ FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     # 4 levels, 2 residual blocks per level
     "flow-l": {"channels": [32, 64, 128, 256], "num_res_blocks": 2, "norm_num_groups": 32},
 }
+# per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
+EXTRA_METRICS = ("dice_2step",) + tuple(
+    f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean")
+)
 THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(15)]  # 0.20 .. 0.90 (the UNet chose 0.75, the old top, on XCAD)
 
 
@@ -104,7 +112,13 @@ def plan_jobs(data: dict[str, list], settings: list[str], models: list[str], see
     jobs = []
     for setting in settings:
         splits: list[tuple[int, list[str], list[str]]] = []
-        if setting.endswith("_cv"):
+        if setting == "mixed_cv":  # both sites in one model, folds stratified by site (fold f of each site)
+            site_folds = {site: folds(len(data[site])) for site in SITES}
+            for f in range(5):
+                test = {data[site][i]["name"] for site in SITES for i in site_folds[site][f]}
+                names = [d["name"] for site in SITES for d in data[site]]
+                splits.append((f, [n for n in names if n not in test], sorted(test)))
+        elif setting.endswith("_cv"):
             items = data[setting[: -len("_cv")]]
             for f, idx in enumerate(folds(len(items))):
                 test = {items[i]["name"] for i in idx}
@@ -283,25 +297,41 @@ class Predictor:
 
         self.net, self.info, self.device, self.amp = net, info, device, amp
         self._tta, self._pad = dihedral_transforms, pad_to_multiple
-        self._flow = {
-            t: FlowSegInferer(num_steps=1, num_samples=1, tta=t, divisible_by=info["divisible_by"], seed=0)
-            for t in ("none", "dihedral")
-        }
+        self._make = lambda tta, steps, samples, unc: FlowSegInferer(
+            num_steps=steps,
+            num_samples=samples,
+            tta=tta,
+            divisible_by=info["divisible_by"],
+            seed=0,
+            return_uncertainty=unc,
+        )
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, profile: np.ndarray | None, tta: str) -> np.ndarray:
+    def __call__(
+        self,
+        image: np.ndarray,
+        profile: np.ndarray | None,
+        tta: str,
+        steps: int = 1,
+        samples: int = 1,
+        uncertainty: bool = False,
+    ) -> Any:
+        """Foreground probability ``HxW``; with ``uncertainty`` the pair (probability, per-pixel std over the TTA
+        copies x noise samples)."""
         x = torch.as_tensor(image, device=self.device)[None, None]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
-                prob = self._flow[tta](x, self.net, profile=p)
+                out = self._make(tta, steps, samples, uncertainty)(x, self.net, profile=p).float()
+                prob, std = out[:, :1], out[:, 1:]
             else:
                 outs = []
                 for fwd, inv in self._tta(2, tta):
                     xp, crop = self._pad(fwd(x), self.info["divisible_by"])
                     outs.append(inv(torch.sigmoid(self.net(xp).float())[tuple(crop)]))
-                prob = torch.stack(outs).mean(0)
-        return prob[0, 0].float().cpu().numpy()
+                prob, std = torch.stack(outs).mean(0), torch.stack(outs).std(0, unbiased=False)
+        prob_np = prob[0, 0].float().cpu().numpy()
+        return (prob_np, std[0, 0].float().cpu().numpy()) if uncertainty else prob_np
 
 
 def run_job(job: dict, data_root_: str, args: dict) -> dict:
@@ -319,11 +349,16 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
 
     t0 = time.perf_counter()
     set_determinism(seed=job["seed"])
+    if device.type == "cuda":
+        # set_determinism selects cuDNN's deterministic kernels, several times slower for these convolutions; the
+        # GPU runs are not bit-reproducible anyway (atomics in the backward pass), seeds give the comparison
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     root = Path(data_root_)
     items = {d["name"]: d for s in SITES for d in load_site(root, s)}
     train = [items[n] for n in job["train"]]
     test = [items[n] for n in job["test"]][: args.get("max_test") or None]
-    net, info = build_model(job["model"], profile_dim=args["profile_dim"])
+    spec, _, iters_override = job["model"].partition("@")  # "flow-m@6000": this job trains 6,000 iterations
+    net, info = build_model(spec, profile_dim=args["profile_dim"])
     net = net.to(device)
     use_profile = info["kind"] == "flow" and info["mode"] != "off"
     p_train = profiles_of(train) if use_profile else None
@@ -341,7 +376,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         seed=job["seed"],
     )
 
-    iters, bs = args["iterations"], args["batch"]
+    iters, bs = int(iters_override or args["iterations"]), args["batch"]
     opt = torch.optim.AdamW(net.parameters(), lr=args["lr"], weight_decay=1e-4)
     warm = max(1, int(0.03 * iters))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -391,6 +426,8 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
             )
     train_s = time.perf_counter() - t0
     model = ema.module.eval()
+    if job["setting"] == "ship" and args.get("out"):  # saved before evaluation: a deadline must not lose it
+        save_shards(model, Path(args["out"]) / f"model_ship_{job['model'].replace(':', '_')}_s{job['seed']}")
     predict = Predictor(model, info, device, amp)
 
     # threshold on the job's own training images (never the test images)
@@ -412,6 +449,11 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         rec["dice_t05"] = dice(prob >= 0.5, d["mask"].astype(bool))
         prob1 = predict(d["image"], prof, "none")
         rec["dice_notta"] = dice(prob1 >= thr, d["mask"].astype(bool))
+        if info["kind"] == "flow":  # two Euler steps (t = T, T/2), no TTA: does the multi-step regime add anything?
+            prob2 = predict(d["image"], prof, "none", steps=2)
+            rec["dice_2step"] = dice(prob2 >= thr, d["mask"].astype(bool))
+        if job["setting"] == "ship":
+            rec.update(uncertainty_metrics(predict, d["image"], prof, d["mask"].astype(bool), thr))
         records.append(rec)
     out = {k: v for k, v in job.items() if k not in ("train", "test")}
     out.update(
@@ -422,6 +464,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
             "thr_scores": thr_scores,
             "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
             "info": info,
+            "iterations": iters,
             "train_s": round(train_s, 1),
             "total_s": round(time.perf_counter() - t0, 1),
             "losses": losses,
@@ -429,11 +472,55 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
             "gpu": gpu,
         }
     )
-    if job["setting"] == "ship" and args.get("out"):
-        torch.save(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            Path(args["out"]) / f"model_ship_{job['model'].replace(':', '_')}_s{job['seed']}.pt",
-        )
+    return out
+
+
+def save_shards(model: torch.nn.Module, stem: Path, max_bytes: int = 12 * 2**20) -> None:
+    """The EMA weights in float16 shards ``<stem>.<i>.pt`` of at most ``max_bytes`` (the device tool returns files
+    up to 16 MB); ``torch.load`` each and merge the dicts, ``load_state_dict`` casts back to float32."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        v = v.half() if v.is_floating_point() else v
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    for i, sd in enumerate(shards):
+        torch.save(sd, f"{stem}.{i}.pt")
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` separating ``positive`` pixels (ties averaged), NaN if one class."""
+    from scipy.stats import rankdata
+
+    pos = positive.ravel()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rankdata(score.ravel())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def uncertainty_metrics(predict: Any, image: np.ndarray, prof: Any, gt: np.ndarray, thr: float) -> dict[str, float]:
+    """Does an uncertainty map mark the errors? For three maps (the spread of 4 noise samples, the spread of the 8
+    dihedral copies, and p(1 - p) of the TTA mean): the AUROC of pixel errors, and Dice with the 5 % most uncertain
+    pixels left out of the count."""
+    out: dict[str, float] = {}
+    mean_t, std_t = predict(image, prof, "dihedral", uncertainty=True)
+    maps = {"tta": std_t, "pq": mean_t * (1 - mean_t)}
+    if predict.info["kind"] == "flow":
+        maps["samples"] = predict(image, prof, "none", uncertainty=True, samples=4)[1]
+    pred = mean_t >= thr
+    err = pred != gt
+    for name, u in maps.items():
+        keep = u < np.quantile(u, 0.95) if u.max() > u.min() else np.ones_like(gt)
+        out[f"unc_auroc_{name}"] = _auroc(u, err)
+        out[f"unc_dice_keep95_{name}"] = dice(pred & keep, gt & keep)
+        out[f"unc_mean_{name}"] = float(u.mean())
     return out
 
 
@@ -489,6 +576,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
         "|" + "---|" * 12,
     ]
     metrics = ("dice", "cldice", "b0_err", "b1_err", "dice_cc", "b0_err_cc", "dice_notta")
+    extra_lines = ["", "| setting | site | model | further metric | n img | mean |", "|---|---|---|---|---:|---:|"]
     for setting in sorted({r["setting"] for r in ok}):
         rs = [r for r in ok if r["setting"] == setting]
         for site in sorted({x["site"] for r in rs for x in r["records"]}):
@@ -500,11 +588,19 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                         continue
                     for x in r["records"]:
                         if x["site"] == site:
-                            for m in metrics:
+                            for m in metrics + tuple(k for k in x if k in EXTRA_METRICS):
                                 acc.setdefault(x["image"], {}).setdefault(m, []).append(float(x[m]))
                 per_model[model] = {img: {m: float(np.nanmean(v)) for m, v in d.items()} for img, d in acc.items()}
                 n_jobs = sum(1 for r in rs if r["model"] == model)
                 means = {m: float(np.nanmean([d[m] for d in per_model[model].values()])) for m in metrics}
+                for m in EXTRA_METRICS:
+                    vals = [d[m] for d in per_model[model].values() if m in d]
+                    if vals:
+                        means[m] = float(np.nanmean(vals))
+                        extra_lines.append(
+                            f"| {setting} | {site} | {model} | {m} | {len(vals)} | "
+                            f"{(100 if 'dice' in m else 1) * means[m]:.{2 if 'dice' in m else 3}f} |"
+                        )
                 summary.setdefault(setting, {}).setdefault(site, {})[model] = {
                     "n_images": len(per_model[model]),
                     "jobs": n_jobs,
@@ -545,7 +641,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                         for m in ("dice", "cldice", "b0_err")
                     ]
                     diff_lines.append(f"| {setting} | {site} | {k} | " + " | ".join(cells) + " |")
-    return summary, "\n".join(lines + diff_lines)
+    return summary, "\n".join(lines + diff_lines + (extra_lines if len(extra_lines) > 3 else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default="dca1_cv,xcad_cv")
     ap.add_argument("--models", default="unet,flow-m")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument(
+        "--plan",
+        default=None,
+        help="instead of --settings x --models: groups 'SETTINGS=MODELS;SETTINGS=MODELS', run in this order "
+        "(e.g. 'ship=flow-m@6000,unet;xcad_cv=flow-m,unet'; '@N' sets that model's iterations)",
+    )
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=256)
@@ -604,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         a.max_jobs = a.max_jobs or 2
         a.models = "unet,flow-s"
     data = {s: load_site(root, s) for s in SITES}
-    jobs = plan_jobs(data, a.settings.split(","), a.models.split(","), [int(s) for s in a.seeds.split(",")])
+    seeds = [int(s) for s in a.seeds.split(",")]
+    groups = [g.split("=") for g in a.plan.split(";")] if a.plan else [(a.settings, a.models)]
+    jobs = [j for st, md in groups for j in plan_jobs(data, st.split(","), md.split(","), seeds)]
     if a.max_jobs:
         jobs = jobs[: a.max_jobs]
     n_gpu = torch.cuda.device_count()
@@ -621,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(jobs)} jobs on {max(n_gpu, 1)} device(s) [{card}], {a.workers} workers each")
     if a.latency:
         dev = torch.device("cuda:0" if n_gpu else "cpu")
-        lat = latency(sorted({m for m in a.models.split(",")}), [304, 512], dev, PROFILE_DIM)
+        names = {m.partition("@")[0] for _, md in groups for m in md.split(",")}
+        lat = latency(sorted(names), [304, 512], dev, PROFILE_DIM)
         (out / "latency.json").write_text(json.dumps({**meta, "rows": lat}, indent=1))
     args = {
         "iterations": a.iterations,
