@@ -612,21 +612,19 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                     f"{100 * means['dice_cc']:.2f} | {means['b0_err_cc']:.1f} | {100 * means['dice_notta']:.2f} "
                     f"| {n_jobs} |"
                 )
-            if baseline in per_model:
-                for model in per_model:
-                    if model == baseline:
-                        continue
-                    common = sorted(set(per_model[model]) & set(per_model[baseline]))
+            # flow - UNet, and for the profile's worth (issue 16) FiLM on - off and on - shuffled profiles
+            pairs = [(m, baseline) for m in per_model if m != baseline and baseline in per_model]
+            pairs += [(m, f"{m}:{v}") for m in per_model for v in ("off", "shuffle") if f"{m}:{v}" in per_model]
+            if pairs:
+                for model, ref in pairs:
+                    common = sorted(set(per_model[model]) & set(per_model[ref]))
                     diffs = {}
                     for m in ("dice", "cldice", "b0_err"):
                         pdiff = paired_difference(
-                            [
-                                100 ** (m != "b0_err") * (per_model[model][i][m] - per_model[baseline][i][m])
-                                for i in common
-                            ]
+                            [100 ** (m != "b0_err") * (per_model[model][i][m] - per_model[ref][i][m]) for i in common]
                         )
                         diffs[m] = pdiff.to_dict()
-                    summary[setting][site][f"{model} - {baseline}"] = diffs
+                    summary[setting][site][f"{model} - {ref}"] = diffs
     diff_lines = [
         "",
         "| setting | site | comparison | Δ Dice [95 % CI] | Δ clDice [95 % CI] | Δ Betti-0 err [95 % CI] |",
@@ -673,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--max-jobs", type=int, default=0)
+    ap.add_argument("--skip-done", nargs="*", default=None, metavar="JOBS_JSONL", help="skip jobs finished there")
     ap.add_argument("--max-test", type=int, default=0, help="evaluate at most this many test images per job (0: all)")
     ap.add_argument(
         "--smoke",
@@ -709,6 +708,14 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     groups = [g.split("=") for g in a.plan.split(";")] if a.plan else [(a.settings, a.models)]
     jobs = [j for st, md in groups for j in plan_jobs(data, st.split(","), md.split(","), seeds)]
+    if a.skip_done:  # resume: jobs already finished in earlier runs are not repeated
+        done = {
+            (r["setting"], r["fold"], r["seed"], r["model"])
+            for f in a.skip_done
+            for r in map(json.loads, filter(str.strip, Path(f).read_text().splitlines()))
+            if "records" in r
+        }
+        jobs = [j for j in jobs if (j["setting"], j["fold"], j["seed"], j["model"]) not in done]
     if a.max_jobs:
         jobs = jobs[: a.max_jobs]
     n_gpu = torch.cuda.device_count()
