@@ -7,7 +7,7 @@ never pulls in transformers, and a missing or broken ``qwen`` module never break
 
 from typing import Any
 
-from .base import ImageReadError, Profiler, canonical_image, create_profiler, is_heavy, pixel_digest
+from .base import ImageReadError, Profiler, as_http_error, canonical_image, create_profiler, is_heavy, pixel_digest
 from .heuristic import HeuristicProfiler
 from .oracle import OracleProfiler
 from .parsing import parse_profile
@@ -26,6 +26,7 @@ __all__ = [
     "ProfileStoreError",
     "Profiler",
     "ImageReadError",
+    "as_http_error",
     "canonical_image",
     "pixel_digest",
     "create_profiler",

@@ -26,6 +26,7 @@ from .schema import VLMProfile
 __all__ = [
     "Profiler",
     "ImageReadError",
+    "as_http_error",
     "canonical_image",
     "pixel_digest",
     "create_profiler",
@@ -42,7 +43,61 @@ _PIL_INTENSITY_MODES = ("1", "L", "LA", "I", "F", "RGB", "RGBA")
 
 
 class ImageReadError(ValueError):
-    """An image that cannot be turned into a canonical 2D array (message names the file and the problem)."""
+    """An image that cannot be turned into a canonical 2D array (message names the file and the problem).
+
+    Args:
+        message: what is wrong, naming the file (or the array's source).
+        status_code: the HTTP status a server should answer with when the image came from a client: 404 (no such
+            file), 413 (too large) or 422 (anything else: empty, undecodable, not 2D, NaN pixels, ...).
+            :func:`as_http_error` turns the error into one a FastAPI server (MONAI Label) answers with it.
+    """
+
+    def __init__(self, message: str = "", status_code: int = 422) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        # the attributes FastAPI's handler of starlette's HTTPException reads (see as_http_error)
+        self.detail = message
+        self.headers: dict[str, str] | None = None
+
+    def __str__(self) -> str:  # the message alone, also when starlette's HTTPException is a base
+        return str(self.detail)
+
+    def __reduce__(self) -> tuple:
+        # pickled (DataLoader workers) with its status; the HTTP subclass is made at run time, so rebuild through
+        # as_http_error on the receiving side
+        return (_unpickle_image_read_error, (self.detail, self.status_code))
+
+
+def _unpickle_image_read_error(message: str, status_code: int) -> ImageReadError:
+    return as_http_error(ImageReadError(message, status_code))
+
+
+_HTTP_ERROR_CLASSES: dict[type, type] = {}
+
+
+def as_http_error(err: ImageReadError) -> ImageReadError:
+    """``err``, also a ``starlette.exceptions.HTTPException`` where this process serves HTTP with starlette.
+
+    MONAI Label 0.8.5 has no exception handler of its own: anything its ``/infer`` route raises becomes a bare
+    ``500 Internal Server Error`` with no message, and it calls the bundle's pre-transforms one by one (not
+    through ``Compose``, which would wrap the error in a ``RuntimeError``), so an error raised by a transform
+    reaches FastAPI as it is. An instance of a subclass of both :class:`ImageReadError` and starlette's
+    ``HTTPException`` is answered by FastAPI's own handler with ``err.status_code`` and ``{"detail": message}``,
+    and stays an ``ImageReadError`` / ``ValueError`` for everything else. Nothing is imported: where starlette is
+    not loaded already (the command line, training) ``err`` is returned unchanged.
+    """
+    import sys
+
+    base = getattr(sys.modules.get("starlette.exceptions"), "HTTPException", None)
+    if not isinstance(base, type) or isinstance(err, base):
+        return err
+    cls = _HTTP_ERROR_CLASSES.get(base)
+    if cls is None:
+        cls = type("ImageReadHTTPError", (ImageReadError, base), {"__module__": __name__})
+        _HTTP_ERROR_CLASSES[base] = cls
+    new = cls(err.detail, err.status_code)
+    new.__cause__, new.__traceback__ = err.__cause__, err.__traceback__
+    return new
 
 
 class Profiler(ABC):
@@ -79,7 +134,7 @@ class Profiler(ABC):
 def _read_file(path: str) -> np.ndarray:
     low = path.lower()
     if not os.path.isfile(path):
-        raise ImageReadError(f"image file {path!r} does not exist")
+        raise ImageReadError(f"image file {path!r} does not exist", status_code=404)
     if os.path.getsize(path) == 0:
         raise ImageReadError(f"image file {path!r} is empty (0 bytes)")
     if low.endswith(PIL_SUFFIXES):
@@ -94,7 +149,8 @@ def _read_file(path: str) -> np.ndarray:
                 arr = np.asarray(im)
         except Image.DecompressionBombError as e:  # PIL's size limit: say which file and how to lift it
             raise ImageReadError(
-                f"image file {path!r} is too large: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted)"
+                f"image file {path!r} is too large: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted)",
+                status_code=413,
             ) from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
