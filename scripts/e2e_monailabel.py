@@ -40,12 +40,12 @@ class E2EError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def make_studies(work: Path, size: int) -> tuple[Path, list[str], list[str]]:
+def make_studies(work: Path, size: int, n_train: int = 4, n_test: int = 1) -> tuple[Path, list[str], list[str]]:
     """Synthetic angiograms in MONAI Label's local datastore layout.
 
-    Labelled images (train + val) go to ``studies/`` with masks in ``studies/labels/final/`` (same file name),
-    the test image goes to ``studies/`` without a label (what an annotator would open). Returns the studies
-    folder, the labelled ids and the unlabelled ids.
+    Labelled images (``n_train`` train + 1 val) go to ``studies/`` with masks in ``studies/labels/final/`` (same
+    file name), the ``n_test`` test images go to ``studies/`` without a label (what an annotator would open).
+    Returns the studies folder, the labelled ids and the unlabelled ids.
     """
     synth = work / "synthetic"
     cmd = [
@@ -55,11 +55,11 @@ def make_studies(work: Path, size: int) -> tuple[Path, list[str], list[str]]:
         "--out",
         str(synth),
         "--n-train",
-        "4",
+        str(n_train),
         "--n-val",
         "1",
         "--n-test",
-        "1",
+        str(n_test),
         "--size",
         str(size),
     ]
@@ -250,11 +250,19 @@ def wait_info(base: str, proc: subprocess.Popen, logfile: Path, timeout: float) 
     raise E2EError(f"/info/ did not answer within {timeout:.0f} s ({last}); log tail:\n{tail(logfile)}")
 
 
-def multipart(fields: dict[str, str]) -> tuple[bytes, str]:
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]] | None = None) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body of text ``fields`` and ``files`` (``name: (file name, content)``)."""
     boundary = uuid.uuid4().hex
     buf = io.BytesIO()
     for k, v in fields.items():
         buf.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, (filename, content) in (files or {}).items():
+        buf.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+        )
+        buf.write(content)
+        buf.write(b"\r\n")
     buf.write(f"--{boundary}--\r\n".encode())
     return buf.getvalue(), f"multipart/form-data; boundary={boundary}"
 

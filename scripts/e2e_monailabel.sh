@@ -13,7 +13,9 @@
 #
 # Environment: MONAILABEL_VENV (default ~/.cache/monai-vlmfilm/monailabel-venv), PYTHON (python3 >= 3.10),
 # ML_TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; empty to let pip choose), E2E_WORKDIR
-# (default a fresh temp dir, removed on success unless KEEP_WORKDIR=1), E2E_ARGS (extra args for the .py).
+# (default a fresh temp dir, removed on success unless KEEP_WORKDIR=1), E2E_ARGS (extra args for the .py),
+# E2E_SCRIPT (default scripts/e2e_monailabel.py; benchmarks/reliability_monailabel.py runs the load and hostile-upload
+# campaign against the same server set-up in the same env).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -73,7 +75,7 @@ else
 fi
 rc=0
 # shellcheck disable=SC2086
-"$VENV/bin/python" scripts/e2e_monailabel.py --workdir "$WORK" ${E2E_ARGS:-} || rc=$?
+"$VENV/bin/python" "${E2E_SCRIPT:-scripts/e2e_monailabel.py}" --workdir "$WORK" ${E2E_ARGS:-} || rc=$?
 if [ "$rc" -eq 0 ] && [ -z "${E2E_WORKDIR:-}" ] && [ "${KEEP_WORKDIR:-0}" != "1" ]; then
   rm -rf "$WORK"
 else
