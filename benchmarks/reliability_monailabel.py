@@ -34,7 +34,6 @@ Results: ``<out>.json`` (everything) and ``<out>.md`` (tables). Exit status 0 wh
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -63,43 +62,7 @@ def log(msg: str) -> None:
     print(f"[ml-rel {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------- http
-def post_infer(
-    base: str,
-    model: str,
-    params: dict,
-    image_id: str = "",
-    upload: tuple[str, bytes] | None = None,
-    timeout: float = 300.0,
-) -> tuple[int, bytes, float]:
-    """One ``/infer`` request (an image id or an uploaded ``file``): HTTP status, body and latency; never raises
-    for an HTTP error or a dropped connection (status 0 then, the exception text as the body)."""
-    import urllib.parse
-
-    body, ctype = e2e.multipart({"params": json.dumps(params)}, {"file": upload} if upload else None)
-    query = urllib.parse.urlencode({"image": image_id, "output": "image"})
-    t0 = time.perf_counter()
-    try:
-        status, _, data = e2e.http("POST", f"{base}/infer/{model}?{query}", body, {"Content-Type": ctype}, timeout)
-    except urllib.error.HTTPError as e:
-        status, data = e.code, e.read()
-    except Exception as e:  # noqa: BLE001 - a refused / reset connection is a failed request, counted
-        status, data = 0, f"{type(e).__name__}: {e}".encode()
-    return status, data, time.perf_counter() - t0
-
-
-def decode_mask(data: bytes) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)))
-
-
-def detail(data: bytes) -> str:
-    try:
-        return str(json.loads(data).get("detail"))
-    except Exception:  # noqa: BLE001 - not JSON: show the start of the body
-        return data[:300].decode(errors="replace")
+post_infer, decode_mask, detail = e2e.post_infer, e2e.decode_mask, e2e.detail
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -230,91 +193,21 @@ def load_phase(
 
 
 # -------------------------------------------------------------------------------------------- hostile
-def make_hostile(folder: Path, ref_png: Path) -> dict[str, tuple[str, bytes]]:
-    """Upload name and bytes of each hostile input, built from one valid 8-bit angiogram PNG."""
-    import nibabel as nib
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = ref_png.read_bytes()
-    arr = np.asarray(Image.open(ref_png))
-
-    def png(a: Any) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        return buf.getvalue()
-
-    nan = arr.astype(np.float32).T.copy()  # NIfTI axes (W, H), as MONAI writes a PNG's pixels
-    nan[5:9, 5:9] = np.nan
-    nifti = folder / "nan.nii.gz"
-    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(nifti))
-    huge = np.zeros((8000, 8000), np.uint8)
-    huge[::97, :] = 255  # not all zero, still compresses to a small upload
-    return {
-        "valid_8bit": ("angiogram.png", raw),
-        "truncated_png": ("truncated.png", raw[: len(raw) // 2]),
-        "zero_bytes": ("empty.png", b""),
-        "text_named_png": ("notes.png", b"this is a text file, not an image\n" * 40),
-        "png_16bit": ("sixteen.png", png(arr.astype(np.uint16) * 257)),
-        "png_rgb": ("rgb.png", png(np.stack([arr, arr, arr], -1))),
-        "huge_8000x8000": ("huge.png", png(huge)),
-        "nan_nifti": ("nan.nii.gz", nifti.read_bytes()),
-        "name_with_dotdot": ("../../../escape.png", raw),
-    }
-
-
 def hostile_phase(
     base: str,
-    work: Path,
     studies: Path,
     ref_id: str,
     refs: dict[tuple[str, str], Any],
     params: dict,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    import numpy as np
-
-    uploads = make_hostile(work / "hostile_inputs", studies / f"{ref_id}.png")
-    expect_valid = {"valid_8bit", "png_16bit", "png_rgb", "name_with_dotdot"}
-    keywords = {
-        "truncated_png": "truncated",
-        "zero_bytes": "empty (0 bytes)",
-        "text_named_png": "cannot identify image file",
-        "huge_8000x8000": "too large",
-        "nan_nifti": "NaN",
-        "image_id_dotdot": "unknown image id",
-        "image_id_abs_path": "cannot read image file",
-    }
+    """Every hostile input of ``e2e_monailabel.HOSTILE_EXPECTED`` (except ``skip``) on the FiLM-on and -off models."""
+    names = tuple(n for n in e2e.HOSTILE_EXPECTED if n not in skip)
     rows = []
-    cases: list[tuple[str, str, tuple[str, bytes] | None]] = [(k, "", v) for k, v in uploads.items()]
-    cases += [("image_id_dotdot", "../../etc/passwd", None), ("image_id_abs_path", "/etc/passwd", None)]
     for label, model, _extra in VARIANTS[:2]:
-        ref_mask = refs[(label, ref_id)]
-        for name, image_id, upload in cases:
-            status, data, dt = post_infer(base, model, params, image_id=image_id, upload=upload)
-            row: dict[str, Any] = {"model": model, "input": name, "status": status, "latency_s": round(dt, 2)}
-            if status == 200:
-                try:
-                    mask = decode_mask(data)
-                    row["mask_shape"] = list(mask.shape)
-                    row["mask_equals_8bit_reference"] = bool(mask.shape == ref_mask.shape and (mask == ref_mask).all())
-                    row["mask_agreement"] = (
-                        round(float((mask == ref_mask).mean()), 4) if mask.shape == ref_mask.shape else None
-                    )
-                except Exception as e:  # noqa: BLE001
-                    row["answer"] = f"undecodable 200 answer: {e}"
-            else:
-                row["answer"] = detail(data)
-            if name in expect_valid:
-                row["pass"] = status == 200 and bool(row.get("mask_equals_8bit_reference"))
-            else:
-                row["pass"] = 400 <= status < 500 and keywords[name].lower() in row.get("answer", "").lower()
-            # the server keeps serving: the next normal request gives the reference mask
-            s2, d2, _ = post_infer(base, model, params, image_id=ref_id)
-            row["next_request_ok"] = bool(s2 == 200 and np.array_equal(decode_mask(d2), ref_mask))
-            row["pass"] = row["pass"] and row["next_request_ok"]
-            log(f"hostile {model} {name}: {status} {row.get('answer', '')[:160]} next ok={row['next_request_ok']}")
-            rows.append(row)
+        rows += e2e.hostile_uploads(
+            base, model, params, studies / f"{ref_id}.png", ref_id, refs[(label, ref_id)], names, log_fn=log
+        )
     return {"infer_uploads": rows}
 
 
@@ -371,8 +264,20 @@ def main(argv: list[str] | None = None) -> int:
         help="OMP_NUM_THREADS of the server and its training subprocess (0: leave unset). On a shared 2-core machine "
         "two OpenMP threads per process spin against each other and other jobs (see tests/conftest.py one_thread)",
     )
+    p.add_argument(
+        "--load-rounds",
+        type=int,
+        default=1,
+        help="plain load phases in a row (server memory per round tells growth from warm-up)",
+    )
     p.add_argument("--skip-train-phase", action="store_true")
     p.add_argument("--skip-hostile", action="store_true")
+    p.add_argument(
+        "--skip-inputs",
+        default="",
+        help="comma-separated hostile inputs to leave out (e.g. huge_8000x8000 against a bundle without ValidateImaged, "
+        "which would try to segment 64 Mpx whole and exhaust the machine's memory)",
+    )
     p.add_argument(
         "--max-wall", type=float, default=2400.0, help="overall deadline in seconds; requests left are skipped"
     )
@@ -451,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         log(f"reference masks: {summary['reference']}")
         # 2. load, then load while /train runs
-        phases = [("load", False)] + ([] if args.skip_train_phase else [("load_during_train", True)])
+        phases = [("load" if r == 0 else f"load_round{r + 1}", False) for r in range(args.load_rounds)]
+        phases += [] if args.skip_train_phase else [("load_during_train", True)]
         for name, during_train in phases:
             train_info: dict[str, Any] = {}
             if during_train:
@@ -490,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         # 3. hostile uploads
         if not args.skip_hostile:
-            hostile = hostile_phase(base, work, studies, unlabelled[0], refs, params)
+            skip = tuple(x for x in args.skip_inputs.split(",") if x)
+            hostile = hostile_phase(base, studies, unlabelled[0], refs, params, skip)
             hostile["datastore"] = datastore_phase(
                 base, (studies / f"{unlabelled[0]}.png").read_bytes(), unlabelled[-1]
             )
@@ -517,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         summary["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         summary["wall_s"] = round(time.time() - t_start, 1)
-        log("summary " + json.dumps({k: v for k, v in summary.items() if k not in ("load", "load_during_train")}))
+        log("summary " + json.dumps({k: v for k, v in summary.items() if not k.startswith("load")}))
     verdict = evaluate(summary) if ok else {"all_met": False, "why": ["run did not complete"]}
     summary["verdict"] = verdict
     if args.out:
@@ -530,13 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if verdict["all_met"] else 1
 
 
+def load_phases(s: dict[str, Any]) -> list[str]:
+    return [k for k in s if k.startswith("load") and isinstance(s[k], dict) and "requests" in s[k]]
+
+
 def evaluate(s: dict[str, Any]) -> dict[str, Any]:
     """Targets of issue 18 on our side (``why`` lists the misses) and what MONAI Label 0.8.5 itself does."""
     why, monailabel = [], []
-    for name in ("load", "load_during_train"):
-        r = s.get(name)
-        if not r:
-            continue
+    for name in load_phases(s):
+        r = s[name]
         if r["failed"] or r["wrong_masks"] or r["skipped_after_deadline"]:
             why.append(
                 f"{name}: {r['failed']} failed, {r['wrong_masks']} wrong masks, {r['skipped_after_deadline']} skipped"
@@ -592,10 +501,8 @@ def markdown(s: dict[str, Any]) -> str:
             "| phase | requests | failed | wrong masks | p50 s | p95 s | p99 s | max s | throughput req/s | server RSS before -> after MB |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-    for name in ("load", "load_during_train"):
-        r = s.get(name)
-        if not r:
-            continue
+    for name in load_phases(s):
+        r = s[name]
         lat = r["latency_s"]
         lines.append(
             f"| {name} | {r['sent']} | {r['failed']} | {r['wrong_masks']} | {lat.get('p50')} | {lat.get('p95')} | "

@@ -267,22 +267,159 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]] | None
     return buf.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
-def infer(base: str, model: str, image_id: str, timeout: float, params: dict | None = None) -> tuple[bytes, float]:
-    body, ctype = multipart({"params": json.dumps({"device": "cpu", **(params or {})})})
-    t0 = time.time()
+def post_infer(
+    base: str,
+    model: str,
+    params: dict,
+    image_id: str = "",
+    upload: tuple[str, bytes] | None = None,
+    timeout: float = 300.0,
+) -> tuple[int, bytes, float]:
+    """One ``/infer`` request (an image id, or an uploaded ``file`` as ``(file name, bytes)``): HTTP status, body
+    and latency. Never raises for an HTTP error or a dropped connection (status 0, the exception as the body)."""
+    import urllib.parse
+
+    body, ctype = multipart({"params": json.dumps(params)}, {"file": upload} if upload else None)
+    query = urllib.parse.urlencode({"image": image_id, "output": "image"})
+    t0 = time.perf_counter()
     try:
-        status, _, data = http(
-            "POST",
-            f"{base}/infer/{model}?image={image_id}&output=image",
-            body,
-            {"Content-Type": ctype},
-            timeout=timeout,
-        )
+        status, _, data = http("POST", f"{base}/infer/{model}?{query}", body, {"Content-Type": ctype}, timeout)
     except urllib.error.HTTPError as e:
-        raise E2EError(f"/infer/{model} answered {e.code}: {e.read()[:2000]!r}") from e
+        status, data = e.code, e.read()
+    except Exception as e:  # noqa: BLE001 - a refused / reset connection is a failed request, counted by callers
+        status, data = 0, f"{type(e).__name__}: {e}".encode()
+    return status, data, time.perf_counter() - t0
+
+
+def infer(base: str, model: str, image_id: str, timeout: float, params: dict | None = None) -> tuple[bytes, float]:
+    status, data, dt = post_infer(base, model, {"device": "cpu", **(params or {})}, image_id=image_id, timeout=timeout)
     if status != 200:
-        raise E2EError(f"/infer/{model} answered {status}")
-    return data, time.time() - t0
+        raise E2EError(f"/infer/{model} answered {status}: {data[:2000]!r}")
+    return data, dt
+
+
+def decode_mask(data: bytes) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def detail(data: bytes) -> str:
+    """The ``detail`` of a FastAPI error answer, or the start of the body."""
+    try:
+        return str(json.loads(data).get("detail"))
+    except Exception:  # noqa: BLE001 - not JSON
+        return data[:300].decode(errors="replace")
+
+
+# ------------------------------------------------------------------------------------------ hostile uploads
+#: each hostile upload: (HTTP status class expected, a word the answer must contain; None = a valid image whose mask
+#: must equal the 8-bit original's)
+HOSTILE_EXPECTED: dict[str, tuple[int, str | None]] = {
+    "valid_8bit": (200, None),
+    "truncated_png": (400, "truncated"),
+    "zero_bytes": (400, "empty (0 bytes)"),
+    "text_named_png": (400, "cannot identify image file"),
+    "png_16bit": (200, None),
+    "png_rgb": (200, None),
+    "huge_8000x8000": (400, "too large"),
+    "nan_nifti": (400, "NaN"),
+    "name_with_dotdot": (200, None),
+    "image_id_dotdot": (400, "unknown image id"),
+    "image_id_abs_path": (400, "cannot read image file"),
+}
+
+
+def hostile_inputs(
+    ref_png: Path, names: tuple[str, ...] | None = None
+) -> dict[str, tuple[str, tuple[str, bytes] | None]]:
+    """The hostile ``/infer`` inputs of issue 18 built from one valid 8-bit angiogram PNG: name -> (image id,
+    upload as ``(file name, bytes)`` or None)."""
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    names = tuple(HOSTILE_EXPECTED) if names is None else names
+    raw = ref_png.read_bytes()
+    arr = np.asarray(Image.open(ref_png))
+
+    def png(a: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def nan_nifti() -> bytes:
+        nan = arr.astype(np.float32).T.copy()  # NIfTI axes (W, H), as MONAI reads a PNG's pixels
+        nan[5:9, 5:9] = np.nan
+        with tempfile.TemporaryDirectory() as d:
+            nib.save(nib.Nifti1Image(nan, np.eye(4)), f"{d}/nan.nii.gz")
+            return Path(f"{d}/nan.nii.gz").read_bytes()
+
+    def huge() -> bytes:
+        h = np.zeros((8000, 8000), np.uint8)
+        h[::97, :] = 255  # not all zero; still a ~60 kB upload
+        return png(h)
+
+    build = {
+        "valid_8bit": lambda: ("", ("angiogram.png", raw)),
+        "truncated_png": lambda: ("", ("truncated.png", raw[: len(raw) // 2])),
+        "zero_bytes": lambda: ("", ("empty.png", b"")),
+        "text_named_png": lambda: ("", ("notes.png", b"this is a text file, not an image\n" * 40)),
+        "png_16bit": lambda: ("", ("sixteen.png", png(arr.astype(np.uint16) * 257))),
+        "png_rgb": lambda: ("", ("rgb.png", png(np.stack([arr, arr, arr], -1)))),
+        "huge_8000x8000": lambda: ("", ("huge.png", huge())),
+        "nan_nifti": lambda: ("", ("nan.nii.gz", nan_nifti())),
+        "name_with_dotdot": lambda: ("", ("../../../escape.png", raw)),
+        "image_id_dotdot": lambda: ("../../etc/passwd", None),  # an id, not a file: resolves to "" in the datastore
+        "image_id_abs_path": lambda: ("/etc/passwd", None),  # MONAI Label reads any existing path it is given
+    }
+    return {n: build[n]() for n in names}
+
+
+def hostile_uploads(
+    base: str,
+    model: str,
+    params: dict,
+    ref_png: Path,
+    ref_id: str,
+    ref_mask: Any,
+    names: tuple[str, ...] | None = None,
+    log_fn: Any = log,
+) -> list[dict[str, Any]]:
+    """Send each hostile input to ``/infer/<model>`` and check the answer, then that the next normal request of
+    ``ref_id`` still gives ``ref_mask``. A row per input with ``pass``: a 4xx whose message contains the expected
+    word, or (valid images) a 200 mask equal to the 8-bit original's; and the server still serving."""
+    import numpy as np
+
+    rows = []
+    for name, (image_id, upload) in hostile_inputs(ref_png, names).items():
+        status, data, dt = post_infer(base, model, params, image_id=image_id, upload=upload)
+        row: dict[str, Any] = {"model": model, "input": name, "status": status, "latency_s": round(dt, 2)}
+        want_status, word = HOSTILE_EXPECTED[name]
+        if status == 200:
+            try:
+                mask = decode_mask(data)
+                row["mask_shape"] = list(mask.shape)
+                row["mask_equals_8bit_reference"] = bool(mask.shape == ref_mask.shape and (mask == ref_mask).all())
+            except Exception as e:  # noqa: BLE001 - a 200 that is not an image
+                row["answer"] = f"undecodable 200 answer: {e}"
+        else:
+            row["answer"] = detail(data)
+        if word is None:
+            row["pass"] = status == 200 and bool(row.get("mask_equals_8bit_reference"))
+        else:
+            row["pass"] = want_status <= status < want_status + 100 and word.lower() in row.get("answer", "").lower()
+        s2, d2, _ = post_infer(base, model, params, image_id=ref_id)
+        row["next_request_ok"] = bool(s2 == 200 and np.array_equal(decode_mask(d2), ref_mask))
+        row["pass"] = row["pass"] and row["next_request_ok"]
+        log_fn(
+            f"hostile {model} {name}: {status} {row.get('answer', '')[:160]} (next request ok: {row['next_request_ok']})"
+        )
+        rows.append(row)
+    return rows
 
 
 def check_mask(data: bytes, ref_image: Path, what: str, truth: Path | None = None) -> tuple[dict[str, Any], Any]:
@@ -515,6 +652,20 @@ def main(argv: list[str] | None = None) -> int:
         if not same_as_cli:
             raise E2EError("/infer/vlmfilm_on differs from `python -m monai.bundle run` on the same image")
         log("/infer/vlmfilm_on equals `python -m monai.bundle run` of the same bundle, pixel for pixel")
+        # a handful of hostile uploads (the whole set, under load too: benchmarks/reliability_monailabel.py)
+        rows = hostile_uploads(
+            base,
+            "vlmfilm_on",
+            {"device": "cpu"},
+            ref,
+            image_id,
+            masks["vlmfilm_on"],
+            ("zero_bytes", "truncated_png", "text_named_png", "nan_nifti", "huge_8000x8000", "png_16bit", "png_rgb"),
+        )
+        summary["hostile"] = {r["input"]: {k: r.get(k) for k in ("status", "answer", "pass")} for r in rows}
+        failed = [r for r in rows if not r["pass"]]
+        if failed:
+            raise E2EError(f"hostile uploads not answered as expected: {failed}")
         for m, on in models.items():
             res = probe_profile(app / "model" / m, ref, on)
             summary.setdefault("profile_probe", {})[m] = res

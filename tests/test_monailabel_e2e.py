@@ -45,6 +45,12 @@ def test_monailabel_serves_and_trains_bundle():
     # on MONAI Label's call path the FiLM network gets the image's own profile, the OFF network none
     assert summary["profile_probe"]["vlmfilm_on"]["equals_heuristic_profile_of_image"] is True
     assert summary["profile_probe"]["vlmfilm_off"]["profile"] is None
+    # hostile uploads: a 4xx naming the problem (not MONAI Label's bare 500), valid 16-bit / RGB images segmented
+    hostile = summary["hostile"]
+    assert all(r["pass"] for r in hostile.values()), hostile
+    assert hostile["zero_bytes"]["status"] == 422 and "empty (0 bytes)" in hostile["zero_bytes"]["answer"]
+    assert hostile["huge_8000x8000"]["status"] == 413
+    assert hostile["png_16bit"]["status"] == hostile["png_rgb"]["status"] == 200
     assert summary["train"]["checkpoints"], summary
     assert all(Path(c).name.endswith(".pt") for c in summary["train"]["checkpoints"])
     assert summary["processes_left"] == []
