@@ -290,8 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     srv.mkdir(parents=True, exist_ok=True)
     # the server's temporary uploads and results go here (MONAI Label uses tempfile), so the tree check sees them
     tmp = srv / "tmp"
-    tmp.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = str(tmp)
     if args.server_threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
     models = {"vlmfilm_on": True, "vlmfilm_off": False, "vlmfilm_train": True}
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     app_log = "srv/apps/monaibundle/logs/"  # MONAI Label's own log of the app
     summary["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     before = tree(work)
-    proc = e2e.start_server(app, studies, list(models), port, logfile)
+    proc = e2e.start_server(app, studies, list(models), port, logfile, tmpdir=tmp)
     pgid = proc.pid
     ok = False
     try:
@@ -412,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["processes_left"] = left
         after = tree(work)
         new = sorted(set(after) - set(before))
-        outside = [f for f in new if not f.startswith(allowed + ("srv/tmp/", "hostile_inputs/")) and f != "server.log"]
+        outside = [f for f in new if not f.startswith(allowed + ("srv/tmp/",)) and f != "server.log"]
         temp_left = [f for f in new if f.startswith("srv/tmp/")]
         summary["files_written"] = {
             "inside_studies_or_model_folders": sum(1 for f in new if f.startswith(allowed)),

@@ -221,9 +221,10 @@ class ValidateImaged(MapTransform):
     non-empty and no larger than ``max_pixels`` (413, read from the PIL / NIfTI header), then decode to one
     finite 2D image (422: truncated or non-image files, volumes, NaN / Inf pixels), exactly the way profiles
     read files (:func:`~monai_vlmfilm.profiles.canonical_image`). An array or tensor (MONAI Label may pass one)
-    gets the same checks. Valid images pass unchanged, 16-bit and RGB(A) included. Without this check MONAI's
-    ``LoadImaged`` raises a ``RuntimeError`` listing its readers, NaN pixels give a silent all-background mask
-    when FiLM is off, and a whole-image pass over a huge image takes the memory of the machine (on CPU the
+    gets the same checks; a folder (a DICOM series) is left to ``LoadImaged``. Valid images pass unchanged, 16-bit
+    and RGB(A) included. Without this check MONAI's
+    ``LoadImaged`` raises a ``RuntimeError`` listing its readers, NaN pixels give a mask without any error when
+    FiLM is off (one NaN makes ``ScaleIntensityd``'s output all NaN), and a whole-image pass over a huge image takes the memory of the machine (on CPU the
     bundle network with 4 samples needed ~7 GB extra for one 1024 x 1024 image, about 7 GB per megapixel).
 
     Where the process serves HTTP with starlette (MONAI Label's FastAPI) the error is also a starlette
@@ -281,6 +282,8 @@ class ValidateImaged(MapTransform):
             what = f"image file {path!r}"
             if not path:  # MONAI Label resolves an image id it does not know to ""
                 raise ImageReadError("no image file given (empty path: an unknown image id?)", status_code=404)
+            if os.path.isdir(path):  # a DICOM series folder: left to LoadImaged's readers, as before this check
+                return
             if not os.path.isfile(path):
                 raise ImageReadError(f"{what} does not exist", status_code=404)
             if os.path.getsize(path) == 0:

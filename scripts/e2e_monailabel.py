@@ -152,8 +152,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(app: Path, studies: Path, models: list[str], port: int, logfile: Path) -> subprocess.Popen:
+def start_server(
+    app: Path, studies: Path, models: list[str], port: int, logfile: Path, tmpdir: Path | None = None
+) -> subprocess.Popen:
+    """``monailabel start_server`` on 127.0.0.1 in its own process group.
+
+    ``tmpdir`` becomes the server's ``TMPDIR``: MONAI Label copies uploads and writes results there, and a refused
+    upload's copy is never removed (its removal is a background task that runs only after a successful answer),
+    so a run that keeps its temp files in its work folder leaves nothing in the system's ``/tmp``.
+    """
     env = dict(os.environ)
+    if tmpdir is not None:
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # the `monailabel` launcher runs `python` from PATH
     env["MONAILABEL_PYEXE"] = sys.executable
@@ -612,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{HOST}:{port}"
     logfile = work / "server.log"
     summary: dict[str, Any] = {"weights": ckpt_source, "infer": {}, "train": None}
-    proc = start_server(app, studies, list(models), port, logfile)
+    proc = start_server(app, studies, list(models), port, logfile, tmpdir=work / "server_tmp")
     pgid = proc.pid
     ok = False
     try:

@@ -91,12 +91,13 @@ def test_huge_image_is_refused_from_its_header_before_decoding(tmp_path, monkeyp
 
 
 def test_valid_images_pass_unchanged(tmp_path, gray):
+    """16-bit, RGB, arrays and tensors pass; so does a folder (a DICOM series is left to LoadImaged's readers)."""
     arr = np.asarray(Image.open(gray))
     sixteen = _png(tmp_path / "sixteen.png", arr.astype(np.uint16) * 257)
     assert Image.open(sixteen).mode.startswith("I")
     rgb = _png(tmp_path / "rgb.png", np.stack([arr, arr // 2, 255 - arr], -1))
     t = ValidateImaged("image", max_pixels=48 * 40)
-    for item in (str(gray), sixteen, str(rgb), torch.rand(1, 48, 40), np.ones((48, 40, 3), np.uint8)):
+    for item in (str(gray), sixteen, str(rgb), torch.rand(1, 48, 40), np.ones((48, 40, 3), np.uint8), str(tmp_path)):
         d = {"image": item, "other": 1}
         assert t(d) == d
     assert ValidateImaged("image", max_pixels=0).max_pixels is None  # 0 / None: no size limit
