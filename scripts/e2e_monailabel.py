@@ -3,8 +3,10 @@
 Run by ``scripts/e2e_monailabel.sh`` with the interpreter of a virtual env that has ``monailabel`` and this
 package installed. Nothing is mocked: it lays out a studies folder in MONAI Label's datastore layout, copies
 the sample app and our ``bundle/`` twice into ``<app>/model/`` (``use_vlm_film`` on and off), starts
-``monailabel start_server`` on 127.0.0.1 offline, runs ``/infer`` for both models, a one-epoch ``/train``,
-and stops the server's whole process group. The HTTP part uses only ``urllib``.
+``monailabel start_server`` on 127.0.0.1 offline, runs ``/infer`` for both models, sends a handful of hostile
+uploads (each must get a 4xx naming the problem, or a correct mask for a valid 16-bit / RGB image), a one-epoch
+``/train``, and stops the server's whole process group. The HTTP part uses only ``urllib``. The client helpers
+and hostile cases here are also used by ``benchmarks/reliability_monailabel.py`` (load and the full hostile set).
 
 Exit status 0 only when every check passed; the last lines printed are a summary.
 """

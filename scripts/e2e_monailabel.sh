@@ -9,7 +9,8 @@
 #    package (editable) with only the dependencies that env still lacks (every installed package is pinned
 #    as a constraint so nothing of MONAI Label's is up- or downgraded);
 # 2. scripts/e2e_monailabel.py: synthetic studies, app + two bundle copies (use_vlm_film on/off), server on
-#    127.0.0.1 offline, /infer on both, one-epoch /train, stop by process group, check nothing is left.
+#    127.0.0.1 offline, /infer on both, hostile uploads, one-epoch /train, stop by process group, check nothing
+#    is left.
 #
 # Environment: MONAILABEL_VENV (default ~/.cache/monai-vlmfilm/monailabel-venv), PYTHON (python3 >= 3.10),
 # ML_TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"; empty to let pip choose), E2E_WORKDIR
