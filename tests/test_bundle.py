@@ -318,11 +318,3 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd) and any(k.startswith("film_heads.") for k in sd)
-
-
-# ------------------------------------------------------------------------------------------------ tracking
-def test_mlflow_tracking(data, tmp_path):
-    pytest.importorskip("mlflow", reason="mlflow is optional (pip install 'monai-vlmfilm[mlflow]')")
-    bundle_run(str(CONFIGS / "train.yaml"), *_common(data, tmp_path), *TINY_TRAIN, "--tracking", "mlflow",
-               "--use_vlm_film", "False")  # fmt: skip
-    assert (tmp_path / "eval" / "mlruns.db").is_file()
