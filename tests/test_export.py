@@ -133,6 +133,11 @@ def test_segmenter_uncertainty_and_input_checks():
         module(image, torch.rand(1, 5))
 
 
+def test_tracing_the_segmenter_is_refused():
+    with pytest.raises(RuntimeError, match="without --use_trace"):
+        torch.jit.trace(FlowODESegmenter(random_network(False)), (torch.rand(1, 1, 16, 16),))
+
+
 def test_seed_none_uses_global_rng():
     module = torch.jit.script(FlowODESegmenter(random_network(False), seed=None))
     image = torch.rand(1, 1, 16, 16)

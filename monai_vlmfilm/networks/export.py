@@ -271,6 +271,11 @@ class FlowODESegmenter(nn.Module):
             image: ``[B, C_img, *spatial]`` image batch.
             profile: ``[B, P]`` / ``[P]`` profiles, or None (null profile; ignored without FiLM).
         """
+        if torch.jit.is_tracing():  # a trace would freeze the image size, the padding and the noise draw
+            raise RuntimeError(
+                "FlowODESegmenter is exported with torch.jit.script (ckpt_export without --use_trace); "
+                "it traces its velocity network itself."
+            )
         if image.dim() != self.spatial_dims + 2 or image.shape[1] != self.image_channels:
             raise ValueError(
                 f"image must be [B, {self.image_channels}, {self.spatial_dims} spatial dims], got {image.shape}."
