@@ -292,7 +292,15 @@ class ExportedSegmenterInferer(Inferer):
     un-exported module. The profile is found as in :class:`FlowSegInferer` (argument, else the MetaTensor's meta
     data, else none); the module gets a plain tensor and its output carries the input's meta data, so the bundle's
     post-processing (``SaveImaged``) treats it like ``FlowSegInferer``'s.
+
+    Args:
+        return_uncertainty: what the module returns: the probability alone (False) or with the per-pixel spread over
+            samples appended (True, a ``FlowODESegmenter`` exported with ``return_uncertainty``). It does not change
+            the call; it tells the caller, like ``FlowSegInferer.return_uncertainty``, what the output holds.
     """
+
+    def __init__(self, return_uncertainty: bool = False) -> None:
+        self.return_uncertainty = bool(return_uncertainty)
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any

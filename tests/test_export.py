@@ -203,12 +203,14 @@ def test_ckpt_export_runs_without_the_package(exported, name, tmp_path):
     assert info["version"]
     got = torch.load(tmp_path / "out.pt")
     net = exported[name]["net"]
-    inferer = FlowSegInferer(**ODE)
+    # 2 samples: exported like inference.yaml's inferer, with the spread appended (save_uncertainty)
+    inferer = FlowSegInferer(**ODE, return_uncertainty=True)
     with torch.no_grad():
         expected = {"with_profile": inferer(image, net, profile), "without": inferer(image, net)}
     for key in expected:
+        assert got[key].shape == (2, 2, 60, 52)  # probability, spread over the samples
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5)
-        assert torch.equal(got[key] > 0.5, expected[key] > 0.5)
+        assert torch.equal(got[key][:, :1] > 0.5, expected[key][:, :1] > 0.5)
     assert torch.equal(got["with_profile"], got["without"]) is (name == "off")
 
 
@@ -225,7 +227,7 @@ def test_inference_with_model_ts_gives_the_python_masks(exported, name):
     overlay = f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'inference_ts.yaml'}']"
     log = run_cli([PY, "-m", "monai.bundle", "run", "--config_file", overlay, *common,
                    "--ts_path", str(exported[name]["ts"]), "--output_dir", str(root / "ts")])  # fmt: skip
-    assert "inference: wrote 3 masks" in log
+    assert "inference: wrote 3 masks (*_seg.nii.gz), overlays (*_overlay.png) and uncertainty maps" in log
     masks = sorted((root / "python").glob("*_seg.nii.gz"))
     assert len(masks) == 3
     fractions = []
@@ -234,6 +236,11 @@ def test_inference_with_model_ts_gives_the_python_masks(exported, name):
         b = np.asarray(nib.load(str(root / "ts" / m.name)).dataobj)
         assert a.shape == b.shape == (60, 60) and np.array_equal(a, b), m.name
         fractions.append(a.mean())
+        # the uncertainty maps (spread over the 2 noise samples) agree as well
+        u_name = m.name.replace("_seg.nii.gz", "_uncertainty.nii.gz")
+        u_py, u_ts = (np.asarray(nib.load(str(root / d / u_name)).dataobj) for d in ("python", "ts"))
+        np.testing.assert_allclose(u_ts, u_py, rtol=0, atol=1e-5)
+        assert u_py.max() > 0
     assert 0 < np.mean(fractions) < 1  # not a constant mask: the comparison means something
 
 
@@ -259,7 +266,7 @@ def test_cpu_export_runs_on_gpu(exported):
     gpu = torch.jit.load(str(exported["on"]["ts"]), map_location="cuda")
     image, profile = torch.rand(1, 1, 60, 60), torch.rand(1, 7)
     out = gpu(image.cuda(), profile.cuda())
-    assert out.device.type == "cuda" and out.shape == (1, 1, 60, 60) and torch.isfinite(out).all()
+    assert out.device.type == "cuda" and out.shape == (1, 2, 60, 60) and torch.isfinite(out).all()
     # a CUDA generator draws other noise than the CPU's: compare the velocity network on the same inputs
     x, t = torch.rand(2, 2, 64, 64), torch.full((2,), 1000.0)
     p = torch.rand(2, 7)
