@@ -13,7 +13,14 @@ from monai.utils import ensure_tuple
 from monai_vlmfilm.networks.checkpoint import unwrap
 from monai_vlmfilm.profiles.schema import PROFILE_KEY, as_profile_batch
 
-__all__ = ["FlowSegInferer", "TTA_MODES", "dihedral_transforms", "pad_to_multiple"]
+__all__ = [
+    "ExportedSegmenterInferer",
+    "FlowSegInferer",
+    "TTA_MODES",
+    "dihedral_transforms",
+    "pad_to_multiple",
+    "profile_from_inputs",
+]
 
 #: test-time augmentation modes: none, the flips (4 in 2D) or the dihedral group (8 in 2D: rot90 x flip).
 TTA_MODES = ("none", "flip", "dihedral")
@@ -46,6 +53,20 @@ def dihedral_transforms(spatial_dims: int, mode: str = "dihedral") -> list[tuple
     if mode == "dihedral" and spatial_dims == 2:
         out = out + [(lambda x, f=f: f(x).transpose(2, 3), lambda x, i=i: i(x.transpose(2, 3))) for f, i in list(out)]
     return out
+
+
+def profile_from_inputs(inputs: torch.Tensor, profile: Any = None) -> torch.Tensor | None:
+    """The ``[B, P]`` profile of an inferer call: ``profile`` itself, else ``inputs.meta["vlm_profile"]``, else None.
+
+    Args:
+        inputs: the image batch (a MetaTensor may carry the profile in its meta data: the MONAI Label route).
+        profile: ``[B, P]`` / ``[P]`` profile or None.
+    """
+    if profile is None and isinstance(inputs, MetaTensor):
+        profile = inputs.meta.get(META_PROFILE_KEY)
+    if profile is None:
+        return None
+    return as_profile_batch(profile, inputs.shape[0], device=inputs.device)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> tuple[torch.Tensor, list[slice]]:
@@ -180,11 +201,7 @@ class FlowSegInferer(Inferer):
         return x
 
     def _profile_from(self, inputs: torch.Tensor, profile: Any) -> torch.Tensor | None:
-        if profile is None and isinstance(inputs, MetaTensor):
-            profile = inputs.meta.get(META_PROFILE_KEY)
-        if profile is None:
-            return None
-        return as_profile_batch(profile, inputs.shape[0], device=inputs.device)
+        return profile_from_inputs(inputs, profile)
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any
@@ -262,6 +279,43 @@ class FlowSegInferer(Inferer):
         out = per_sample.mean(dim=1)
         if self.return_uncertainty:
             out = torch.cat([out, per_sample.std(dim=1, unbiased=False)], dim=1)
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out).copy_meta_from(inputs)
+        return out
+
+
+class ExportedSegmenterInferer(Inferer):
+    """Run a whole-segmentation module: ``network(image)`` or ``network(image, profile)`` gives the probability.
+
+    For the TorchScript ``model.ts`` that ``python -m monai.bundle ckpt_export export_network_def`` writes (a
+    :class:`~monai_vlmfilm.networks.FlowODESegmenter`, which holds the ODE, the sample mean and TTA itself), or the
+    un-exported module. The profile is found as in :class:`FlowSegInferer` (argument, else the MetaTensor's meta
+    data, else none); the module gets a plain tensor and its output carries the input's meta data, so the bundle's
+    post-processing (``SaveImaged``) treats it like ``FlowSegInferer``'s.
+
+    Args:
+        return_uncertainty: what the module returns: the probability alone (False) or with the per-pixel spread over
+            samples appended (True, a ``FlowODESegmenter`` exported with ``return_uncertainty``). It does not change
+            the call; it tells the caller, like ``FlowSegInferer.return_uncertainty``, what the output holds.
+    """
+
+    def __init__(self, return_uncertainty: bool = False) -> None:
+        self.return_uncertainty = bool(return_uncertainty)
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs: image batch ``[B, C_img, *spatial]``.
+            network: the exported (or Python) segmenter.
+            profile: ``[B, P]`` / ``[P]`` profile, or None.
+        """
+        if args or kwargs:
+            raise TypeError("an exported segmenter takes only the image and the profile.")
+        p = profile_from_inputs(inputs, profile)
+        image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        out = network(image) if p is None else network(image, p)
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out).copy_meta_from(inputs)
         return out

@@ -1,4 +1,5 @@
-"""Dictionary transforms of monai-vlmfilm: profile attachment, 2D grayscale input, vessel overlay previews."""
+"""Dictionary transforms of monai-vlmfilm: profile attachment, input checks, 2D grayscale input, vessel overlay
+previews, uncertainty maps."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ __all__ = [
     "AttachVLMProfiled",
     "EnsureGrayscale2Dd",
     "PRECOMPUTE_HINT",
+    "SaveUncertaintyMapd",
     "SaveVesselOverlayd",
+    "SplitUncertaintyd",
     "ValidateImaged",
     "VesselOverlayd",
 ]
@@ -451,4 +454,123 @@ class SaveVesselOverlayd(SaveImaged):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         super().__call__(self.overlay(data))
+        return dict(data)
+
+
+class SplitUncertaintyd(MapTransform):
+    """Move the spread that :class:`~monai_vlmfilm.inferers.FlowSegInferer` appends with ``return_uncertainty=True``
+    (channels ``[C:]`` of the prediction, the per-pixel standard deviation of the probability over noise samples and
+    test-time-augmented copies) to its own key, and summarise it in the result dictionary MONAI Label returns.
+
+    A prediction with ``mask_channels`` channels only (no spread appended) passes through unchanged, so the same
+    post-processing serves both settings.
+
+    Args:
+        keys: the prediction key(s), e.g. ``"pred"``.
+        mask_channels: channels of the mask (the rest is the spread).
+        uncertainty_key: output key of the spread (``"{key}_{uncertainty_key}"`` when several keys are given).
+        summary_key: a dictionary in the data that receives ``uncertainty_mean``, ``uncertainty_p95`` and
+            ``uncertainty_max`` (MONAI Label's infer task returns ``data["result"]`` as the response JSON);
+            None skips it.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_channels: int = 1,
+        uncertainty_key: str = "uncertainty",
+        summary_key: str | None = "result",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_channels = int(mask_channels)
+        self.uncertainty_key = uncertainty_key
+        self.summary_key = summary_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            pred = d[key]
+            c = self.mask_channels
+            if pred.shape[0] == c:
+                continue
+            if pred.shape[0] != 2 * c:
+                raise ValueError(
+                    f"{key!r} has {pred.shape[0]} channels: expected {c} (mask) or {2 * c} (mask + spread)"
+                )
+            out_key = self.uncertainty_key if len(keys) == 1 else f"{key}_{self.uncertainty_key}"
+            d[key], d[out_key] = pred[:c], pred[c:]
+            if self.summary_key is not None:
+                u = torch.as_tensor(d[out_key]).detach().float().flatten()
+                summary = dict(d.get(self.summary_key) or {})
+                summary.update(
+                    {
+                        f"{out_key}_mean": round(float(u.mean()), 5),
+                        f"{out_key}_p95": round(float(torch.quantile(u[:: max(1, u.numel() // 2**20)], 0.95)), 5),
+                        f"{out_key}_max": round(float(u.max()), 5),
+                    }
+                )
+                d[self.summary_key] = summary
+        return d
+
+
+class SaveUncertaintyMapd(SaveImaged):
+    """Write an uncertainty map as a heat-map PNG (``<name>_uncertainty.png``, matplotlib's ``magma`` colour map).
+
+    The colour scale runs from 0 to ``vmax``, or to the image's own 99.5th percentile when ``vmax`` is None (the
+    spread of a one-step model is small, a few hundredths at most, and a fixed scale would show black); the
+    NIfTI written beside it keeps the values. Dropped by MONAI Label, like every ``SaveImaged``.
+
+    Args:
+        keys: uncertainty key(s) (missing keys are skipped: no spread, no file).
+        output_dir, output_postfix, separate_folder, data_root_dir, print_log: as ``SaveImaged``.
+        vmax: top of the colour scale; None scales each image to its own 99.5th percentile.
+        cmap: matplotlib colour map name.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str = "./",
+        output_postfix: str = "uncertainty",
+        separate_folder: bool = False,
+        data_root_dir: str = "",
+        print_log: bool = True,
+        vmax: float | None = None,
+        cmap: str = "magma",
+    ) -> None:
+        import matplotlib
+
+        self.cmap = matplotlib.colormaps[cmap]
+        self.vmax = vmax
+        self.source_keys = [keys] if isinstance(keys, str) else [str(k) for k in keys]
+        super().__init__(
+            keys=[f"_{k}_heat" for k in self.source_keys],
+            output_dir=output_dir,
+            output_postfix=output_postfix,
+            output_ext=".png",
+            resample=False,
+            scale=255,
+            output_dtype=np.uint8,
+            separate_folder=separate_folder,
+            data_root_dir=data_root_dir,
+            print_log=print_log,
+            allow_missing_keys=True,
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.source_keys:
+            if key not in d:
+                continue
+            src = d[key]
+            u = torch.as_tensor(src).detach().float().cpu()[0].numpy()
+            top = self.vmax if self.vmax is not None else float(np.quantile(u, 0.995))
+            rgb = self.cmap(np.clip(u / top, 0, 1) if top > 0 else np.zeros_like(u))[..., :3]
+            out = MetaTensor(torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1))
+            if isinstance(src, MetaTensor):
+                out.copy_meta_from(src, copy_attr=False)
+            d[f"_{key}_heat"] = out
+        super().__call__(d)
         return dict(data)

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--image-size", "32",
     "--override", "network_def#channels=[8,16,16]",
+    "--override", "network_def#attention_levels=[False,False,False]",
     "--override", "network_def#norm_num_groups=8",
     "--override", "network_def#cond_dim=16",
     "--override", "network_def#film_hidden_dim=16",

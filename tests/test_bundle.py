@@ -28,6 +28,7 @@ PY = sys.executable
 # tiny network and schedule, as command-line overrides (they exist in train.yaml and inference.yaml alike)
 TINY_NET = [
     "--network_def#channels", "[8,16,16]",
+    "--network_def#attention_levels", "[False,False,False]",
     "--network_def#norm_num_groups", "8",
     "--network_def#cond_dim", "16",
     "--network_def#film_hidden_dim", "16",
@@ -249,6 +250,34 @@ def test_inference_png_and_nifti(data, run_on, tmp_path):
         assert np.corrcoef(overlay[..., 1][bg].astype(float), arr[bg])[0, 1] > 0.99
         tinted = overlay[..., 0][~bg].astype(int) - overlay[..., 1][~bg].astype(int)
         assert (tinted > 0).all()
+    # one sample, no TTA: no spread to show, so no uncertainty files
+    assert not list(out_dir.glob("*uncertainty*"))
+
+
+def test_inference_uncertainty(data, run_on, tmp_path):
+    """With several noise samples the spread is written as NIfTI (values) and heat-map PNG, named after the input."""
+    import nibabel as nib
+
+    src = json.loads(Path(data["datalist"]).read_text())["test"][0]["image"]
+    png = Path(data["datalist"]).parent / src
+    out_dir = tmp_path / "out"
+    log = bundle_run(str(CONFIGS / "inference.yaml"), "--bundle_root", str(run_on["root"]),
+                     "--datalist", str(png), "--output_dir", str(out_dir), "--num_samples", "3",
+                     "--profile_cache_dir", str(data["cache"]), *TINY_NET)  # fmt: skip
+    assert "uncertainty maps" in log
+    stem = png.stem
+    seg = np.asarray(nib.load(str(out_dir / f"{stem}_seg.nii.gz")).dataobj)
+    unc = np.asarray(nib.load(str(out_dir / f"{stem}_uncertainty.nii.gz")).dataobj)
+    assert unc.shape == seg.shape and unc.dtype == np.float32
+    # a standard deviation of probabilities: in [0, 0.5], and three noise draws of an untrained-ish net disagree
+    assert np.isfinite(unc).all() and unc.min() >= 0 and unc.max() <= 0.5 and unc.max() > 0
+    heat = np.asarray(Image.open(out_dir / f"{stem}_uncertainty.png"))
+    assert heat.shape == (*seg.T.shape, 3) and heat.dtype == np.uint8
+    # the heat map is the NIfTI's values through the colour map: brighter where the spread is larger
+    lum = heat.astype(float).mean(-1).T
+    assert np.corrcoef(lum.ravel(), unc.ravel())[0, 1] > 0.8
+    # the mask is still binary and the same shape: the spread channel never reaches the mask writer
+    assert set(np.unique(seg)) <= {0, 1}
 
 
 def test_evaluate(data, run_on, tmp_path):
@@ -289,11 +318,3 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd) and any(k.startswith("film_heads.") for k in sd)
-
-
-# ------------------------------------------------------------------------------------------------ tracking
-def test_mlflow_tracking(data, tmp_path):
-    pytest.importorskip("mlflow", reason="mlflow is optional (pip install 'monai-vlmfilm[mlflow]')")
-    bundle_run(str(CONFIGS / "train.yaml"), *_common(data, tmp_path), *TINY_TRAIN, "--tracking", "mlflow",
-               "--use_vlm_film", "False")  # fmt: skip
-    assert (tmp_path / "eval" / "mlruns.db").is_file()

@@ -31,7 +31,8 @@ def test_train_few_iterations_on_dca1(tmp_path):
         "--validate#dataset#data", "$monai_vlmfilm.data.datalist.load_split(@datalist, 'validation')[:2]",
         "--epochs", "1", "--val_interval", "1", "--batch_size", "4", "--cache_rate", "0", "--patch_size", "[64,64]",
         "--num_inference_steps", "1", "--film_log_every", "1",
-        "--network_def#channels", "[8,16,16]", "--network_def#norm_num_groups", "8",
+        "--network_def#channels", "[8,16,16]", "--network_def#attention_levels", "[False,False,False]",
+        "--network_def#norm_num_groups", "8",
         "--network_def#cond_dim", "16", "--network_def#film_hidden_dim", "16",
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_vlmfilm.transforms import EnsureGrayscale2Dd, VesselOverlayd
+from monai_vlmfilm.transforms import EnsureGrayscale2Dd, SaveUncertaintyMapd, SplitUncertaintyd, VesselOverlayd
 
 
 def test_grayscale_and_overlay():
@@ -28,3 +29,38 @@ def test_grayscale_and_overlay():
     bg = mask[0] == 0
     assert torch.allclose(out[0][bg], image[0][bg]) and torch.allclose(out[1][bg], image[0][bg])
     assert (out[0][~bg] > out[1][~bg]).all()  # red tint on the mask
+
+
+def test_split_uncertainty():
+    mask = torch.rand(1, 8, 6)
+    spread = torch.rand(1, 8, 6) * 0.2
+    pred = MetaTensor(torch.cat([mask, spread]), meta={"filename_or_obj": "case.png"})
+    d = SplitUncertaintyd("pred")({"pred": pred, "result": {"kept": 1}})
+    assert torch.equal(d["pred"].as_tensor(), mask) and torch.equal(d["uncertainty"].as_tensor(), spread)
+    assert d["uncertainty"].meta["filename_or_obj"] == "case.png"  # so SaveImaged names the file after the input
+    assert d["result"]["kept"] == 1  # the response JSON is extended, not replaced
+    assert d["result"]["uncertainty_mean"] == pytest.approx(float(spread.mean()), abs=1e-5)
+    assert d["result"]["uncertainty_max"] == pytest.approx(float(spread.max()), abs=1e-5)
+    assert 0 < d["result"]["uncertainty_p95"] <= d["result"]["uncertainty_max"]
+    # no spread appended: passes through untouched
+    d = SplitUncertaintyd("pred")({"pred": mask})
+    assert d["pred"] is mask and "uncertainty" not in d and "result" not in d
+    with pytest.raises(ValueError, match="3 channels"):
+        SplitUncertaintyd("pred")({"pred": torch.rand(3, 4, 4)})
+
+
+def test_uncertainty_heat_map(tmp_path):
+    from PIL import Image
+
+    u = torch.zeros(1, 10, 12)
+    u[0, 2:4, 3:9] = 0.05
+    img = MetaTensor(u, meta={"filename_or_obj": str(tmp_path / "angio.png")})
+    SaveUncertaintyMapd("uncertainty", output_dir=str(tmp_path / "out"), print_log=False)({"uncertainty": img})
+    heat = np.asarray(Image.open(tmp_path / "out" / "angio_uncertainty.png")).astype(int)
+    # MONAI's PNG writer takes the array as (W, H), like its reader gives it: the file is 12 high, 10 wide
+    assert heat.shape == (12, 10, 3)
+    hot = heat.sum(-1).T  # back to the array's layout: the hot band bright, the rest the colour map's dark end
+    assert hot[2:4, 3:9].min() > 3 * hot[6:, :].max()
+    # nothing to save under a missing key: no file, no error
+    SaveUncertaintyMapd("uncertainty", output_dir=str(tmp_path / "none"), print_log=False)({"pred": img})
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())

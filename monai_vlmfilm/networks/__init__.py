@@ -1,6 +1,14 @@
-"""Networks: profile encoder, FiLM heads, the FiLM flow-matching UNet and its checkpoint loading."""
+"""Networks: profile encoder, FiLM heads, the FiLM flow-matching UNet, its checkpoint loading and its export."""
 
-from .checkpoint import FILM_KEY_PREFIXES, describe_missing_keys, load_network_weights, load_off_checkpoint, unwrap
+from .checkpoint import (
+    FILM_KEY_PREFIXES,
+    describe_missing_keys,
+    load_network_state,
+    load_network_weights,
+    load_off_checkpoint,
+    unwrap,
+)
+from .export import FlowODESegmenter
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 from .fixed_time import FixedTimeVelocity
 from .flow_unet import FiLMFlowUNet, as_profile_batch
@@ -10,10 +18,12 @@ __all__ = [
     "FILM_KEY_PREFIXES",
     "FiLMFlowUNet",
     "FixedTimeVelocity",
+    "FlowODESegmenter",
     "ProfileEncoder",
     "as_profile_batch",
     "describe_missing_keys",
     "film_modulate",
+    "load_network_state",
     "load_network_weights",
     "load_off_checkpoint",
     "unwrap",

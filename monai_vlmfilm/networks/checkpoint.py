@@ -17,6 +17,7 @@ __all__ = [
     "describe_missing_keys",
     "load_off_checkpoint",
     "load_network_weights",
+    "load_network_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,29 @@ def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, map_
         sd = load_state_dict(path, map_location)
     except ValueError as e:
         raise RuntimeError(str(e)) from e
+    result = load_network_state(network, sd, source=str(path))
+    logger.info(f"loaded network weights from {path}")
+    return result
+
+
+def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], source: str = "checkpoint") -> dict:
+    """Load a network state dict into ``network`` across the ``use_vlm_film`` switch (see :func:`load_network_weights`).
+
+    The in-memory half of :func:`load_network_weights`, for callers that already hold the state dict (e.g.
+    ``python -m monai.bundle ckpt_export``, which reads the file itself and calls ``load_state_dict``).
+
+    Args:
+        network: the network (a DDP wrapper is unwrapped).
+        state_dict: the network's state dict (a DDP ``module.`` prefix is stripped).
+        source: where the state dict came from, for messages.
+
+    Returns:
+        ``{"missing": [...], "ignored": [...]}``: FiLM keys left at initialisation / FiLM keys dropped.
+
+    Raises:
+        RuntimeError: the state dict does not fit the network (other keys or shapes), with a plain description.
+    """
+    sd = strip_ddp_prefix(state_dict)
     net = unwrap(network)
     ignored: list[str] = []
     if not getattr(net, "use_vlm_film", False):
@@ -111,23 +135,22 @@ def load_network_weights(network: torch.nn.Module, path: str | os.PathLike, map_
         sd = {k: v for k, v in sd.items() if k not in ignored}
         if ignored:
             logger.warning(
-                f"{path}: the checkpoint was trained with use_vlm_film=true; the network has use_vlm_film=false, "
+                f"{source}: the checkpoint was trained with use_vlm_film=true; the network has use_vlm_film=false, "
                 f"so its {len(ignored)} FiLM parameters are ignored (set use_vlm_film true to use them)."
             )
     if hasattr(net, "use_vlm_film"):
         try:
             missing = load_off_checkpoint(net, sd)
         except RuntimeError as e:
-            raise RuntimeError(f"{path}: {e}") from e
+            raise RuntimeError(f"{source}: {e}") from e
         if missing:
             logger.warning(
-                f"{path}: FiLM-off checkpoint loaded into a FiLM-on network; {len(missing)} FiLM parameters keep "
+                f"{source}: FiLM-off checkpoint loaded into a FiLM-on network; {len(missing)} FiLM parameters keep "
                 "their identity initialisation (the network behaves exactly as the FiLM-off one)."
             )
     else:
         net.load_state_dict(sd, strict=True)
         missing = []
-    logger.info(f"loaded network weights from {path}")
     return {"missing": missing, "ignored": ignored}
 
 

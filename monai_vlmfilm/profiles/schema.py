@@ -169,7 +169,10 @@ def as_profile_batch(
         p = torch.as_tensor(np.asarray(profile, dtype=np.float32))
     if hasattr(p, "as_tensor"):  # MetaTensor
         p = p.as_tensor()
-    p = p.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+    # only when it changes something: a traced network (networks/export.py) would record `device` as a constant
+    # and then move the profile back to the tracing device on every other device
+    if p.dtype != torch.float32 or (device is not None and p.device != torch.device(device)):
+        p = p.to(device=device, dtype=torch.float32, non_blocking=non_blocking)
     if p.ndim == 1:
         p = p[None]
     dim = "P" if profile_dim is None else profile_dim
