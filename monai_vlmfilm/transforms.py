@@ -225,10 +225,10 @@ class ValidateImaged(MapTransform):
     finite 2D image (422: truncated or non-image files, volumes, NaN / Inf pixels), exactly the way profiles
     read files (:func:`~monai_vlmfilm.profiles.canonical_image`). An array or tensor (MONAI Label may pass one)
     gets the same checks; a folder (a DICOM series) is left to ``LoadImaged``. Valid images pass unchanged, 16-bit
-    and RGB(A) included. Without this check MONAI's
-    ``LoadImaged`` raises a ``RuntimeError`` listing its readers, NaN pixels give a mask without any error when
-    FiLM is off (one NaN makes ``ScaleIntensityd``'s output all NaN), and a whole-image pass over a huge image takes the memory of the machine (on CPU the
-    bundle network with 4 samples needed ~7 GB extra for one 1024 x 1024 image, about 7 GB per megapixel).
+    and RGB(A) included. Without this check MONAI's ``LoadImaged`` raises a ``RuntimeError`` listing its readers,
+    NaN pixels give a mask without any error when FiLM is off (one NaN makes ``ScaleIntensityd``'s output all NaN), and a whole-image pass over a huge image
+    takes the memory of the machine (on CPU one sample of the bundle network needed 1.9 GB extra for a 1024 x 1024
+    image; samples and TTA copies multiply it).
 
     Where the process serves HTTP with starlette (MONAI Label's FastAPI) the error is also a starlette
     ``HTTPException`` (:func:`~monai_vlmfilm.profiles.as_http_error`), so the client gets that 4xx status with
