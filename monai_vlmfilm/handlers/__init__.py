@@ -1,6 +1,12 @@
 """Ignite handlers of monai-vlmfilm (referenced from the bundle configs as ``monai_vlmfilm.handlers.<Name>``)."""
 
-from .checkpoint import NetworkCheckpointLoader
+from .checkpoint import (
+    AtomicCheckpointSaver,
+    AtomicDiskSaver,
+    NetworkCheckpointLoader,
+    ResumeCheckpointLoader,
+    TrainingRandomState,
+)
 from .error_pictures import ErrorPictureSaver
 from .film_stats import FiLMStatsHandler
 from .gradient_clip import GradientClipHandler
@@ -8,10 +14,14 @@ from .metrics_summary import MetricsSummaryJSON
 from .progress import ProgressHandler
 
 __all__ = [
+    "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
     "ErrorPictureSaver",
     "FiLMStatsHandler",
     "GradientClipHandler",
     "MetricsSummaryJSON",
     "NetworkCheckpointLoader",
     "ProgressHandler",
+    "ResumeCheckpointLoader",
+    "TrainingRandomState",
 ]

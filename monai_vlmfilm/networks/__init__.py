@@ -1,20 +1,34 @@
 """Networks: profile encoder, FiLM heads, the FiLM flow-matching UNet and its checkpoint loading."""
 
-from .checkpoint import FILM_KEY_PREFIXES, describe_missing_keys, load_network_weights, load_off_checkpoint, unwrap
+from .checkpoint import (
+    FILM_KEY_PREFIXES,
+    CheckpointError,
+    UnsafeCheckpointError,
+    describe_missing_keys,
+    find_resume_checkpoint,
+    load_network_weights,
+    load_off_checkpoint,
+    read_checkpoint,
+    unwrap,
+)
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 from .fixed_time import FixedTimeVelocity
 from .flow_unet import FiLMFlowUNet, as_profile_batch
 
 __all__ = [
     "AdaptiveFiLMHead",
+    "CheckpointError",
     "FILM_KEY_PREFIXES",
     "FiLMFlowUNet",
     "FixedTimeVelocity",
     "ProfileEncoder",
     "as_profile_batch",
+    "UnsafeCheckpointError",
     "describe_missing_keys",
+    "find_resume_checkpoint",
     "film_modulate",
     "load_network_weights",
     "load_off_checkpoint",
+    "read_checkpoint",
     "unwrap",
 ]
