@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DiskWriteError", "atomic_write", "temp_name", "remove_stale_temp_files"]
+__all__ = ["DiskWriteError", "atomic_write", "describe_write_error", "temp_name", "remove_stale_temp_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ def _is_write_failure(e: BaseException) -> bool:
     return _os_error(e) is not None or (isinstance(e, RuntimeError) and "inline_container" in str(e))
 
 
-def _reason(e: BaseException) -> tuple[int, str]:
-    """(errno, plain reason) of a failed write."""
+def describe_write_error(e: BaseException) -> tuple[int, str]:
+    """(errno, plain reason) of a failed write: ENOSPC / EFBIG / EDQUOT say "no space left ... file size limit".
+
+    Args:
+        e: the exception of the write (an ``OSError``, or torch's ``RuntimeError`` with the ``OSError`` as context).
+    """
     os_err = _os_error(e)
     code = os_err.errno if os_err is not None and os_err.errno else errno.EIO
     if code in _NO_SPACE:
@@ -108,7 +112,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = "", fsync: bool = True) 
         except OSError:
             pass
         if _is_write_failure(e):
-            code, why = _reason(e)
+            code, why = describe_write_error(e)
             # `from None`: the message says all a user needs; the torch / zlib frames below it add nothing
             raise DiskWriteError(code, f"could not write {str(target)!r}: {why}") from None
         raise

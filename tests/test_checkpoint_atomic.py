@@ -184,3 +184,47 @@ def test_atomic_disk_saver_removes_old_files_only_after_the_new_one_is_written(t
     assert (tmp_path / "checkpoint_epoch=1.pt").exists()
     saver({"a": torch.ones(1)}, "checkpoint_epoch=2.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+
+
+def test_inference_output_is_atomic_and_a_full_disk_names_the_file(tmp_path):
+    """AtomicSaveImaged (inference.yaml's mask writer) under RLIMIT_FSIZE: DiskWriteError naming the file, no partial
+    file; without the limit the same transform writes a complete NIfTI mask and PNG overlay."""
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(tmp_path / "case.png")
+    code = f"""
+        import resource, signal, sys
+        from monai.transforms import LoadImaged
+        from monai_vlmfilm.atomic import DiskWriteError
+        from monai_vlmfilm.transforms import AtomicSaveImaged, SaveVesselOverlayd
+        d = LoadImaged(["image"], ensure_channel_first=True)({{"image": {str(tmp_path / "case.png")!r}}})
+        d["pred"] = (d["image"] > 127).float()
+        kw = dict(output_dir={str(tmp_path / "out")!r}, separate_folder=False)
+        save = AtomicSaveImaged("pred", output_postfix="seg", output_ext=".nii.gz", resample=False, **kw)
+        overlay = SaveVesselOverlayd("pred", **kw)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # a soft limit only, so that the same process can lift it again ("space returns")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.RLIM_INFINITY))
+        for t in (save, overlay):
+            try:
+                t(d)
+            except DiskWriteError as e:
+                print("ERROR", e)
+        print("LEFT", sorted(os.listdir(kw["output_dir"])), flush=True)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        save(d)
+        overlay(d)
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", "import os\n" + textwrap.dedent(code)], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR")]
+    assert len(errors) == 2, out.stdout + out.stderr
+    assert "case_seg.nii.gz" in errors[0] and "case_overlay.png" in errors[1]
+    assert all("no space left" in e and "file size limit" in e for e in errors)
+    assert "LEFT []" in out.stdout  # neither a partial file nor a temp file
+    import nibabel as nib
+
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_overlay.png", "case_seg.nii.gz"]
+    assert nib.load(str(tmp_path / "out" / "case_seg.nii.gz")).shape[:2] == (64, 64)

@@ -188,10 +188,13 @@ class TrainingRandomState:
 
     Args:
         transforms: objects holding the random transforms (the training dataset, a ``Compose``, ...).
+        restore: apply a loaded state; False leaves this process's streams as seeded (e.g. DDP ranks other than 0,
+            whose streams differ from rank 0's, which alone saves checkpoints).
     """
 
-    def __init__(self, transforms: Any = None) -> None:
+    def __init__(self, transforms: Any = None, restore: bool = True) -> None:
         self.transforms = transforms
+        self.restore = restore
 
     def state_dict(self) -> dict:
         rand = random.getstate()
@@ -204,6 +207,8 @@ class TrainingRandomState:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        if not self.restore:
+            return
         torch.set_rng_state(state["torch"])
         if state.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
