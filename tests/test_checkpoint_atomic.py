@@ -228,3 +228,29 @@ def test_inference_output_is_atomic_and_a_full_disk_names_the_file(tmp_path):
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_overlay.png", "case_seg.nii.gz"]
     assert nib.load(str(tmp_path / "out" / "case_seg.nii.gz")).shape[:2] == (64, 64)
+
+
+def test_ema_warmup_position_survives_a_resume(tmp_path):
+    """ignite's EMA warm-up counts its own events from 0 per process: EMAMomentumState carries the count over."""
+    from ignite.engine import Engine
+    from ignite.handlers import EMAHandler
+
+    from monai_vlmfilm.handlers import EMAMomentumState
+
+    def run(iters: int, state: dict | None = None) -> tuple[float, dict]:
+        engine = Engine(lambda e, b: None)
+        ema = EMAHandler(torch.nn.Linear(2, 2), momentum=0.001, momentum_warmup=0.1, warmup_iters=100)
+        ema.attach(engine)
+        keep = EMAMomentumState(ema)
+        if state is not None:
+            torch.save({"ema_state": state}, tmp_path / "c.pt")
+            keep.load_state_dict(read_checkpoint(tmp_path / "c.pt")["ema_state"])  # weights_only-readable
+        engine.run([0] * iters, max_epochs=1)
+        return engine.state.ema_momentum, keep.state_dict()
+
+    straight, _ = run(30)
+    _, state = run(10)
+    resumed, _ = run(20, state)
+    assert state == {"event_index": 10} and resumed == pytest.approx(straight)
+    fresh, _ = run(20)
+    assert fresh != pytest.approx(straight)  # without the entry the warm-up restarts

@@ -3,6 +3,7 @@
 from .checkpoint import (
     AtomicCheckpointSaver,
     AtomicDiskSaver,
+    EMAMomentumState,
     NetworkCheckpointLoader,
     ResumeCheckpointLoader,
     TrainingRandomState,
@@ -16,6 +17,7 @@ from .progress import ProgressHandler
 __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "EMAMomentumState",
     "ErrorPictureSaver",
     "FiLMStatsHandler",
     "GradientClipHandler",

@@ -6,6 +6,7 @@
   checkpoint (:func:`monai_vlmfilm.networks.checkpoint.find_resume_checkpoint`).
 - :class:`TrainingRandomState`: the random streams of a run as a checkpoint entry, so a resumed run draws the same
   crops, augmentations, shuffles and flow noise as an uninterrupted one.
+- :class:`EMAMomentumState`: the position of ignite ``EMAHandler``'s momentum warm-up as a checkpoint entry.
 - :class:`NetworkCheckpointLoader`: network weights only, across the ``use_vlm_film`` switch.
 """
 
@@ -34,6 +35,7 @@ idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version,
 __all__ = [
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
+    "EMAMomentumState",
     "NetworkCheckpointLoader",
     "ResumeCheckpointLoader",
     "TrainingRandomState",
@@ -153,6 +155,31 @@ class ResumeCheckpointLoader(CheckpointLoader):
             logger.warning(f"resume: {path} has no {absent} (an older checkpoint); they start fresh")
         load_dict = {k: v for k, v in load_dict.items() if k in keys}
         super().__init__(str(path), load_dict, name, map_location, strict, strict_shape)
+
+
+class EMAMomentumState:
+    """Where ignite ``EMAHandler``'s momentum warm-up stands, as a checkpoint entry (``state_dict`` / ``load_state_dict``).
+
+    The warm-up is a parameter scheduler that counts its own events from 0 in every process, not the trainer's
+    iteration, so without this entry a resumed run restarts the warm-up and its EMA weights (validation, ``model.pt``)
+    drift from an uninterrupted run's. The scheduler's own ``state_dict`` holds a Python object that
+    ``torch.load(weights_only=True)`` refuses; this keeps the event count only.
+
+    Args:
+        ema: the ``EMAHandler``, attached before the checkpoint is saved or loaded (no warm-up: nothing to keep).
+    """
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        scheduler = getattr(self.ema, "momentum_scheduler", None)
+        return {"event_index": int(scheduler.event_index)} if scheduler is not None else {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        scheduler = getattr(self.ema, "momentum_scheduler", None)
+        if scheduler is not None and "event_index" in state:
+            scheduler.event_index = int(state["event_index"])
 
 
 def _randomizables(obj: Any, seen: set[int] | None = None, depth: int = 0) -> list[Randomizable]:
