@@ -254,3 +254,31 @@ def test_ema_warmup_position_survives_a_resume(tmp_path):
     assert state == {"event_index": 10} and resumed == pytest.approx(straight)
     fresh, _ = run(20)
     assert fresh != pytest.approx(straight)  # without the entry the warm-up restarts
+
+
+def test_a_resumed_run_keeps_n_saved_epoch_checkpoints(tmp_path, caplog):
+    """ignite's n_saved counts only this process's files: a resumed run adopts the earlier lives' epoch files."""
+    from ignite.engine import Engine
+
+    from monai_vlmfilm.handlers import AtomicCheckpointSaver
+
+    def trainer_and_saver():
+        engine, net = Engine(lambda e, b: None), torch.nn.Linear(2, 2)
+        saver = AtomicCheckpointSaver(str(tmp_path), {"model": net, "trainer": engine}, file_prefix="checkpoint",
+                                      save_interval=1, n_saved=1)  # fmt: skip
+        saver.attach(engine)
+        return engine
+
+    trainer_and_saver().run([0, 0], max_epochs=2)
+    names = ["checkpoint_checkpoint_epoch=2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    # an earlier killed life left its last checkpoint (and a file of another saver that must stay)
+    (tmp_path / "checkpoint_checkpoint_epoch=1.pt").write_bytes((tmp_path / names[0]).read_bytes())
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    engine = trainer_and_saver()
+    ResumeCheckpointLoader(str(tmp_path), {"trainer": engine}).attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run([0, 0], max_epochs=4)
+    assert engine.state.epoch == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_checkpoint_epoch=4.pt", "model.pt"]
+    assert "removed checkpoint_checkpoint_epoch=1.pt" in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -110,6 +111,43 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 ckpt.save_handler = AtomicDiskSaver(save_dir, getattr(ckpt.save_handler, "filename", None), fsync)
         if idist.get_rank() == 0:
             remove_stale_temp_files(save_dir, self.logger)
+
+    def attach(self, engine: Any) -> None:
+        super().attach(engine)
+        if self._interval_checkpoint is not None and self._interval_checkpoint.n_saved is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._adopt_earlier_files)
+
+    def _adopt_earlier_files(self, engine: Any) -> None:
+        """In a resumed run, count the interval checkpoints of the earlier processes towards ``n_saved``.
+
+        ignite's ``Checkpoint`` only knows the files its own process wrote, so every resume would leave the last
+        checkpoint of the killed process behind. Once per run, before the first save of a resumed run (the trainer
+        state was restored), the files of this saver's name pattern from earlier epochs become its history; all but
+        the newest ``n_saved`` of them are deleted now (the newest is kept until the next save is complete). A fresh
+        run (iteration 0) never touches files in the folder: they are not its own.
+        """
+        if getattr(self, "_adopted", False):
+            return
+        self._adopted = True
+        ckpt = self._interval_checkpoint
+        if engine.state.iteration == 0 or ckpt is None or idist.get_rank() != 0:
+            return
+        now = engine.state.epoch - 1 if self.epoch_level else engine.state.iteration
+        unit = "epoch" if self.epoch_level else "iteration"
+        prefix = f"{ckpt.filename_prefix}_" if ckpt.filename_prefix else ""
+        found = re.compile(rf"^{re.escape(prefix)}[^/]*_{unit}=(\d+)\.{re.escape(ckpt.ext)}$")
+        ours = {item.filename for item in ckpt._saved}
+        earlier = sorted(
+            (int(m.group(1)), p.name)
+            for p in Path(self.save_dir).iterdir()
+            if (m := found.match(p.name)) and p.name not in ours and int(m.group(1)) <= now
+        )
+        keep = earlier[-ckpt.n_saved :] if ckpt.n_saved > 0 else []
+        for _, name in earlier[: len(earlier) - len(keep)]:
+            (Path(self.save_dir) / name).unlink(missing_ok=True)
+            self.logger.info(f"removed {name}: an older checkpoint of this run beyond n_saved={ckpt.n_saved}")
+        # ignite's own history list (MONAI's CheckpointSaver reads it too): the next save removes these after writing
+        ckpt._saved = sorted([*ckpt._saved, *(type(ckpt).Item(p, n) for p, n in keep)], key=lambda it: it[0])
 
     def state_dict(self) -> dict:
         """The key-metric history (``{"_saved": [(score, filename), ...]}``), empty without ``save_key_metric``."""
