@@ -344,6 +344,7 @@ def main() -> None:
         "temp_files_removed_by_next_start": len(re.findall(r"partial write of", "".join(
             (work / f"life{i:02d}.log").read_text(errors="replace") for i in range(len(lives))) + final_log)),
         "final_vs_reference": cmp,
+        "files_at_end": sorted(p.name for p in models.iterdir()),
         "reference_seconds": round(ref_s, 1),
         "final_seconds": round(final_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
@@ -377,6 +378,7 @@ def markdown(s: dict) -> str:
         ("model.pt (best validation EMA) vs uninterrupted run", c["model_pt_max_abs_diff"]),
         ("best validation Dice (reference / killed-and-resumed)", c["best_val_dice"]),
         ("iterations (reference / killed-and-resumed)", c["iteration"]),
+        ("files in the checkpoint folder at the end", ", ".join(s["files_at_end"])),
     ]  # fmt: skip
     lines = [f"# Training crash campaign ({s['date']})", "", f"Machine: {s['machine']}. Command: `{s['command']}`",
              f"({s['total_seconds']:.0f} s in all; reference run {s['reference_seconds']} s).", "",
