@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.image_writer import NibabelWriter, PILWriter
 from monai.transforms import MapTransform, SaveImaged
 from monai.utils import ensure_tuple_rep
 
+from .atomic import DiskWriteError, atomic_write
 from .profiles.base import (
     PIL_SUFFIXES,
     ImageReadError,
@@ -29,6 +33,9 @@ from .profiles.schema import DEFAULT_PROFILE, PROFILE_KEY, VLMProfile
 from .profiles.store import ProfileStore
 
 __all__ = [
+    "AtomicNibabelWriter",
+    "AtomicPILWriter",
+    "AtomicSaveImaged",
     "AttachVLMProfiled",
     "EnsureGrayscale2Dd",
     "PRECOMPUTE_HINT",
@@ -407,8 +414,67 @@ class VesselOverlayd(MapTransform):
         return d
 
 
-class SaveVesselOverlayd(SaveImaged):
-    """Write the :class:`VesselOverlayd` preview of each mask key as an RGB PNG (``<name>_overlay.png``).
+# the last failed atomic write of this thread: MONAI's SaveImage turns every writer error into "cannot find a suitable
+# writer ... install the writer libraries", which is wrong for a full disk; AtomicSaveImaged re-raises the real one
+_write_error = threading.local()
+
+
+class _AtomicWriterMixin:
+    """``write`` through :func:`~monai_vlmfilm.atomic.atomic_write`: an output file is complete or absent."""
+
+    def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
+        suffix = "".join(Path(str(filename)).suffixes[-2:])  # the writer picks the format by it (.nii.gz, .png)
+        try:
+            with atomic_write(filename, suffix=suffix) as tmp:
+                super().write(str(tmp), verbose=verbose, **kwargs)  # type: ignore[misc]
+        except DiskWriteError as e:
+            _write_error.last = e
+            raise
+
+
+class AtomicNibabelWriter(_AtomicWriterMixin, NibabelWriter):
+    """MONAI ``NibabelWriter`` (NIfTI) writing atomically: a full disk or a kill never leaves a partial file."""
+
+
+class AtomicPILWriter(_AtomicWriterMixin, PILWriter):
+    """MONAI ``PILWriter`` (PNG, JPEG, ...) writing atomically: a full disk or a kill never leaves a partial file."""
+
+
+_ATOMIC_WRITERS = {".nii": AtomicNibabelWriter, ".nii.gz": AtomicNibabelWriter, ".png": AtomicPILWriter,
+                   ".jpg": AtomicPILWriter, ".jpeg": AtomicPILWriter, ".bmp": AtomicPILWriter}  # fmt: skip
+
+
+class AtomicSaveImaged(SaveImaged):
+    """MONAI ``SaveImaged`` whose files are written atomically; a failed write raises the real error.
+
+    For ``.nii`` / ``.nii.gz`` / ``.png`` / ``.jpg`` / ``.bmp`` (unless ``writer`` is given) it writes with
+    :class:`AtomicNibabelWriter` / :class:`AtomicPILWriter`, so a full disk or a kill leaves each output complete or
+    absent. A write that fails for lack of space raises :class:`~monai_vlmfilm.atomic.DiskWriteError` naming the
+    file and "no space left ... file size limit", instead of MONAI's "cannot find a suitable writer". It is still a
+    ``SaveImaged`` (MONAI Label drops it from a bundle's post-processing as before).
+
+    Args:
+        keys, output_ext, writer, kwargs: as ``SaveImaged``.
+    """
+
+    def __init__(self, keys: KeysCollection, output_ext: str = ".nii.gz", writer: Any = None, **kwargs: Any) -> None:
+        writer = writer or _ATOMIC_WRITERS.get(output_ext.lower() if output_ext.startswith(".") else f".{output_ext}")
+        super().__init__(keys=keys, output_ext=output_ext, writer=writer, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        _write_error.last = None
+        try:
+            return super().__call__(data)
+        except RuntimeError:
+            err = getattr(_write_error, "last", None)
+            if err is None:
+                raise
+            _write_error.last = None
+            raise err from None
+
+
+class SaveVesselOverlayd(AtomicSaveImaged):
+    """Write the :class:`VesselOverlayd` preview of each mask key as an RGB PNG (``<name>_overlay.png``), atomically.
 
     A ``SaveImaged`` (MONAI's writer stack, file names from the image's meta data) that builds the overlay on
     the fly and leaves the data dict unchanged. Being a ``SaveImaged``, it is dropped by MONAI Label, which
@@ -515,8 +581,9 @@ class SplitUncertaintyd(MapTransform):
         return d
 
 
-class SaveUncertaintyMapd(SaveImaged):
-    """Write an uncertainty map as a heat-map PNG (``<name>_uncertainty.png``, matplotlib's ``magma`` colour map).
+class SaveUncertaintyMapd(AtomicSaveImaged):
+    """Write an uncertainty map as a heat-map PNG (``<name>_uncertainty.png``, matplotlib's ``magma`` colour map),
+    atomically.
 
     The colour scale runs from 0 to ``vmax``, or to the image's own 99.5th percentile when ``vmax`` is None (the
     spread of a one-step model is small, a few hundredths at most, and a fixed scale would show black); the

@@ -213,10 +213,16 @@ def test_train_on_overlay(run_on):
 
 
 def test_resume(data, run_off, tmp_path):
-    ckpt = run_off["root"] / "models" / "checkpoint_final.pt"
+    """Resume from a folder whose newest checkpoint was cut short (a crash mid-write without atomic saving)."""
+    folder = tmp_path / "old_models"
+    shutil.copytree(run_off["root"] / "models", folder)
+    ckpt = folder / "checkpoint_final.pt"
+    damaged = folder / "checkpoint_checkpoint_epoch=9.pt"
+    damaged.write_bytes(ckpt.read_bytes()[:1000])
     log = bundle_run(str(CONFIGS / "train.yaml"), *_common(data, tmp_path), "--epochs", "2",
                      "--batch_size", "2", "--cache_rate", "0", "--use_vlm_film", "False", "--val_interval", "5",
-                     "--resume_from", str(ckpt))  # fmt: skip
+                     "--resume_from", str(folder))  # fmt: skip
+    assert f"resume: skipped {damaged}" in log and "is damaged" in log
     assert f"Restored all variables from {ckpt}" in log
     assert "Epoch: 2/2, Iter: 1/" in log and "Epoch: 1/2" not in log
     final = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)

@@ -97,7 +97,7 @@ def test_package_never_unpickles_and_loads_weights_only():
         problems += p
         loads += n
     assert not problems, "\n".join(problems)
-    assert loads >= 1  # the scanner does see the package's torch.load call (networks.checkpoint.load_state_dict)
+    assert loads >= 1  # the scanner does see the package's torch.load call (networks.checkpoint.read_checkpoint)
 
 
 def test_scanner_catches_what_it_must(tmp_path):
@@ -150,10 +150,16 @@ def test_bundle_configs_load_checkpoints_weights_only():
         loaders |= {t for t in _config_targets(doc) if "checkpoint" in t.lower() or t.lower().endswith(".load")}
     # every checkpoint loader a config names is one whose torch.load is weights_only (checked below)
     allowed = {"CheckpointLoader", "monai.handlers.CheckpointLoader", "CheckpointSaver",
-               "monai_vlmfilm.handlers.NetworkCheckpointLoader"}  # fmt: skip
+               "monai_vlmfilm.handlers.NetworkCheckpointLoader", "monai_vlmfilm.handlers.AtomicCheckpointSaver",
+               "monai_vlmfilm.handlers.ResumeCheckpointLoader"}  # fmt: skip
     assert loaders <= allowed, loaders - allowed
-    # MONAI's CheckpointLoader (train.yaml's resume) calls torch.load(..., weights_only=True) in this MONAI
+    # ResumeCheckpointLoader (train.yaml's resume) chooses the file with read_checkpoint (weights_only, AST scan above)
+    # and loads it with MONAI's CheckpointLoader.__call__, which calls torch.load(..., weights_only=True) in this MONAI
     from monai.handlers import CheckpointLoader
+
+    from monai_vlmfilm.handlers import ResumeCheckpointLoader
+
+    assert ResumeCheckpointLoader.__call__ is CheckpointLoader.__call__
 
     calls = [
         n

@@ -2,10 +2,14 @@
 
 from .checkpoint import (
     FILM_KEY_PREFIXES,
+    CheckpointError,
+    UnsafeCheckpointError,
     describe_missing_keys,
+    find_resume_checkpoint,
     load_network_state,
     load_network_weights,
     load_off_checkpoint,
+    read_checkpoint,
     unwrap,
 )
 from .export import FlowODESegmenter
@@ -15,16 +19,20 @@ from .flow_unet import FiLMFlowUNet, as_profile_batch
 
 __all__ = [
     "AdaptiveFiLMHead",
+    "CheckpointError",
     "FILM_KEY_PREFIXES",
     "FiLMFlowUNet",
     "FixedTimeVelocity",
     "FlowODESegmenter",
     "ProfileEncoder",
     "as_profile_batch",
+    "UnsafeCheckpointError",
     "describe_missing_keys",
+    "find_resume_checkpoint",
     "film_modulate",
     "load_network_state",
     "load_network_weights",
     "load_off_checkpoint",
+    "read_checkpoint",
     "unwrap",
 ]

@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "read_checkpoint",
+    "find_resume_checkpoint",
     "FILM_KEY_PREFIXES",
     "unwrap",
     "strip_ddp_prefix",
@@ -24,6 +29,130 @@ logger = logging.getLogger(__name__)
 
 #: state_dict key prefixes of the modules that exist only when FiLM is on.
 FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is damaged (truncated, not a checkpoint) or lacks what the caller needs; names the file."""
+
+
+# the exception class only, taken from torch's own import: the package never imports pickle (tests/test_security.py)
+_UnpicklingError = torch.serialization.pickle.UnpicklingError
+
+
+class UnsafeCheckpointError(CheckpointError, _UnpicklingError):
+    """A checkpoint holds pickled objects other than tensors and plain containers: refused, never executed."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file: the package's one checkpoint read.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: the file would need to unpickle arbitrary objects (refused by ``weights_only``).
+        CheckpointError: the file is damaged (truncated, empty, not a torch checkpoint).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run ...` "
+            "or point --ckpt_path at a model.pt"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except _UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            first = str(e).strip().splitlines()[0]
+            raise UnsafeCheckpointError(f"checkpoint {str(path)!r} refused, it holds more than tensors: {first}") from e
+        raise CheckpointError(_damaged(path, e)) from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(_damaged(path, e)) from e
+
+
+def _damaged(path: str | os.PathLike, e: BaseException) -> str:
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is an internal miniz error")[0]
+    return (
+        f"checkpoint {str(path)!r} is damaged ({size} bytes; {type(e).__name__}: {why or 'empty file'}); "
+        "it was probably cut short by a crash or a full disk: resume from an older checkpoint, or give the "
+        "checkpoint folder to --resume_from to pick the newest intact one"
+    )
+
+
+def _progress(ckpt: Mapping) -> tuple[int, int]:
+    trainer = ckpt.get("trainer") if isinstance(ckpt, Mapping) else None
+    if not isinstance(trainer, Mapping):
+        return (0, 0)
+    iteration, length = int(trainer.get("iteration", 0) or 0), int(trainer.get("epoch_length", 0) or 0)
+    return (iteration // length if length else 0, iteration)
+
+
+def find_resume_checkpoint(
+    path: str | os.PathLike,
+    required_keys: Sequence[str] = ("trainer",),
+    pattern: str = "checkpoint*.pt",
+    map_location: Any = "cpu",
+) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from: ``path`` itself, or the newest intact checkpoint in the folder ``path``.
+
+    A file is used as given: if it is damaged or lacks ``required_keys`` that is an error naming it (never a
+    silent fallback to something else). In a folder every file matching ``pattern`` (the temporary files of
+    atomic writes are hidden and never match) is read with :func:`read_checkpoint`; the one with the most training
+    progress (the ``trainer`` state's iteration, then the file's modification time) among those that load and hold
+    ``required_keys`` wins, and each skipped file is logged with the reason.
+
+    Args:
+        path: a checkpoint file or a folder of checkpoints (e.g. the bundle's ``ckpt_dir``).
+        required_keys: top-level keys the checkpoint must hold (what the loader will restore).
+        pattern: glob of the candidate files in a folder.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        the chosen file and its top-level keys.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or the folder holds no file matching ``pattern``.
+        CheckpointError: the file (or every candidate in the folder) is damaged or incomplete; the message lists
+            each file with its reason.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"resume_from {str(p)!r} does not exist (give a checkpoint file or a folder of them)")
+    candidates = sorted(p.glob(pattern)) if p.is_dir() else [p]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"resume_from {str(p)!r}: no checkpoint matching {pattern!r} in this folder")
+    intact: list[tuple[tuple[int, int, int], Path, list[str]]] = []
+    problems: list[str] = []
+    for c in candidates:
+        try:
+            ckpt = read_checkpoint(c, map_location)
+            missing = [k for k in required_keys if not (isinstance(ckpt, Mapping) and k in ckpt)]
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {str(c)!r} lacks {missing} (top level: {list(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__}); "
+                    "it is not a full training checkpoint (model.pt holds the weights only)"
+                )
+        except CheckpointError as e:
+            if not p.is_dir():
+                raise
+            problems.append(str(e))
+            logger.warning(f"resume: skipped {c}: {e}")
+            continue
+        intact.append(((*_progress(ckpt), c.stat().st_mtime_ns), c, list(ckpt)))
+        del ckpt
+    if not intact:
+        raise CheckpointError(f"resume_from {str(p)!r}: no intact checkpoint; " + "; ".join(problems))
+    intact.sort(key=lambda item: item[0])
+    (epoch, iteration, _), chosen, keys = intact[-1]
+    if p.is_dir():
+        logger.warning(
+            f"resume: newest intact checkpoint in {p} is {chosen.name} (epoch {epoch}, iteration {iteration}; "
+            f"{len(intact)} intact, {len(problems)} skipped)"
+        )
+    return chosen, keys
 
 
 def unwrap(network: Any) -> Any:
@@ -64,14 +193,10 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
+        CheckpointError: the file is damaged (see :func:`read_checkpoint`).
         ValueError: the file holds no network state dict (the message names the file and its top-level keys).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist: train one with `python -m monai.bundle run ...` "
-            "or point --ckpt_path at a model.pt"
-        )
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = read_checkpoint(path, map_location)
     if _is_state_dict(obj):
         return strip_ddp_prefix(obj)
     for k in ("model", "network", "net", "state_dict", "network_def"):

@@ -34,7 +34,7 @@ from monai_vlmfilm.data.datalist import IMAGE_EXTENSIONS, read_datalist
 
 from .base import ImageReadError, canonical_image, create_profiler
 from .schema import FOCUS_KEYS, VLMProfile
-from .store import ProfileStore
+from .store import ProfileStore, ProfileStoreError
 
 __all__ = ["main", "read_image_list", "precompute", "profile_stats"]
 
@@ -186,7 +186,13 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     profiler = build_profiler(args, local)
     tag = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{tag}{len(shard)} of {len(paths)} images, profiler {profiler!r}, cache {store.cache_dir}", flush=True)
-    res = precompute(shard, store, profiler, args.batch_size, progress=not args.no_progress, desc=f"{tag}profiles")
+    try:
+        res = precompute(shard, store, profiler, args.batch_size, progress=not args.no_progress, desc=f"{tag}profiles")
+    except ProfileStoreError as e:
+        # disk full, read-only or unwritable cache: one line that says so; entries are written atomically, so the
+        # cache holds only complete entries and a rerun skips them
+        print(f"{tag}precompute stopped: {e.strerror or e}", file=sys.stderr, flush=True)
+        return 1
     rate = (res["new"] + res["cached"]) / max(res["seconds"], 1e-9)
     print(
         f"{tag}summary: total {res['total']}, cached {res['cached']}, new {res['new']}, "

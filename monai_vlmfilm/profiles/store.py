@@ -39,6 +39,7 @@ hit stays right for the life of the process).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import describe_write_error
 from .base import ImageReadError, Profiler, canonical_image, pixel_digest
 from .schema import VLMProfile
 
@@ -351,9 +353,9 @@ class ProfileStore:
                 finally:
                     os.close(dfd)
         except OSError as e:
-            raise ProfileStoreError(
-                e.errno, f"cannot write to profile cache directory {self.cache_dir} ({e.strerror or e})"
-            ) from e
+            no_space = e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+            why = describe_write_error(e)[1] if no_space else (e.strerror or e)
+            raise ProfileStoreError(e.errno, f"cannot write to profile cache directory {self.cache_dir} ({why})") from e
         finally:
             if tmp is not None:
                 try:
