@@ -34,16 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from reliability_training import TINY_NET  # the benchmarks' one tiny network (run as a script from benchmarks/)
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = [
-    "--network_def#channels", "[8,16,16]",
-    "--network_def#norm_num_groups", "8",
-    "--network_def#cond_dim", "16",
-    "--network_def#film_hidden_dim", "16",
-    "--patch_size", "[64,64]",
-    "--num_inference_steps", "1",
-]  # fmt: skip
 TRAIN = ["--batch_size", "2", "--cache_rate", "0", "--val_interval", "1", "--log_iter_interval", "100"]
 
 
@@ -161,7 +155,7 @@ def main() -> None:
     models = root / "models"
     base = [PY, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundle/configs/train.yaml"),
             "--bundle_root", str(root), "--datalist", str(datalist), "--profile_cache_dir", str(cache),
-            *TINY, *TRAIN]  # fmt: skip
+            *TINY_NET, *TRAIN]  # fmt: skip
     first = run([*base, "--epochs", "1"], None)
     before = ckpt_state(models)
     full = run([*base, "--epochs", "3", "--resume_from", str(models)], 1_000_000, log=work / "train_limited.log")
@@ -186,7 +180,7 @@ def main() -> None:
     out_dir = work / "inference"
     inf = [PY, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundle/configs/inference.yaml"),
            "--bundle_root", str(root), "--datalist", str(datalist), "--profile_cache_dir", str(cache),
-           "--output_dir", str(out_dir), "--num_samples", "1", *TINY]  # fmt: skip
+           "--output_dir", str(out_dir), "--num_samples", "1", *TINY_NET]  # fmt: skip
     full = run(inf, 300, log=work / "inference_limited.log")
     left = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     damaged = [n for n in left if not _readable(out_dir / n)]

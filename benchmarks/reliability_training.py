@@ -44,13 +44,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = [
+# a tiny network (3 levels: the attention flags follow the channel count) for every bundle command of the
+# reliability benchmarks (reliability_disk_full.py imports it)
+TINY_NET = [
     "--network_def#channels", "[8,16,16]",
+    "--network_def#attention_levels", "[False,False,False]",
     "--network_def#norm_num_groups", "8",
     "--network_def#cond_dim", "16",
     "--network_def#film_hidden_dim", "16",
     "--patch_size", "[64,64]",
     "--num_inference_steps", "1",
+]  # fmt: skip
+TINY = [
+    *TINY_NET,
     "--batch_size", "2",
     "--cache_rate", "0",
     "--val_interval", "1",
