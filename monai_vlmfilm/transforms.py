@@ -473,6 +473,26 @@ class AtomicSaveImaged(SaveImaged):
             raise err from None
 
 
+def _rgb_png_saver_args(
+    keys: list[str], output_dir: str, output_postfix: str, separate_folder: bool, data_root_dir: str, print_log: bool
+) -> dict[str, Any]:
+    """``SaveImaged`` arguments of the PNG previews (overlay, uncertainty heat map): RGB in [0, 1] written as 8-bit
+    PNG at the input's own size; the preview keys are internal, so a missing one is skipped."""
+    return {
+        "keys": keys,
+        "output_dir": output_dir,
+        "output_postfix": output_postfix,
+        "output_ext": ".png",
+        "resample": False,
+        "scale": 255,
+        "output_dtype": np.uint8,
+        "separate_folder": separate_folder,
+        "data_root_dir": data_root_dir,
+        "print_log": print_log,
+        "allow_missing_keys": True,
+    }
+
+
 class SaveVesselOverlayd(AtomicSaveImaged):
     """Write the :class:`VesselOverlayd` preview of each mask key as an RGB PNG (``<name>_overlay.png``), atomically.
 
@@ -504,19 +524,8 @@ class SaveVesselOverlayd(AtomicSaveImaged):
         self.overlay = VesselOverlayd(keys, image_key, "_overlay", color, alpha, threshold, allow_missing_keys)
         mask_keys = list(self.overlay.keys)
         overlay_keys = ["_overlay"] if len(mask_keys) == 1 else [f"{k}__overlay" for k in mask_keys]
-        super().__init__(
-            keys=overlay_keys,
-            output_dir=output_dir,
-            output_postfix=output_postfix,
-            output_ext=".png",
-            resample=False,
-            scale=255,
-            output_dtype=np.uint8,
-            separate_folder=separate_folder,
-            data_root_dir=data_root_dir,
-            print_log=print_log,
-            allow_missing_keys=True,
-        )
+        super().__init__(**_rgb_png_saver_args(overlay_keys, output_dir, output_postfix, separate_folder,
+                                               data_root_dir, print_log))  # fmt: skip
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         super().__call__(self.overlay(data))
@@ -612,19 +621,9 @@ class SaveUncertaintyMapd(AtomicSaveImaged):
         self.cmap = matplotlib.colormaps[cmap]
         self.vmax = vmax
         self.source_keys = [keys] if isinstance(keys, str) else [str(k) for k in keys]
-        super().__init__(
-            keys=[f"_{k}_heat" for k in self.source_keys],
-            output_dir=output_dir,
-            output_postfix=output_postfix,
-            output_ext=".png",
-            resample=False,
-            scale=255,
-            output_dtype=np.uint8,
-            separate_folder=separate_folder,
-            data_root_dir=data_root_dir,
-            print_log=print_log,
-            allow_missing_keys=True,
-        )
+        heat_keys = [f"_{k}_heat" for k in self.source_keys]
+        super().__init__(**_rgb_png_saver_args(heat_keys, output_dir, output_postfix, separate_folder,
+                                               data_root_dir, print_log))  # fmt: skip
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
