@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -61,6 +62,17 @@ FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     "flow-m": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32},
     # 4 levels, 2 residual blocks per level
     "flow-l": {"channels": [32, 64, 128, 256], "num_res_blocks": 2, "norm_num_groups": 32},
+    # flow-m + a BasicUNet-style image encoder feeding the skips (ImageSkipEncoder)
+    "flow-me": {
+        "channels": [32, 64, 128, 256],
+        "num_res_blocks": 1,
+        "norm_num_groups": 32,
+        "image_encoder_channels": [32, 32, 64, 128],
+    },
+    # 5 levels, 4 downsamplings like BasicUNet
+    "flow-m5": {"channels": [32, 64, 128, 256, 256], "num_res_blocks": 1, "norm_num_groups": 32},
+    # flow-m trained at the endpoint only (every sample at s = 1, the one-step inference regime)
+    "flow-m-ep1": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32, "endpoint": 1.0},
 }
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
 EXTRA_METRICS = ("dice_2step",) + tuple(
@@ -236,6 +248,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     if name == "unet":
         return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1), {"kind": "unet", "divisible_by": 16}
     cfg = dict(FLOW_CONFIGS[name])
+    recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,
         in_channels=2,
@@ -249,7 +262,13 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         profile_dim=profile_dim,
         **cfg,
     )
-    return net, {"kind": "flow", "mode": mode or "on", "divisible_by": 2 ** (len(cfg["channels"]) - 1), **cfg}
+    return net, {
+        "kind": "flow",
+        "mode": mode or "on",
+        "divisible_by": 2 ** (len(cfg["channels"]) - 1),
+        **cfg,
+        **recipe,
+    }
 
 
 def profiles_of(items: list[dict]) -> np.ndarray:
@@ -388,7 +407,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     else:
         prep = FlowMatchingPrepareBatch(
             timestep_sampling="logit-normal",
-            endpoint_fraction=args["endpoint"],
+            endpoint_fraction=info.get("endpoint", args["endpoint"]),
             target="flow" if args["objective"] != "velocity" else "velocity",
         )
         flow_loss = FlowSegLoss(
@@ -536,31 +555,75 @@ def _safe_job(job: dict, root: str, args: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ latency
-def latency(models: list[str], sizes: list[int], device: torch.device, profile_dim: int) -> list[dict]:
-    """ms per image, batch 1, bf16, whole image: the shipped inferer (1 step, 1 sample) with and without TTA."""
+def _timed(fn: Any, device: torch.device, n: int) -> float:
+    """Seconds per call of ``fn`` after 5 warm-up calls (CUDA synchronised)."""
+    for _ in range(5):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) / n
+
+
+def latency(
+    models: list[str], sizes: list[int], device: torch.device, profile_dim: int, compile_: bool = False
+) -> list[dict]:
+    """Inference time per image, bf16, whole image, the shipped inferer (1 step, 1 sample): batch 1 with and without
+    the dihedral TTA (``ms``), and batch 32 without TTA (``images_per_s``); with ``compile_`` also batch 1 through
+    ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), the launch overhead that dominates small batches."""
+    from monai_vlmfilm.inferers import FlowSegInferer, pad_to_multiple
+
     rows = []
+    cuda = device.type == "cuda"
     for model in models:
         net, info = build_model(model, profile_dim)
         net = net.to(device).eval()
-        pred = Predictor(net, info, device, amp=device.type == "cuda")
-        prof = np.full(profile_dim, 0.5, np.float32) if info["kind"] == "flow" and info.get("mode") != "off" else None
+        pred = Predictor(net, info, device, amp=cuda)
+        film = info["kind"] == "flow" and info.get("mode") != "off"
+        prof = np.full(profile_dim, 0.5, np.float32) if film else None
         for size in sizes:
             img = np.random.default_rng(0).random((size, size), dtype=np.float32)
             for tta in ("none", "dihedral"):
-                for _ in range(5):
-                    pred(img, prof, tta)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                n = 30 if device.type == "cuda" else 2
-                t = time.perf_counter()
-                for _ in range(n):
-                    pred(img, prof, tta)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                rows.append(
-                    {"model": model, "size": size, "tta": tta, "ms": round(1e3 * (time.perf_counter() - t) / n, 2)}
-                )
+                ms = 1e3 * _timed(functools.partial(pred, img, prof, tta), device, 30 if cuda else 2)
+                rows.append({"model": model, "size": size, "batch": 1, "tta": tta, "ms": round(ms, 2)})
                 log(f"latency {rows[-1]}")
+            variants = [("eager", net)]
+            if compile_ and cuda:
+                variants.append(("compiled", torch.compile(net, mode="reduce-overhead", dynamic=False)))
+            for batch in (1, 32) if cuda else (1,):
+                x = torch.as_tensor(np.stack([img] * batch), device=device)[:, None]
+                p = torch.as_tensor(np.stack([prof] * batch), device=device) if film else None
+                for variant, module in variants if batch == 1 else variants[:1]:
+                    if info["kind"] == "flow":
+                        inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=info["divisible_by"], seed=0)
+
+                        def fwd(module=module, inferer=inferer, x=x, p=p):
+                            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                                return inferer(x, module, profile=p)
+                    else:
+
+                        def fwd(module=module, x=x, div=info["divisible_by"]):
+                            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                                xp, crop = pad_to_multiple(x, div)
+                                return torch.sigmoid(module(xp).float())[tuple(crop)]
+
+                    sec = _timed(fwd, device, 30 if cuda else 2)
+                    rows.append(
+                        {
+                            "model": model,
+                            "size": size,
+                            "batch": batch,
+                            "tta": "none",
+                            "variant": variant,
+                            "ms": round(1e3 * sec, 2),
+                            "images_per_s": round(batch / sec, 1),
+                        }
+                    )
+                    log(f"latency {rows[-1]}")
     return rows
 
 
@@ -668,6 +731,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--deadline-s", type=float, default=0, help="stop waiting after this many seconds (0: never)")
     ap.add_argument("--latency", action="store_true", help="time inference of every model before training")
+    ap.add_argument("--latency-compile", action="store_true", help="--latency also times torch.compile'd models")
+    ap.add_argument("--latency-models", default="", help="--latency also times these models (comma-separated)")
+    ap.add_argument("--latency-only", action="store_true", help="--latency, then stop (no training)")
+    ap.add_argument("--folds", default=None, help="run only these folds of the CV settings, e.g. 0,1,2")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--max-jobs", type=int, default=0)
@@ -708,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     groups = [g.split("=") for g in a.plan.split(";")] if a.plan else [(a.settings, a.models)]
     jobs = [j for st, md in groups for j in plan_jobs(data, st.split(","), md.split(","), seeds)]
+    if a.folds:
+        keep = {int(f) for f in a.folds.split(",")}
+        jobs = [j for j in jobs if j["fold"] in keep or not j["setting"].endswith("_cv")]
     if a.skip_done:  # resume: jobs already finished in earlier runs are not repeated
         done = {
             (r["setting"], r["fold"], r["seed"], r["model"])
@@ -732,9 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(jobs)} jobs on {max(n_gpu, 1)} device(s) [{card}], {a.workers} workers each")
     if a.latency:
         dev = torch.device("cuda:0" if n_gpu else "cpu")
-        names = {m.partition("@")[0] for _, md in groups for m in md.split(",")}
-        lat = latency(sorted(names), [304, 512], dev, PROFILE_DIM)
+        names = {m.partition("@")[0] for _, md in groups for m in md.split(",")} | set(
+            filter(None, a.latency_models.split(","))
+        )
+        lat = latency(sorted(names), [304, 512], dev, PROFILE_DIM, compile_=a.latency_compile)
         (out / "latency.json").write_text(json.dumps({**meta, "rows": lat}, indent=1))
+        if a.latency_only:
+            return 0
     args = {
         "iterations": a.iterations,
         "batch": a.batch,

@@ -16,6 +16,7 @@ from .export import FlowODESegmenter
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 from .fixed_time import FixedTimeVelocity
 from .flow_unet import FiLMFlowUNet, as_profile_batch
+from .image_encoder import ImageSkipEncoder, skip_layout
 
 __all__ = [
     "AdaptiveFiLMHead",
@@ -24,6 +25,7 @@ __all__ = [
     "FiLMFlowUNet",
     "FixedTimeVelocity",
     "FlowODESegmenter",
+    "ImageSkipEncoder",
     "ProfileEncoder",
     "as_profile_batch",
     "UnsafeCheckpointError",
@@ -34,5 +36,6 @@ __all__ = [
     "load_network_weights",
     "load_off_checkpoint",
     "read_checkpoint",
+    "skip_layout",
     "unwrap",
 ]

@@ -14,6 +14,7 @@ from monai.utils import str2bool
 from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, PROFILE_DIM, as_profile_batch
 
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
+from .image_encoder import ImageSkipEncoder, skip_layout
 
 __all__ = ["FiLMFlowUNet", "as_profile_batch"]
 
@@ -56,6 +57,10 @@ class FiLMFlowUNet(DiffusionModelUNet):
             ``python -m monai_vlmfilm.profiles stats --norm-out`` with
             :func:`monai_vlmfilm.profiles.normalization.load_profile_norm`. Kept in the state_dict; the gate still
             reads the raw profile.
+        image_encoder_channels: widths (one per level) of an :class:`~monai_vlmfilm.networks.ImageSkipEncoder`, a
+            ``BasicUNet``-style encoder of the image channels that adds its features to the skip connections and
+            the mid block through zero-initialised projections; ``None`` (default) builds none. It is part of the
+            segmentation network, not of the profile parts: ON and OFF both have it.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -72,11 +77,25 @@ class FiLMFlowUNet(DiffusionModelUNet):
         gate_index: int = DIFFICULTY_INDEX,
         film_stages: str | Sequence[int] | None = None,
         profile_norm: Any = None,
+        image_encoder_channels: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
         self.spatial_dims = spatial_dims
+        self.mask_channels = out_channels
+        # before the FiLM modules: ON and OFF networks with an encoder still share every non-profile weight
+        self.image_encoder: ImageSkipEncoder | None = None
+        if image_encoder_channels is not None:
+            if in_channels <= out_channels:
+                raise ValueError(f"an image encoder needs image channels: in_channels {in_channels} <= out_channels.")
+            self.image_encoder = ImageSkipEncoder(
+                spatial_dims,
+                in_channels - out_channels,
+                image_encoder_channels,
+                skip_layout(self.block_out_channels, self.num_res_blocks),
+                self.block_out_channels[-1],
+            )
         try:  # `--use_vlm_film false` on the bundle command line arrives as the string "false"
             self.use_vlm_film = str2bool(str(use_vlm_film).strip())
         except ValueError as e:
@@ -144,6 +163,13 @@ class FiLMFlowUNet(DiffusionModelUNet):
             context, class_labels, down_block_additional_residuals, mid_block_additional_residual: as
                 ``DiffusionModelUNet.forward``.
         """
+        if self.image_encoder is not None:
+            skips, mid = self.image_encoder(x[:, self.mask_channels :])
+            if down_block_additional_residuals is not None:
+                skips = [a + b for a, b in zip(skips, down_block_additional_residuals)]
+            if mid_block_additional_residual is not None:
+                mid = mid + mid_block_additional_residual
+            down_block_additional_residuals, mid_block_additional_residual = tuple(skips), mid
         args = (x, timesteps, context, class_labels, down_block_additional_residuals, mid_block_additional_residual)
         if not self.use_vlm_film or profile is None:
             return super().forward(*args)
