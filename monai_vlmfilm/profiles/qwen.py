@@ -411,7 +411,19 @@ class QwenVLProfiler(Profiler):
             self.load_kwargs["attn_implementation"] = self.attn_implementation
         if self.device_map is not None:
             self.load_kwargs["device_map"] = self.device_map
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_name, **self.load_kwargs)
+        if self.device_map is None and self.device.type == "cuda":
+            # straight into GPU memory (no full copy in host memory first): part of the start-up of every process
+            try:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    self.model_name, **self.load_kwargs, device_map={"": str(self.device)}
+                )
+            except (ImportError, ValueError, TypeError) as e:
+                logger.info("loading onto %s directly failed (%s): loading, then moving", self.device, e)
+                model = None
+        else:
+            model = None
+        if model is None:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_name, **self.load_kwargs)
         if self.device_map is None:
             model = model.to(self.device)
         model.eval()
