@@ -164,6 +164,12 @@ def start_loading(profiler: Any) -> threading.Thread | None:
         profiler.load_seconds = time.perf_counter() - t0
         profiler.loaded_at = time.time()
 
+    device = getattr(profiler, "device", None)
+    if getattr(device, "type", None) == "cuda" and getattr(profiler, "device_map", None) is None:
+        # the CUDA context starts on its own thread while the load thread imports transformers
+        import torch
+
+        threading.Thread(target=lambda: torch.zeros(1, device=device), name="cuda-init", daemon=True).start()
     thread = threading.Thread(target=_load, name="profiler-load", daemon=True)
     thread.start()
     return thread
