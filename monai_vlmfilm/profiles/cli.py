@@ -6,7 +6,9 @@ precompute
     so a killed run just starts again), batched, and sharded by ``RANK`` / ``WORLD_SIZE`` when started
     by ``torchrun`` or ``accelerate launch`` (one model per GPU, chosen by ``LOCAL_RANK``); all ranks
     write the same store safely. Unreadable images are listed at the end with the reason, and the exit
-    code is 1, after all other images were processed.
+    code is 1, after all other images were processed. A heavy profiler's model loads on a background
+    thread while the first images are read, and a reader thread reads and hashes the next ``--prefetch``
+    batches while the model runs; each process prints its start-up times on a line of its own.
 
 stats
     Per-field mean / std / min / max of the cached profiles (optionally of a datalist's images only),
