@@ -2,6 +2,19 @@
 
     python benchmarks/gpu_profiler_throughput.py            # GPU, ~3.75B parameters, < 8 min on one H100
     python benchmarks/gpu_profiler_throughput.py --tiny     # tiny config, CPU is fine (checks the script runs)
+    python benchmarks/gpu_profiler_throughput.py --compare  # issue 17: each optimisation before/after, < 5 min
+    python benchmarks/gpu_profiler_throughput.py --compare --tiny   # the same on the tiny config (CPU)
+
+``--compare`` (scored mode, one batch size, default 64; writes ``gpu_profiler_compare.md`` / ``.json``) loads the
+model once and measures, on the same images: the stock ``model(**inputs)`` forward (the path before issue 17); the
+profiler's own forward (cached vision index tables, host-side mrope positions, LM head at the read positions);
+plus the prefix KV cache (the new default); the stock per-window vision SDPA instead of the packed one; the prompt
+before the image (another computation: fingerprinted); regional ``torch.compile`` of the decoder layers, then
+also of the vision blocks (compile time reported apart); everything together. Each row gives images/s, the speed-up
+over the stock forward and the largest profile difference from it on the same images. Then end to end through
+``precompute`` (PNG decode + hash + preprocessing + model + cache write, ``--e2e-images`` files), before (no
+read-ahead, stock forward) and after (read-ahead, new defaults), and a ``torch.profiler`` summary of one batch of
+the stock and of the new default path: device time per kernel class and how much of the wall time the device idles.
 
 Builds the exact architecture (text 2048 x 36 layers, 16 heads / 2 kv heads, MLP 11008, vocab 151936, tied
 embeddings, mrope [16, 24, 24], rope theta 1e6; vision depth 32, hidden 1280, out 2048, MLP 3420, 16 heads,
@@ -72,6 +85,7 @@ def _import_profiler():
 
 QwenVLProfiler = _import_profiler()
 CUDA = torch.cuda.is_available()
+T_START = time.perf_counter()
 
 
 def sync() -> None:
@@ -194,13 +208,17 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="comma list of scored batch sizes (default 1,8,16,32,64)")
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"))
     ap.add_argument("--model-dir", default=None, help="reuse a built checkpoint folder instead of building one")
+    ap.add_argument("--compare", action="store_true", help="issue 17: each optimisation before/after (see above)")
+    ap.add_argument("--skip-compile", action="store_true", help="--compare without the torch.compile rows")
+    ap.add_argument("--e2e-images", type=int, default=None, help="--compare: PNGs for end to end (default 4 batches)")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    t_start = T_START
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tiny = args.tiny
     arch = TINY_ARCH if tiny else QWEN2_5_VL_3B_ARCH
-    batches = [int(b) for b in (args.batches or ("1,4,8" if tiny else "1,8,16,32,64")).split(",")]
+    default_batches = ("4" if tiny else "64") if args.compare else ("1,4,8" if tiny else "1,8,16,32,64")
+    batches = [int(b) for b in (args.batches or default_batches).split(",")]
     new_tokens = 8 if tiny else 64
     reps = 2 if tiny else 5
     dtype = "bfloat16" if CUDA else "float32"
@@ -237,6 +255,10 @@ def main() -> None:
     log(f"matmul {res['tflops_matmul']} TFLOP/s")
 
     images = make_images(max(batches) * 2 + 4, args.image_size)
+    if args.compare:
+        compare(args, res, folder, images, batches[-1], log)
+        tmp.cleanup()
+        return
 
     # ---------------------------------------------------------------- profiler, scored mode
     t0 = time.perf_counter()
@@ -390,6 +412,270 @@ def main() -> None:
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     write_report(res, out_dir)
     tmp.cleanup()
+
+
+# ==================================================================================================== --compare
+KERNEL_CLASSES = (  # first match wins; names of CUDA kernels (cuBLAS / CUTLASS / flash / PyTorch / Triton)
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "splitk", "matmul")),
+    ("attention", ("flash", "fmha", "attention", "efficient", "softmax")),
+    ("fused (triton)", ("triton",)),
+    ("copy / index / cat", ("copy", "cat", "index", "gather", "scatter", "memcpy", "memset", "fill")),
+    ("norm / reduce", ("reduce", "norm", "mean", "sum")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "pointwise")),
+)
+
+
+def kernel_summary(prof_obj: Any, wall_s: float, top: int = 12) -> dict[str, Any]:
+    """Device time per kernel class, the busiest kernels, and the device's idle share of ``wall_s``."""
+    events = [e for e in prof_obj.key_averages() if e.device_type.name in ("CUDA", "PrivateUse1")] if CUDA else []
+    use_cpu = not events
+    if use_cpu:  # CPU run: operator self time instead of kernels
+        events = [e for e in prof_obj.key_averages() if e.key.startswith("aten::")]
+
+    def t(e: Any) -> float:
+        if use_cpu:
+            return e.self_cpu_time_total / 1e6
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e6
+
+    classes: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + t(e)
+    busy = sum(classes.values())
+    ranked = sorted(events, key=t, reverse=True)[:top]
+    return {
+        "unit": "cpu op self time" if use_cpu else "device kernel time",
+        "wall_s": round(wall_s, 4),
+        "busy_s": round(busy, 4),
+        "idle_fraction": round(max(0.0, 1 - busy / wall_s), 3) if wall_s > 0 and not use_cpu else None,
+        "classes_s": {k: round(v, 4) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": e.key[:90], "s": round(t(e), 4), "calls": e.count} for e in ranked],
+    }
+
+
+def compare(args: argparse.Namespace, res: dict[str, Any], folder: Path, images: list, bs: int, log: Any) -> None:
+    """Issue 17: each scored-mode optimisation before/after on one loaded model (module docstring, ``--compare``)."""
+    out_dir = Path(args.out)
+    tiny = args.tiny
+    reps = 2 if tiny else 5
+    dtype = res["dtype"]
+    res["mode"] = "compare"
+    res["batch"] = bs
+    t0 = time.perf_counter()
+    prof = QwenVLProfiler(folder, mode="scored", batch_size=bs, dtype=dtype).load()
+    res["load_s"] = round(time.perf_counter() - t0, 1)
+    res["params_b"] = round(sum(p.numel() for p in prof.model.parameters()) / 1e9, 3)
+    res["vision_attention"] = prof.vision_attention
+    res["fast_path_check"] = prof.fast_path_check
+    res["tokens"] = {
+        "prefix": len(prof._prefix_ids),
+        "suffix": len(prof._suffix_ids),
+        "skeleton": len(prof._skeleton_ids),
+    }
+    log(f"loaded in {res['load_s']} s; load-time check {prof.fast_path_check}; tokens {res['tokens']}")
+    batch = images[:bs]
+    rows = res["rows"]
+    ref: dict[str, Any] = {}
+    vcfg = prof.model.config.vision_config
+    packed = prof.vision_attention
+
+    def configure(fast: bool, prefix: bool, before: bool = False, vision_attn: str | None = None) -> None:
+        position = "before" if before else "after"
+        if prof.prompt_position != position:
+            prof.prompt_position = position
+            prof._setup_text()
+            prof._prefix_kv = None
+        prof.fast_forward, prof.prefix_cache = fast, prefix
+        vcfg._attn_implementation = vision_attn or packed
+        prof._vision_aux_cache = {}
+
+    def vectors() -> np.ndarray:
+        return np.stack([p.to_vector()[:6] for p in prof.profile(batch)])
+
+    def row(label: str, note: str = "", **cfg: Any) -> dict[str, Any] | None:
+        try:
+            configure(**cfg)
+            peak_reset()
+            t_first = time.perf_counter()
+            vec = vectors()  # first call: warm-up (and compilation, where compiled)
+            sync()
+            first_s = time.perf_counter() - t_first
+            med, _ = timed(lambda: prof.profile(batch), reps, warmup=0)
+        except Exception as e:  # report, keep measuring the other rows
+            rows.append({"config": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            log(f"{label}: FAILED {rows[-1]['error']}")
+            write_compare(res, out_dir)
+            return None
+        if "plain" not in ref:
+            ref["plain"], ref["ips"] = vec, bs / med
+        r = {
+            "config": label,
+            "batch": bs,
+            "median_s_per_batch": round(med, 4),
+            "images_per_s": round(bs / med, 2),
+            "speedup_vs_stock": round(bs / med / ref["ips"], 3),
+            "max_abs_diff_vs_stock": float(f"{np.abs(vec - ref['plain']).max():.3g}"),
+            "first_call_s": round(first_s, 2),
+            "peak_gib": peak_gib(),
+            "note": note,
+        }
+        rows.append(r)
+        log(f"{label}: {r['images_per_s']} img/s (x{r['speedup_vs_stock']}), diff {r['max_abs_diff_vs_stock']}")
+        write_compare(res, out_dir)
+        return r
+
+    row("stock model(**inputs) forward (before issue 17)", "reference", fast=False, prefix=False)
+    row("own forward (vision tables cached, host mrope positions, head at reads)", "", fast=True, prefix=False)
+    row("own forward + prefix KV cache = NEW DEFAULT", "default", fast=True, prefix=True)
+    if packed.startswith("vlmfilm_packed"):
+        row("new default, but stock per-window vision SDPA", "vision attention before issue 8", fast=True,
+            prefix=True, vision_attn="sdpa")  # fmt: skip
+    row("new default + prompt before the image", "another computation (fingerprinted)", fast=True, prefix=True,
+        before=True)  # fmt: skip
+
+    # ---------------------------------------------------------------- end to end through precompute
+    e2e_n = args.e2e_images or 4 * bs
+    try:
+        e2e(res, prof, configure, e2e_n, bs, args.image_size, log)
+    except Exception as e:  # e.g. the profiles package cannot be imported here
+        res["e2e_error"] = f"{type(e).__name__}: {e}"[:300]
+        log(f"end to end: FAILED {res['e2e_error']}")
+    write_compare(res, out_dir)
+
+    # ---------------------------------------------------------------- where the time goes: one batch, traced
+    res["trace"] = {}
+    for name, cfg in (
+        ("stock forward", {"fast": False, "prefix": False}),
+        ("new default", {"fast": True, "prefix": True}),
+    ):
+        try:
+            configure(**cfg)
+            prof.profile(batch)
+            sync()
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+            with profile(activities=acts) as tr:
+                t1 = time.perf_counter()
+                prof.profile(batch)
+                sync()
+                wall = time.perf_counter() - t1
+            res["trace"][name] = kernel_summary(tr, wall)
+            log(f"trace {name}: {res['trace'][name]['classes_s']}, idle {res['trace'][name]['idle_fraction']}")
+        except Exception as e:
+            res["trace"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    write_compare(res, out_dir)
+
+    # ---------------------------------------------------------------- torch.compile (irreversible: last)
+    if not args.skip_compile:
+        try:
+            prof.compile = "text"
+            prof._apply_compile()
+            row("new default + compile (decoder layers)", "compile: first call", fast=True, prefix=True)
+            prof.compile = "all"
+            for blk in prof.model.model.visual.blocks:
+                blk.compile()
+            row("new default + compile (decoder layers + vision blocks)", "", fast=True, prefix=True)
+            row("all together: + compile (all) + prompt before the image", "another computation (fingerprinted)",
+                fast=True, prefix=True, before=True)  # fmt: skip
+        except Exception as e:
+            res["compile_error"] = f"{type(e).__name__}: {e}"[:300]
+            log(f"compile: FAILED {res['compile_error']}")
+    configure(fast=True, prefix=True)
+    res["total_s"] = round(time.perf_counter() - T_START, 1)
+    write_compare(res, out_dir, final=True)
+
+
+def e2e(res: dict[str, Any], prof: Any, configure: Any, n: int, bs: int, size: int, log: Any) -> None:
+    """End to end through ``precompute``: PNG files -> decode, hash, look up, profile, write; before and after."""
+    from PIL import Image
+
+    from monai_vlmfilm.profiles.cli import precompute
+    from monai_vlmfilm.profiles.store import ProfileStore
+
+    work = Path(tempfile.mkdtemp(prefix="e2e_"))
+    rng = np.random.default_rng(11)
+    paths = []
+    for i in range(n + bs):
+        p = work / "img" / f"img_{i:05d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(angiogram_like(rng, size).astype(np.uint8)).save(p, compress_level=1)
+        paths.append(str(p))
+    warm, paths = paths[:bs], paths[bs:]  # one batch of other images warms each run up (not counted)
+    res["e2e"] = {"images": n, "batch": bs, "rows": []}
+    for label, prefetch, cfg in (
+        ("before: read each batch, then profile; stock forward", 0, {"fast": False, "prefix": False}),
+        ("after: read-ahead + new default forward", 4, {"fast": True, "prefix": True}),
+    ):
+        configure(**cfg)
+        cache = work / f"cache_{prefetch}"
+        precompute(warm, ProfileStore(cache), prof, bs, progress=False, prefetch=prefetch)
+        sync()
+        t0 = time.perf_counter()
+        out = precompute(paths, ProfileStore(cache), prof, bs, progress=False, prefetch=prefetch)
+        sync()
+        secs = time.perf_counter() - t0
+        new = out["new"]
+        r = {"config": label, "new": new, "cached": out["cached"], "s": round(secs, 2),
+             "images_per_s": round(new / secs, 2) if secs > 0 else None}  # fmt: skip
+        res["e2e"]["rows"].append(r)
+        log(f"end to end {label}: {r}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def write_compare(res: dict[str, Any], out_dir: Path, final: bool = False) -> None:
+    """``gpu_profiler_compare.md`` / ``.json`` (rewritten after every row, so a cut-off run leaves its rows)."""
+    (out_dir / "gpu_profiler_compare.json").write_text(json.dumps(res, indent=2, default=str))
+    L = [
+        f"# Profiler, scored mode, before/after (issue 17): {res['arch']}, {res['image_size']}x{res['image_size']}, "
+        f"{res['dtype']}, batch {res.get('batch')}",
+        "",
+        f"Device: {res['device']}; torch {res['torch']}; transformers {res['transformers']}; {res['date']}",
+        f"Command: `{res['command']}`; matmul rate {res.get('tflops_matmul')} TFLOP/s; load {res.get('load_s')} s; "
+        f"tokens {res.get('tokens')}; load-time check {res.get('fast_path_check')}",
+        "",
+        "| config | images/s | x stock | max abs diff vs stock | s / batch | first call s | peak GiB | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        if "error" in r:
+            L.append(f"| {r['config']} | FAILED: {r['error']} | | | | | | |")
+            continue
+        L.append(
+            f"| {r['config']} | {r['images_per_s']} | {r['speedup_vs_stock']} | {r['max_abs_diff_vs_stock']} | "
+            f"{r['median_s_per_batch']} | {r['first_call_s']} | {r['peak_gib']} | {r['note']} |"
+        )
+    e2e = res.get("e2e")
+    if e2e:
+        L += ["", f"End to end through `precompute` ({e2e['images']} PNGs, batch {e2e['batch']}, fresh cache; "
+              "decode + hash + preprocessing + model + cache write):", ""]  # fmt: skip
+        L += [f"- {r['config']}: {r['images_per_s']} images/s ({r['new']} new in {r['s']} s)" for r in e2e["rows"]]
+    if res.get("e2e_error"):
+        L.append(f"- end to end not measured: {res['e2e_error']}")
+    for name, tr in (res.get("trace") or {}).items():
+        if "error" in tr:
+            L += ["", f"Trace ({name}): FAILED {tr['error']}"]
+            continue
+        L += [
+            "",
+            f"Trace of one batch ({name}): wall {tr['wall_s']} s, {tr['unit']} {tr['busy_s']} s, "
+            f"device idle {tr['idle_fraction']}; by class: "
+            + ", ".join(f"{k} {v}" for k, v in tr["classes_s"].items()),
+            "",
+            "| kernel / op | s | calls |",
+            "|---|---:|---:|",
+        ]
+        L += [f"| `{t['name']}` | {t['s']} | {t['calls']} |" for t in tr["top"]]
+    for k in ("compile_error",):
+        if res.get(k):
+            L.append(f"- {k}: {res[k]}")
+    L.append(f"- total run time {res.get('total_s', '(running)')} s" + ("" if final else " (partial)"))
+    (out_dir / "gpu_profiler_compare.md").write_text("\n".join(L) + "\n")
+    if final:
+        print("\n".join(L))
 
 
 def write_report(res: dict[str, Any], out_dir: Path) -> None:

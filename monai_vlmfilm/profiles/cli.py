@@ -6,7 +6,9 @@ precompute
     so a killed run just starts again), batched, and sharded by ``RANK`` / ``WORLD_SIZE`` when started
     by ``torchrun`` or ``accelerate launch`` (one model per GPU, chosen by ``LOCAL_RANK``); all ranks
     write the same store safely. Unreadable images are listed at the end with the reason, and the exit
-    code is 1, after all other images were processed.
+    code is 1, after all other images were processed. A heavy profiler's model loads on a background
+    thread while the first images are read, and a reader thread reads and hashes the next ``--prefetch``
+    batches while the model runs; each process prints its start-up times on a line of its own.
 
 stats
     Per-field mean / std / min / max of the cached profiles (optionally of a datalist's images only),
@@ -23,8 +25,10 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +133,65 @@ def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
             if torch.cuda.is_available():
                 device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
         kw.update({k: v for k, v in (("device", device), ("dtype", args.dtype), ("device_map", args.device_map)) if v})
+        if getattr(args, "prompt_position", None):
+            kw["prompt_position"] = args.prompt_position
+        if getattr(args, "compile", None):
+            kw["compile"] = args.compile
+        if getattr(args, "no_fast_forward", False):
+            kw["fast_forward"] = False
+        if getattr(args, "no_prefix_cache", False):
+            kw["prefix_cache"] = False
     elif name == "heuristic" and getattr(args, "calibration", None):
         kw["calibration"] = args.calibration
     return create_profiler({"name": args.profiler, **kw})
 
 
+def start_loading(profiler: Any) -> threading.Thread | None:
+    """Load a heavy profiler's model on a background thread (returns it), so that reading images overlaps it.
+
+    The profiler's own ``load`` is idempotent and locked: its first ``profile`` call waits for this load, or, if this
+    load failed, loads again in the calling thread and raises the error there.
+    """
+    if not (getattr(profiler, "heavy", False) and callable(getattr(profiler, "load", None))):
+        return None
+    if getattr(profiler, "is_loaded", False):
+        return None
+
+    def _load() -> None:
+        t0 = time.perf_counter()
+        try:
+            profiler.load()
+        except Exception as e:  # reported again by the main thread's own load
+            logger.debug("background model load failed: %s", e)
+        profiler.load_seconds = time.perf_counter() - t0
+        profiler.loaded_at = time.time()
+
+    device = getattr(profiler, "device", None)
+    if getattr(device, "type", None) == "cuda" and getattr(profiler, "device_map", None) is None:
+        # the CUDA context starts on its own thread while the load thread imports transformers
+        import torch
+
+        threading.Thread(target=lambda: torch.zeros(1, device=device), name="cuda-init", daemon=True).start()
+    thread = threading.Thread(target=_load, name="profiler-load", daemon=True)
+    thread.start()
+    return thread
+
+
 def precompute(
-    paths: Sequence[str], store: ProfileStore, profiler: Any, batch_size: int = 8, progress: bool = True, desc: str = ""
+    paths: Sequence[str],
+    store: ProfileStore,
+    profiler: Any,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "",
+    prefetch: int = 4,
+    timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Profile ``paths`` into ``store`` with :meth:`ProfileStore.get_or_compute`, one batch of paths at a time.
+    """Profile ``paths`` into ``store``, one batch of paths at a time; reading overlaps the model.
+
+    A reader thread reads, hashes and looks up the next ``prefetch`` batches (:meth:`ProfileStore.partition`) while
+    the profiler computes the current one, and a heavy profiler that is not loaded yet is loaded on another thread
+    meanwhile (:func:`start_loading`), so the first images are read during the model load.
 
     Args:
         paths: image files.
@@ -146,6 +200,8 @@ def precompute(
         batch_size: images per profiler call.
         progress: show a tqdm bar.
         desc: the bar's label.
+        prefetch: batches read ahead (0: read each batch just before computing it, and load the model on first use).
+        timing: filled with epoch times (``first_batch_at``: the first batch's profiles written) when given.
 
     Returns:
         counts (``total``, ``cached``: already in the cache or a duplicate, ``new``, ``fallback``), ``seconds`` and
@@ -156,15 +212,46 @@ def precompute(
     counts = {"total": len(paths), "cached": 0, "new": 0, "fallback": 0}
     unreadable: list[tuple[str, str]] = []
     t0 = time.perf_counter()
-    with tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True) as bar:
-        for s in range(0, len(paths), batch_size):
-            chunk = paths[s : s + batch_size]
-            writes, n_bad = store.stats.writes, len(unreadable)
-            profs = store.get_or_compute(chunk, profiler, batch_size, unreadable=unreadable)
+    fp = profiler.fingerprint
+    timing = {} if timing is None else timing
+    if prefetch > 0 and "load_started_at" not in timing and start_loading(profiler) is not None:
+        timing["load_started_at"] = time.time()
+
+    def read(chunk: Sequence[str]) -> tuple[list, dict, dict, list]:
+        bad: list[tuple[str, str]] = []
+        return (*store.partition(chunk, fp, unreadable=bad), bad)
+
+    chunks = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
+    done: set[str] = set()  # keys computed by this run (the same pixels under another path later: not again)
+    with (
+        tqdm(total=len(paths), unit="img", desc=desc or "precompute", disable=not progress, dynamic_ncols=True) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompute-read") as pool,
+    ):
+        pending = [pool.submit(read, c) for c in chunks[:prefetch]]
+        for i, chunk in enumerate(chunks):
+            if prefetch > 0:
+                profs, misses, wanted, bad = pending.pop(0).result()
+                if i + prefetch < len(chunks):
+                    pending.append(pool.submit(read, chunks[i + prefetch]))
+            else:
+                profs, misses, wanted, bad = read(chunk)
+            unreadable += bad
+            for key in [k for k in misses if k in done]:
+                prof = store.get_by_key(key, fp)
+                if prof is not None:
+                    for j in wanted.pop(key):
+                        profs[j] = prof
+                    del misses[key]
+            writes = store.stats.writes
+            for key, prof in zip(misses, store.compute(list(misses.values()), profiler, batch_size)):
+                for j in wanted[key]:
+                    profs[j] = prof
+            done.update(misses)
             new = store.stats.writes - writes
             counts["new"] += new
-            counts["cached"] += len(chunk) - (len(unreadable) - n_bad) - new
+            counts["cached"] += len(chunk) - len(bad) - new
             counts["fallback"] += sum(1 for p in profs if p is not None and p.is_fallback)
+            timing.setdefault("first_batch_at", time.time())
             bar.update(len(chunk))
     counts["seconds"] = time.perf_counter() - t0
     counts["unreadable"] = unreadable
@@ -176,18 +263,30 @@ def precompute(
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
+    timing: dict[str, Any] = {"main_at": time.time()}
     rank, world, local = _dist()
+    profiler = build_profiler(args, local)
+    if args.prefetch > 0 and start_loading(profiler) is not None:  # the model loads while the images are listed
+        timing["load_started_at"] = time.time()
     paths = read_image_list(args.datalist, args.images, args.key)
     shard = paths[rank::world]
     store = ProfileStore(args.cache_dir, fsync=not args.no_fsync)
     removed = store.cleanup_tmp()
     if removed:
         logger.warning("removed %d temporary file(s) left by interrupted writers in %s", removed, store.root)
-    profiler = build_profiler(args, local)
     tag = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{tag}{len(shard)} of {len(paths)} images, profiler {profiler!r}, cache {store.cache_dir}", flush=True)
     try:
-        res = precompute(shard, store, profiler, args.batch_size, progress=not args.no_progress, desc=f"{tag}profiles")
+        res = precompute(
+            shard,
+            store,
+            profiler,
+            args.batch_size,
+            progress=not args.no_progress,
+            desc=f"{tag}profiles",
+            prefetch=args.prefetch,
+            timing=timing,
+        )
     except ProfileStoreError as e:
         # disk full, read-only or unwritable cache: one line that says so; entries are written atomically, so the
         # cache holds only complete entries and a rerun skips them
@@ -200,6 +299,15 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         f"{res['seconds']:.1f} s, {rate:.1f} images/s",
         flush=True,
     )
+    if "first_batch_at" in timing:  # start-up, separately: epoch times, so a caller can add its own start time
+        load = getattr(profiler, "load_seconds", None)
+        print(
+            f"{tag}start-up: main at {timing['main_at']:.3f}, model load "
+            + (f"{load:.2f} s in the background" if load is not None else "in the first batch")
+            + f" (ended at {getattr(profiler, 'loaded_at', 0.0):.3f}), first batch written at "
+            f"{timing['first_batch_at']:.3f} ({timing['first_batch_at'] - timing['main_at']:.2f} s after main)",
+            flush=True,
+        )
     if store.stats.corrupt:
         print(f"{tag}recomputed {store.stats.corrupt} corrupt cache entries", flush=True)
     if res["unreadable"]:
@@ -349,6 +457,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="torch device for the profiler (default: cuda:LOCAL_RANK when available)")
         p.add_argument("--dtype", help="model dtype, e.g. bfloat16")
         p.add_argument("--device-map", help='accelerate device map, e.g. "auto"')
+        p.add_argument(
+            "--prompt-position",
+            choices=("after", "before"),
+            help="Qwen: the prompt after the image (default) or before it (another fingerprint)",
+        )
         p.add_argument("--calibration", help="heuristic calibration JSON (from the calibrate command)")
         p.add_argument("-v", "--verbose", action="store_true")
 
@@ -357,6 +470,16 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--profiler", default="heuristic", help="heuristic | qwen | oracle | dotted class path")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--no-fsync", action="store_true", help="skip fsync per entry (faster, less crash-safe)")
+    pre.add_argument(
+        "--prefetch",
+        type=int,
+        default=4,
+        help="batches read and hashed ahead while the model runs; > 0 also loads the model while the first images "
+        "are read (default 4; 0: one after the other)",
+    )
+    pre.add_argument("--compile", choices=("text", "vision", "all"), help="Qwen: torch.compile these blocks")
+    pre.add_argument("--no-fast-forward", action="store_true", help="Qwen scored mode: the stock model(**inputs)")
+    pre.add_argument("--no-prefix-cache", action="store_true", help="Qwen scored mode: no prefix KV cache")
 
     cal = sub.add_parser("calibrate", help="measure the heuristic profiler's feature statistics on a data set")
     common(cal)

@@ -35,6 +35,26 @@ once; batches are left-padded; the next batch is prepared on a CPU thread while 
 vision tower's windowed attention runs as one batched SDPA call per window size instead of one call per
 window (``packed_vision_attention``; also checked against the stock path at load time).
 
+Scored mode's own forward (``fast_forward``, on by default): instead of ``model(**inputs)`` the profiler calls the
+vision tower and the language model itself, which gives the same numbers with less work:
+
+- the vision tower's index tables (window order, rotary positions, segment lengths) are built once per set of image
+  grids and reused, instead of per image per batch in Python;
+- the 3D rotary (mrope) positions are computed on the host from the known row layout (chat prefix, image grid,
+  chat suffix + skeleton) instead of by ``get_rope_index``'s per-row loop with device syncs;
+- the language-model head runs only on the hidden states of the read positions (rows are right-padded, so each row
+  has its own read positions);
+- ``prefix_cache`` (on by default): the chat text every image shares before its image tokens (system prompt, the
+  user turn's opening and, with ``prompt_position="before"``, the prompt) is run through the language model once; its
+  keys and values are reused for every batch, so each image's prefill starts at its image tokens.
+
+Both are checked against the stock ``model(**inputs)`` read-out at load time on two images of different sizes
+(``self.fast_path_check``) and switched off with a warning if they ever disagree. ``compile`` (off by default)
+applies ``torch.compile`` to the language model's decoder layers and / or the vision tower's blocks (regional
+compilation: one compiled block reused by every layer); it fuses the element-wise work (RMSNorm, rotary, SiLU) and
+changes results only by rounding. ``prompt_position="before"`` (not the default) shows the prompt before the image;
+that changes what the model sees, so it is part of the fingerprint.
+
 The processor's parts are loaded with ``AutoTokenizer`` and ``AutoImageProcessor`` (PIL backend, so every
 machine computes the same pixels): in transformers 5 ``AutoProcessor`` of Qwen2.5-VL also builds a video
 processor that needs torchvision, which this package does not require.
@@ -43,6 +63,7 @@ processor that needs torchvision, which this package does not require.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -247,6 +268,16 @@ class QwenVLProfiler(Profiler):
             transformers' default, SDPA). ``"flash_attention_2"`` also switches the vision tower to it.
         packed_vision_attention: run the vision tower's per-window attention batched (see module docstring);
             ignored when the vision tower already uses a flash-attention backend.
+        fast_forward: scored mode runs the vision tower and the language model itself (cached vision index tables,
+            host-side mrope positions, the head only at the read positions); same profiles, checked at load time.
+        prefix_cache: with ``fast_forward``, the shared chat text before the image tokens is prefilled once and its
+            keys / values reused for every batch; same profiles, checked at load time.
+        compile: ``torch.compile`` the language model's decoder layers (``"text"``), the vision tower's blocks
+            (``"vision"``) or both (``"all"`` or True); False / None: off. Same maths, rounding differs; costs
+            compile time on the first batches of each new shape.
+        prompt_position: ``"after"`` (the image, then the prompt: the chat template's usual order) or ``"before"``
+            (the prompt, then the image: the prompt joins the shared prefix that ``prefix_cache`` computes once).
+            Changes what the model sees, so ``"before"`` is part of the fingerprint.
         verbose: log the raw generated text of every image in ``generate`` mode.
 
     ``stats`` counts images, fallbacks (``generate``) and, in ``scored`` mode, the mean probability mass the
@@ -272,6 +303,10 @@ class QwenVLProfiler(Profiler):
         intensity: str = "auto",
         attn_implementation: str | None = None,
         packed_vision_attention: bool = True,
+        fast_forward: bool = True,
+        prefix_cache: bool = True,
+        compile: bool | str | None = False,
+        prompt_position: str = "after",
         verbose: bool = False,
     ) -> None:
         if mode not in ("scored", "generate"):
@@ -280,6 +315,11 @@ class QwenVLProfiler(Profiler):
             raise ValueError(f"intensity must be 'auto' or 'minmax', got {intensity!r}")
         if int(batch_size) < 1 or int(max_new_tokens) < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if prompt_position not in ("after", "before"):
+            raise ValueError(f"prompt_position must be 'after' or 'before', got {prompt_position!r}")
+        compile = "all" if compile is True else (compile or None)
+        if compile not in (None, "all", "text", "vision"):
+            raise ValueError(f"compile must be False, True, 'all', 'text' or 'vision', got {compile!r}")
         if not 0 < int(min_pixels) <= int(max_pixels):
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
         self.model_name = os.fspath(model)
@@ -293,6 +333,10 @@ class QwenVLProfiler(Profiler):
         self.intensity = intensity
         self.attn_implementation = attn_implementation
         self.packed_vision_attention = bool(packed_vision_attention)
+        self.fast_forward = bool(fast_forward)
+        self.prefix_cache = bool(prefix_cache)
+        self.compile = compile
+        self.prompt_position = prompt_position
         self.verbose = bool(verbose)
         cuda = torch.cuda.is_available()
         self.device = torch.device(device) if device is not None else torch.device("cuda" if cuda else "cpu")
@@ -313,6 +357,9 @@ class QwenVLProfiler(Profiler):
         self.model: Any = None  # loaded on first use
         self.tokenizer: Any = None
         self.image_processor: Any = None
+        self.fast_path_check: dict[str, Any] = {}
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._vision_aux_cache: dict[tuple, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ identity
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -331,6 +378,8 @@ class QwenVLProfiler(Profiler):
             dtype=str(self.dtype).replace("torch.", ""),
             code=_CODE_VERSION,
         )
+        if self.prompt_position != "after":  # only when set: caches written before this option stay valid
+            fields["prompt_position"] = self.prompt_position
         if self.mode == "scored":
             fields["skeleton"] = SKELETON_VERSION
         else:
@@ -362,7 +411,19 @@ class QwenVLProfiler(Profiler):
             self.load_kwargs["attn_implementation"] = self.attn_implementation
         if self.device_map is not None:
             self.load_kwargs["device_map"] = self.device_map
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_name, **self.load_kwargs)
+        if self.device_map is None and self.device.type == "cuda":
+            # straight into GPU memory (no full copy in host memory first): part of the start-up of every process
+            try:
+                model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    self.model_name, **self.load_kwargs, device_map={"": str(self.device)}
+                )
+            except Exception as e:  # e.g. a transformers without device maps: the old way below
+                logger.info("loading onto %s directly failed (%s): loading, then moving", self.device, e)
+                model = None
+        else:
+            model = None
+        if model is None:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_name, **self.load_kwargs)
         if self.device_map is None:
             model = model.to(self.device)
         model.eval()
@@ -376,10 +437,16 @@ class QwenVLProfiler(Profiler):
         self._input_device = model.get_input_embeddings().weight.device
         self._pixel_device = model.model.visual.patch_embed.proj.weight.device
         self._setup_text()
+        self._lm_takes_cache = "cache" in inspect.signature(model.model.language_model.forward).parameters
         self._fast_pixels = self._check_fast_pixels()
         self.vision_attention = model.config.vision_config._attn_implementation
         if self.packed_vision_attention and "flash" not in str(self.vision_attention):
             self._enable_packed_vision_attention()
+        self._prefix_kv, self._vision_aux_cache = None, {}
+        if self.mode == "scored" and self.fast_forward:
+            self._check_fast_path()
+        if self.compile is not None:
+            self._apply_compile()
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -388,7 +455,10 @@ class QwenVLProfiler(Profiler):
         tok, cfg = self.tokenizer, self.model.config
         if getattr(tok, "chat_template", None) is None:
             raise ValueError(f"{self.model_name}: the tokenizer has no chat template (chat_template.jinja missing?)")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        content = [{"type": "image"}, {"type": "text", "text": self.prompt}]
+        if self.prompt_position == "before":
+            content.reverse()
+        messages = [{"role": "user", "content": content}]
         chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self._encode(chat)
         self.image_token_id = int(cfg.image_token_id)
@@ -533,7 +603,7 @@ class QwenVLProfiler(Profiler):
             chunks.append(x.reshape(b * gh * gw, c * t * p * p).to(dtype))
             grids += [[1, gh, gw]] * b
             i = j
-        return {"pixel_values": torch.cat(chunks), "image_grid_thw": torch.tensor(grids, device=device)}
+        return {"pixel_values": torch.cat(chunks), "image_grid_thw": torch.tensor(grids, device=device), "grids": grids}
 
     def _pixels_processor(self, images_u8: list[np.ndarray]) -> dict[str, Any]:
         from PIL import Image
@@ -557,14 +627,21 @@ class QwenVLProfiler(Profiler):
             self._prep_pool = ThreadPoolExecutor(max_workers=self._prep_threads, thread_name_prefix="qwen-img")
         return list(self._prep_pool.map(self._prepare_one, images))
 
-    def _build_inputs(self, prepared: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def _vision_inputs(self, prepared: list[np.ndarray]) -> dict[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` on the vision tower's device, ``grids`` the same grid on the host."""
         if self._fast_pixels:
-            vis = self._pixels_fast(prepared, self._pixel_device, self.dtype)
-        else:
-            vis = {k: v.to(self._pixel_device) for k, v in self._pixels_processor(prepared).items()}
-            vis["pixel_values"] = vis["pixel_values"].to(self.dtype)
+            return self._pixels_fast(prepared, self._pixel_device, self.dtype)
+        vis = self._pixels_processor(prepared)
+        grids = vis["image_grid_thw"].tolist()
+        vis = {k: v.to(self._pixel_device) for k, v in vis.items()}
+        vis["pixel_values"] = vis["pixel_values"].to(self.dtype)
+        vis["grids"] = grids
+        return vis
+
+    def _build_inputs(self, prepared: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        vis = self._vision_inputs(prepared)
         merge = self.image_processor.merge_size**2
-        n_img = (vis["image_grid_thw"].prod(-1) // merge).tolist()
+        n_img = [t * h * w // merge for t, h, w in vis["grids"]]
         tail = self._skeleton_ids if self.mode == "scored" else []
         rows = [self._prefix_ids + [self.image_token_id] * n + self._suffix_ids + tail for n in n_img]
         length = max(len(r) for r in rows)
@@ -606,16 +683,211 @@ class QwenVLProfiler(Profiler):
 
     def _run_batch(self, prepared: list[np.ndarray]) -> list[VLMProfile]:
         with torch.inference_mode():
-            inputs = self._build_inputs(prepared)
-            out = self._scored(inputs) if self.mode == "scored" else self._generate(inputs)
+            if self.mode == "scored" and self.fast_forward:
+                out = self._readout(self._scored_logits_fast(prepared))
+            elif self.mode == "scored":
+                out = self._readout(self._scored_logits(self._build_inputs(prepared)))
+            else:
+                out = self._generate(self._build_inputs(prepared))
         self.stats["images"] += len(out)
         self.stats["fallbacks"] += sum(p.is_fallback for p in out)
         return out
 
-    def _scored(self, inputs: dict[str, torch.Tensor]) -> list[VLMProfile]:
+    def _scored_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stock path: ``model(**inputs)`` on left-padded rows, logits kept at the read positions only."""
         length = inputs["input_ids"].shape[1]
         keep = (self._read_offsets + length).to(self._input_device)
-        logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, reads, vocab)
+        inputs = {k: v for k, v in inputs.items() if k != "grids"}
+        return self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, reads, vocab)
+
+    # ------------------------------------------------------------------ scored mode, own forward
+    def _row_positions(self, n_prefix: int, grid: Sequence[int], n_after: int) -> np.ndarray:
+        """mrope positions ``(3, n)`` of one row: ``n_prefix`` text tokens, one image, ``n_after`` text tokens.
+
+        The layout ``get_rope_index`` gives a still image: text tokens count up on all three axes; the image's
+        tokens sit at (start, start + row, start + column) of its merged grid; text resumes at start + max(rows,
+        columns).
+        """
+        m = self.image_processor.merge_size
+        t, gh, gw = (int(v) for v in grid)
+        lh, lw = gh // m, gw // m
+        pre = np.arange(n_prefix)
+        start = n_prefix
+        img_t = np.full(t * lh * lw, start)
+        img_h = np.tile(np.repeat(np.arange(lh), lw), t) + start
+        img_w = np.tile(np.arange(lw), t * lh) + start
+        post = start + max(lh, lw) + np.arange(n_after)
+        return np.stack([np.concatenate([pre, a, post]) for a in (img_t, img_h, img_w)])
+
+    def _vision_aux(self, grids: list[list[int]]) -> dict[str, Any]:
+        """The vision tower's index tables for these image grids, built once per distinct list of grids.
+
+        ``transformers.vision_utils`` lets a caller pass them precomputed; without it (older transformers) nothing is
+        passed and the tower builds them itself.
+        """
+        key = tuple(tuple(int(v) for v in g) for g in grids)
+        aux = self._vision_aux_cache.get(key)
+        if aux is not None:
+            return aux
+        try:
+            from transformers import vision_utils as vu
+        except ImportError:
+            return {}
+        visual = self.model.model.visual
+        cfg = visual.config
+        grid = torch.tensor(key, dtype=torch.long)
+        cu = vu.get_vision_cu_seqlens(grid)
+        pos = vu.get_vision_position_ids(grid, visual.spatial_merge_size)
+        win, cu_win = vu.get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        impl = str(cfg._attn_implementation)
+        # flash-attention kernels read the segment boundaries on the device; SDPA and the packed path read them as
+        # Python lists, so keeping them on the host saves one device sync per layer
+        seg_dev = self._pixel_device if ("flash" in impl and impl != _PACKED_ATTN) else torch.device("cpu")
+        aux = {
+            "position_ids": pos.to(self._pixel_device),
+            "window_index": win.to(self._pixel_device),
+            "cu_seqlens": cu.to(seg_dev),
+            "cu_window_seqlens": cu_win.to(seg_dev),
+            "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+            "max_window_seqlen": int((cu_win[1:] - cu_win[:-1]).max()),
+        }
+        if len(self._vision_aux_cache) >= 16:
+            self._vision_aux_cache.pop(next(iter(self._vision_aux_cache)))
+        self._vision_aux_cache[key] = aux
+        return aux
+
+    def _lm_call(self, **kwargs: Any) -> Any:
+        """The language model's forward; ``cache`` is renamed where transformers still calls it ``past_key_values``."""
+        lm = self.model.model.language_model
+        if "cache" in kwargs and not self._lm_takes_cache:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        return lm(**kwargs)
+
+    def _new_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config.text_config)
+
+    @staticmethod
+    def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
+
+    def _shared_prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the chat text before the image tokens (batch 1), computed once."""
+        if self._prefix_kv is None:
+            ids = torch.tensor([self._prefix_ids], device=self._input_device)
+            n = ids.shape[1]
+            pos = torch.arange(n, device=self._input_device).view(1, 1, n).expand(3, 1, n)
+            out = self._lm_call(
+                inputs_embeds=self.model.get_input_embeddings()(ids),
+                attention_mask=torch.ones_like(ids),
+                position_ids=pos,
+                cache=self._new_cache(),
+                use_cache=True,
+            )
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            self._prefix_kv = self._cache_layers(cache)
+        return self._prefix_kv
+
+    def _scored_logits_fast(self, prepared: list[np.ndarray], prefix_cache: bool | None = None) -> torch.Tensor:
+        """Logits ``(B, reads, vocab)`` at the read positions, from the profiler's own forward (module docstring)."""
+        prefix_cache = self.prefix_cache if prefix_cache is None else prefix_cache
+        vis = self._vision_inputs(prepared)
+        grids = vis["grids"]
+        merge = self.image_processor.merge_size**2
+        n_img = [t * h * w // merge for t, h, w in grids]
+        after = self._suffix_ids + self._skeleton_ids
+        n_pre = len(self._prefix_ids)
+        head = [] if prefix_cache else self._prefix_ids
+        rows = [head + [self.image_token_id] * n + after for n in n_img]
+        lengths = [len(r) for r in rows]
+        length = max(lengths)
+        ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), n_pre * prefix_cache + length), dtype=np.int64)
+        pos = np.zeros((3, len(rows), length), dtype=np.int64)
+        for i, (r, g) in enumerate(zip(rows, grids)):  # right padding: each row starts right after the prefix
+            ids[i, : len(r)] = r
+            mask[i, : n_pre * prefix_cache + len(r)] = 1
+            p = self._row_positions(n_pre, g, len(after))
+            pos[:, i, : len(r)] = p[:, n_pre:] if prefix_cache else p
+        dev = self._input_device
+        ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
+        visual = self.model.model.visual
+        feats = visual(
+            vis["pixel_values"].type(visual.dtype), grid_thw=vis["image_grid_thw"], **self._vision_aux(grids)
+        )
+        embeds = self.model.get_input_embeddings()(ids_t)
+        image_mask = (ids_t == self.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_mask, feats.pooler_output.to(embeds.device, embeds.dtype))
+        cache = None
+        if prefix_cache:
+            b = len(rows)
+            cache = self._new_cache(
+                [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in self._shared_prefix_kv()]
+            )
+        hidden = self._lm_call(
+            inputs_embeds=embeds,
+            attention_mask=torch.from_numpy(mask).to(dev, non_blocking=True),
+            position_ids=torch.from_numpy(pos).to(dev, non_blocking=True),
+            cache=cache,
+            use_cache=prefix_cache,
+        ).last_hidden_state
+        # logits at position p predict token p + 1: each row's read positions, counted back from its own end
+        read = torch.tensor(lengths).unsqueeze(1) + self._read_offsets.unsqueeze(0)  # (B, reads)
+        rows_idx = torch.arange(len(rows)).unsqueeze(1)
+        picked = hidden[rows_idx.to(hidden.device), read.to(hidden.device)]  # (B, reads, hidden)
+        return self.model.lm_head(picked)
+
+    def _check_fast_path(self) -> None:
+        """Compare the own forward (with and without the prefix cache) against ``model(**inputs)`` on two images.
+
+        Two images of different sizes, so padding, several image grids and the read positions of rows of unequal
+        length are all exercised; a disagreement beyond rounding switches the fast path (or the prefix cache) off.
+        """
+        rng = np.random.default_rng(0)
+        imgs = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((61, 93), (84, 56))]
+        prepared = [self._resize(u) if self._fast_pixels else u for u in imgs]
+        tol = 1e-3 if self.dtype == torch.float32 else 0.1
+        with torch.inference_mode():
+            ref = self._readout(self._scored_logits(self._build_inputs(prepared)), count=False)
+            ref_v = np.array([p.to_vector()[:6] for p in ref])
+            result: dict[str, Any] = {"tolerance": tol}
+            for name, use_prefix in (("fast_forward", False), ("prefix_cache", True)):
+                try:
+                    got = self._readout(self._scored_logits_fast(prepared, prefix_cache=use_prefix), count=False)
+                    diff = float(np.abs(np.array([p.to_vector()[:6] for p in got]) - ref_v).max())
+                except Exception as e:  # transformers changed under us: keep the stock path, say why
+                    logger.warning("scored %s path failed (%s: %s): not used", name, type(e).__name__, e)
+                    diff = float("inf")
+                result[f"{name}_max_abs_diff"] = diff
+        self.fast_path_check = result
+        if not result["fast_forward_max_abs_diff"] <= tol:
+            logger.warning("scored fast path disagrees with the stock forward (%s): using the stock forward", result)
+            self.fast_forward = False
+        elif self.prefix_cache and not result["prefix_cache_max_abs_diff"] <= tol:
+            logger.warning("prefix KV cache disagrees with the stock forward (%s): not used", result)
+            self.prefix_cache = False
+
+    def _apply_compile(self) -> None:
+        """Regional ``torch.compile``: each decoder layer / vision block compiled in place (one graph, reused)."""
+        inner = self.model.model
+        blocks: list[torch.nn.Module] = []
+        if self.compile in ("all", "text"):
+            blocks += list(inner.language_model.layers)
+        if self.compile in ("all", "vision"):
+            blocks += list(inner.visual.blocks)
+        import torch._dynamo
+
+        # the decoder layers differ only by their layer index: do not recompile once per layer
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for blk in blocks:
+            blk.compile()
+
+    def _readout(self, logits: torch.Tensor, count: bool = True) -> list[VLMProfile]:
+        """Profiles from the logits ``(B, reads, vocab)`` at the read positions."""
         lse = torch.logsumexp(logits.float(), dim=-1)  # (B, reads): normaliser of the full distribution
         probs, mass = [], torch.zeros(logits.shape[0], device=logits.device)
         for r, allowed in enumerate(self._allowed):
@@ -633,7 +905,8 @@ class QwenVLProfiler(Profiler):
                 columns.append(first[:, 1] + first[:, 0] * (probs[r + 1] * digits).sum(-1) / 10.0)
                 r += 2
         values = torch.stack(columns, dim=1).cpu().tolist()  # one device sync per batch
-        self.stats["allowed_mass_sum"] += float(mass.sum()) / len(self._reads)
+        if count:
+            self.stats["allowed_mass_sum"] += float(mass.sum()) / len(self._reads)
         fields = [f for _, f, _ in _SLOTS]
         out = []
         for row in values:
@@ -663,6 +936,7 @@ class QwenVLProfiler(Profiler):
         """Pickled / copied without the model, threads or lock: a copy (e.g. in a DataLoader worker) is unloaded."""
         state = self.__dict__.copy()
         state.update(model=None, tokenizer=None, image_processor=None, _lock=None, _prep_pool=None)
+        state.update(_prefix_kv=None, _vision_aux_cache={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

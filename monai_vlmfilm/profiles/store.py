@@ -472,7 +472,22 @@ class ProfileStore:
         Raises:
             ImageReadError, OSError: an image cannot be read and ``unreadable`` is None.
         """
-        fp = profiler.fingerprint
+        out, misses, wanted = self.partition(images, profiler.fingerprint, unreadable)
+        for key, prof in zip(misses, self.compute(list(misses.values()), profiler, batch_size)):
+            for j in wanted[key]:
+                out[j] = prof
+        return out  # type: ignore[return-value]
+
+    def partition(
+        self, images: Sequence[Any], fingerprint: str, unreadable: list[tuple[Any, str]] | None = None
+    ) -> tuple[list[VLMProfile | None], dict[str, Lookup], dict[str, list[int]]]:
+        """:meth:`lookup` every image: cached profiles in place, and the misses once per key.
+
+        Returns:
+            ``(profiles, misses, wanted)``: the cached profile of each image (None for a miss or an unreadable image),
+            ``{key: Lookup}`` of the misses (the first image with those pixels), ``{key: [indices into images]}``.
+        """
+        fp = fingerprint
         out: list[VLMProfile | None] = [None] * len(images)
         misses: dict[str, Lookup] = {}
         wanted: dict[str, list[int]] = {}  # same pixels twice in one call: compute once
@@ -490,10 +505,7 @@ class ProfileStore:
                 wanted[found.key].append(i)
             else:
                 misses[found.key], wanted[found.key] = found, [i]
-        for key, prof in zip(misses, self.compute(list(misses.values()), profiler, batch_size)):
-            for j in wanted[key]:
-                out[j] = prof
-        return out  # type: ignore[return-value]
+        return out, misses, wanted
 
     # ----------------------------------------------------------------- listing / maintenance
     def _entry_files(self) -> Iterator[Path]:
