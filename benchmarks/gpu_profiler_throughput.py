@@ -8,13 +8,13 @@
 ``--compare`` (scored mode, one batch size, default 64; writes ``gpu_profiler_compare.md`` / ``.json``) loads the
 model once and measures, on the same images: the stock ``model(**inputs)`` forward (the path before issue 17); the
 profiler's own forward (cached vision index tables, host-side mrope positions, LM head at the read positions);
-plus the prefix KV cache (the new default); the stock per-window vision SDPA instead of the packed one; the prompt
+plus the prefix KV cache (opt-in: it did not pay on the H200); the stock per-window vision SDPA instead of the packed one; the prompt
 before the image (another computation: fingerprinted); regional ``torch.compile`` of the decoder layers, then
 also of the vision blocks (compile time reported apart); everything together. Each row gives images/s, the speed-up
 over the stock forward and the largest profile difference from it on the same images. Then end to end through
 ``precompute`` (PNG decode + hash + preprocessing + model + cache write, ``--e2e-images`` files), before (no
-read-ahead, stock forward) and after (read-ahead, new defaults), and a ``torch.profiler`` summary of one batch of
-the stock and of the new default path: device time per kernel class and how much of the wall time the device idles.
+read-ahead, stock forward) and after (read-ahead, own forward + prefix cache), and a ``torch.profiler`` summary of one batch of
+the stock and of the own-forward path: device time per kernel class and how much of the wall time the device idles.
 
 Builds the exact architecture (text 2048 x 36 layers, 16 heads / 2 kv heads, MLP 11008, vocab 151936, tied
 embeddings, mrope [16, 24, 24], rope theta 1e6; vision depth 32, hidden 1280, out 2048, MLP 3420, 16 heads,
@@ -526,12 +526,12 @@ def compare(args: argparse.Namespace, res: dict[str, Any], folder: Path, images:
         return r
 
     row("stock model(**inputs) forward (before issue 17)", "reference", fast=False, prefix=False)
-    row("own forward (vision tables cached, host mrope positions, head at reads)", "", fast=True, prefix=False)
-    row("own forward + prefix KV cache = NEW DEFAULT", "default", fast=True, prefix=True)
+    row("own forward (vision tables cached, host mrope positions, head at reads)", "default", fast=True, prefix=False)
+    row("own forward + prefix KV cache", "opt-in", fast=True, prefix=True)
     if packed.startswith("vlmfilm_packed"):
-        row("new default, but stock per-window vision SDPA", "vision attention before issue 8", fast=True,
+        row("own forward + prefix cache, but stock per-window vision SDPA", "vision attention before issue 8", fast=True,
             prefix=True, vision_attn="sdpa")  # fmt: skip
-    row("new default + prompt before the image", "another computation (fingerprinted)", fast=True, prefix=True,
+    row("own forward + prefix cache + prompt before the image", "another computation (fingerprinted)", fast=True, prefix=True,
         before=True)  # fmt: skip
 
     # ---------------------------------------------------------------- end to end through precompute
@@ -547,7 +547,7 @@ def compare(args: argparse.Namespace, res: dict[str, Any], folder: Path, images:
     res["trace"] = {}
     for name, cfg in (
         ("stock forward", {"fast": False, "prefix": False}),
-        ("new default", {"fast": True, "prefix": True}),
+        ("own forward + prefix cache", {"fast": True, "prefix": True}),
     ):
         try:
             configure(**cfg)
@@ -572,11 +572,11 @@ def compare(args: argparse.Namespace, res: dict[str, Any], folder: Path, images:
         try:
             prof.compile = "text"
             prof._apply_compile()
-            row("new default + compile (decoder layers)", "compile: first call", fast=True, prefix=True)
+            row("own forward + prefix cache + compile (decoder layers)", "compile: first call", fast=True, prefix=True)
             prof.compile = "all"
             for blk in prof.model.model.visual.blocks:
                 blk.compile()
-            row("new default + compile (decoder layers + vision blocks)", "", fast=True, prefix=True)
+            row("own forward + prefix cache + compile (decoder layers + vision blocks)", "", fast=True, prefix=True)
             row("all together: + compile (all) + prompt before the image", "another computation (fingerprinted)",
                 fast=True, prefix=True, before=True)  # fmt: skip
         except Exception as e:
@@ -606,7 +606,7 @@ def e2e(res: dict[str, Any], prof: Any, configure: Any, n: int, bs: int, size: i
     res["e2e"] = {"images": n, "batch": bs, "rows": []}
     for label, prefetch, cfg in (
         ("before: read each batch, then profile; stock forward", 0, {"fast": False, "prefix": False}),
-        ("after: read-ahead + new default forward", 4, {"fast": True, "prefix": True}),
+        ("after: read-ahead + own forward + prefix cache", 4, {"fast": True, "prefix": True}),
     ):
         configure(**cfg)
         cache = work / f"cache_{prefetch}"

@@ -34,10 +34,12 @@ def stock(tiny_qwen_dir):
 
 @pytest.fixture(scope="module")
 def fast(tiny_qwen_dir):
-    return QwenVLProfiler(tiny_qwen_dir, mode="scored", batch_size=8).load()
+    return QwenVLProfiler(tiny_qwen_dir, mode="scored", batch_size=8, prefix_cache=True).load()
 
 
-def test_fast_path_is_the_default_and_passed_its_load_check(fast):
+def test_fast_path_is_the_default_and_passed_its_load_check(fast, tiny_qwen_dir):
+    default = QwenVLProfiler(tiny_qwen_dir, mode="scored")
+    assert default.fast_forward and not default.prefix_cache  # the cache is opt-in: it did not pay on the GPU
     assert fast.fast_forward and fast.prefix_cache
     chk = fast.fast_path_check
     assert chk["fast_forward_max_abs_diff"] <= 1e-5 and chk["prefix_cache_max_abs_diff"] <= 1e-5

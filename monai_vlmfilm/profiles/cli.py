@@ -139,8 +139,8 @@ def build_profiler(args: argparse.Namespace, local_rank: int = 0) -> Any:
             kw["compile"] = args.compile
         if getattr(args, "no_fast_forward", False):
             kw["fast_forward"] = False
-        if getattr(args, "no_prefix_cache", False):
-            kw["prefix_cache"] = False
+        if getattr(args, "prefix_cache", False):
+            kw["prefix_cache"] = True
     elif name == "heuristic" and getattr(args, "calibration", None):
         kw["calibration"] = args.calibration
     return create_profiler({"name": args.profiler, **kw})
@@ -479,7 +479,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--compile", choices=("text", "vision", "all"), help="Qwen: torch.compile these blocks")
     pre.add_argument("--no-fast-forward", action="store_true", help="Qwen scored mode: the stock model(**inputs)")
-    pre.add_argument("--no-prefix-cache", action="store_true", help="Qwen scored mode: no prefix KV cache")
+    pre.add_argument("--prefix-cache", action="store_true", help="Qwen scored mode: prefill the shared text once")
 
     cal = sub.add_parser("calibrate", help="measure the heuristic profiler's feature statistics on a data set")
     common(cal)
