@@ -28,6 +28,13 @@ if str(ROOT) not in sys.path:
 
 MODELS = ("flow-m:off", "unet")
 SITES = ("dca1", "xcad")
+# paired comparisons reported per difficulty tercile (issue 16): FiLM's worth, and the flow model against the UNet
+TERCILE_PAIRS = (
+    ("flow-m", "flow-m:off"),
+    ("flow-m", "flow-m:shuffle"),
+    ("flow-m", "unet"),
+    ("flow-m-ep1", "unet"),
+)
 
 
 def oof_errors(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
@@ -41,6 +48,40 @@ def oof_errors(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]
             for x in r["records"]:
                 acc.setdefault((x["site"], r["model"]), {}).setdefault(x["image"], []).append(1.0 - x["dice"])
     return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
+
+
+def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(site, model): {image: Dice}}`` of every model in the cross-validation jobs (repeats averaged)."""
+    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for f in jobs_files:
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("setting") not in ("dca1_cv", "xcad_cv") or "records" not in r:
+                continue
+            for x in r["records"]:
+                acc.setdefault((x["site"], r["model"]), {}).setdefault(x["image"], []).append(x["dice"])
+    return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
+
+
+def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[dict]:
+    """Paired Dice differences (points, bootstrap 95 % CI) of ``TERCILE_PAIRS`` per site, overall and per tercile of
+    the heuristic profile's difficulty (terciles over the images both models have)."""
+    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
+
+    rows = []
+    for site in SITES:
+        for a, b in TERCILE_PAIRS:
+            da, db = dice.get((site, a), {}), dice.get((site, b), {})
+            names = sorted(set(da) & set(db) & set(difficulty.get(site, {})))
+            if len(names) < 15:
+                continue
+            terc = difficulty_terciles([difficulty[site][n] for n in names])
+            diffs = np.array([100 * (da[n] - db[n]) for n in names])
+            for t, label in ((None, "all"), (0, "easiest"), (1, "middle"), (2, "hardest")):
+                sel = diffs if t is None else diffs[terc == t]
+                d = paired_difference(list(sel)).to_dict()
+                rows.append({"site": site, "comparison": f"{a} - {b}", "tercile": label, "n": int(len(sel)), **d})
+    return rows
 
 
 def spearman_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -96,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"site": site, "model": model, "variable": key, "n": len(names), "rho": rho,
                              "ci_lo": lo, "ci_hi": hi})  # fmt: skip
     meta = {"date": datetime.date.today().isoformat(), "machine": "CPU", "command": " ".join(sys.argv), "jobs": a.jobs}
+    difficulty = {site: {n: v["profile:difficulty"] for n, v in feats.items()} for site, feats in per_site.items()}
+    terciles = tercile_rows(oof_dice(a.jobs), difficulty)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_vs_error.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    (out / "profile_vs_error.json").write_text(json.dumps({**meta, "rows": rows, "terciles": terciles}, indent=1))
     lines = [
         f"{meta['date']}, `{meta['command']}`",
         "",
@@ -115,6 +158,25 @@ def main(argv: list[str] | None = None) -> int:
                 r = next((r for r in rows if r["variable"] == var and r["site"] == s and r["model"] == m), None)
                 cells.append("–" if r is None else f"{r['rho']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]")
         lines.append(f"| {var} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired Dice differences (points) [95 % bootstrap CI] per tercile of the heuristic difficulty (5-fold CV, "
+        "out of fold):",
+        "",
+        "| site | comparison | all | easiest third | middle third | hardest third |",
+        "|---|---|---|---|---|---|",
+    ]
+    for site in SITES:
+        for comp in dict.fromkeys(r["comparison"] for r in terciles if r["site"] == site):
+            cells = [
+                next(
+                    f"{r['mean']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}] (n {r['n']})"
+                    for r in terciles
+                    if r["site"] == site and r["comparison"] == comp and r["tercile"] == t
+                )
+                for t in ("all", "easiest", "middle", "hardest")
+            ]
+            lines.append(f"| {site} | {comp} | " + " | ".join(cells) + " |")
     (out / "profile_vs_error.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
