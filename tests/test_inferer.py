@@ -243,3 +243,37 @@ def test_whole_image_padding_to_the_network_multiple():
     assert set(seen) == {(32, 24), (24, 32)}
     with pytest.raises(AssertionError):
         FlowSegInferer(num_steps=1, mask_channels=1)(image, needs_multiple_of_8)
+
+
+def test_channels_last_gives_the_same_probabilities():
+    """The CPU default of inference.yaml: the same segmentation in another memory layout (weights converted once)."""
+    import copy
+
+    image, profile = data(b=2, size=40, seed=3)
+    torch.manual_seed(0)
+    ref_net = FiLMFlowUNet(**NET).eval()
+    g = torch.Generator().manual_seed(1)
+    for name, p in ref_net.named_parameters():  # non-zero output and FiLM heads, as the `net` fixture
+        if name.startswith(("out.2", "film_heads", "profile_encoder")):
+            p.data.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("out") else 1.0))
+    cl_net = copy.deepcopy(ref_net)
+    kw = dict(num_steps=2, num_samples=2, seed=4, tta="flip", return_uncertainty=True)
+    with torch.no_grad():
+        ref = FlowSegInferer(**kw)(image, ref_net, profile)
+        got = FlowSegInferer(channels_last=True, **kw)(image, cl_net, profile)
+        again = FlowSegInferer(channels_last=True, **kw)(image, cl_net, profile)  # already converted: same again
+    conv = cl_net.conv_in.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert ref_net.conv_in.conv.weight.is_contiguous()  # the default layout is left alone
+    # float32 rounding differs between the layouts (measured up to 1.5e-5 here): the masks do not
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    mean, ref_mean = got[:, :1], ref[:, :1]
+    decided = (ref_mean - 0.5).abs() > 1e-4
+    assert torch.equal((mean > 0.5)[decided], (ref_mean > 0.5)[decided]) and decided.float().mean() > 0.9
+    assert torch.equal(got, again)
+    assert got.is_contiguous()
+    # 3D inputs have no channels_last layout: the option leaves them as they are
+    net3 = FiLMFlowUNet(**{**TINY_FLOW_NET, "spatial_dims": 3}).eval()
+    with torch.no_grad():
+        out3 = FlowSegInferer(channels_last=True, num_steps=1, seed=0)(torch.rand(1, 1, 16, 16, 16), net3)
+    assert out3.shape == (1, 1, 16, 16, 16)
