@@ -3,7 +3,7 @@
     # on the GPU machine (data copied to .carry/data, MONAI / ignite wheels in .whl; see benchmarks/BENCHMARKS.md):
     python benchmarks/flow_vs_unet.py --settings dca1_cv,xcad_cv --models unet,flow-m --seeds 0 --iterations 3000
     python benchmarks/flow_vs_unet.py --settings dca1_to_xcad,xcad_to_dca1 --models unet,flow-m --seeds 0,1,2
-    python benchmarks/flow_vs_unet.py --plan "ship=flow-m@6000,flow-m,unet;xcad_cv=flow-m,unet"  # + the bundle's model
+    python benchmarks/flow_vs_unet.py --plan "ship=flow-m-ep1;xcad_cv=flow-m-ep1" --folds 2,3,4  # + the bundle's model
     python benchmarks/flow_vs_unet.py --smoke                                      # CPU, tiny sizes, a few min
     python benchmarks/flow_vs_unet.py --summarise benchmarks/results/flow_vs_unet_jobs.jsonl   # tables from results
 
@@ -22,9 +22,12 @@ Settings: ``dca1_cv`` / ``xcad_cv`` (5-fold cross-validation over all images, fo
 ``dca1_to_xcad`` / ``xcad_to_dca1`` (train on every image of one site, test on every image of the other),
 ``ship`` (train on both sites' ``training`` splits, report each site's ``validation`` split with uncertainty-map
 figures, save the EMA weights as float16 shards ``model_ship_<model>_s<seed>.<i>.pt``). Models: ``unet``,
-``flow-s`` / ``flow-m`` / ``flow-l`` (FiLM on), with ``:off`` (no FiLM) or ``:shuffle`` (each image gets another
-training image's profile) and ``@N`` (N iterations instead of ``--iterations``); ``--plan`` gives each group of
-settings its own models. Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
+``flow-s`` / ``flow-m`` / ``flow-l`` (FiLM on), ``flow-m-ep1`` (flow-m trained with every crop at the endpoint, the
+bundle's recipe since 0.5.0), ``flow-me`` (flow-m + ``ImageSkipEncoder``), ``flow-m5`` (five levels), with ``:off``
+(no FiLM) or ``:shuffle`` (each image gets another training image's profile) and ``@N`` (N iterations instead of
+``--iterations``); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
+A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
+25,000 iterations per 9-minute call (jobs that miss the deadline are lost). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
 ``$OUT/jobs.jsonl``; ``summary.md`` / ``summary.json`` hold per-setting means and paired bootstrap 95 % CIs
 (flow − UNet, per image, seeds averaged first) from :mod:`monai_vlmfilm.ablation.stats`; ``latency.json`` the
 inference latency of both models measured before training starts (batch 1, bf16, idle GPU).
