@@ -4,6 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# pytest-xdist workers (the test extra installs it), one test file per worker at a time (module / session fixtures
+# built once per file), the slowest files first (tests/conftest.py, SLOW_MODULES_FIRST; xdist's own reordering by test
+# count is turned off). On the 2-core machine the suite took 4.6-6 min with 2 workers, about 8.5-9 min in one
+# process (benchmarks/BENCHMARKS.md section 11). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint e2e-monailabel clean
 
@@ -15,7 +20,7 @@ demo: setup
 
 # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
 test: setup
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: setup
