@@ -140,6 +140,21 @@ def test_one_network_def_for_training_and_inference():
     assert train["network_def"]["_target_"] == "monai_vlmfilm.networks.FiLMFlowUNet"
 
 
+@pytest.mark.parametrize(
+    "device, expected",
+    [("cpu", True), ("cuda:0", False), ("$torch.device('cpu')", True), ("$torch.device('cuda:0')", False)],
+)
+def test_inference_channels_last_follows_the_device(device, expected):
+    """channels_last is on for the CPU only, whether ``device`` is a torch.device (bundle run) or the plain string
+    MONAI Label puts there (a string once broke every /infer with a 500)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser["device"] = device
+    assert parser.get_parsed_content("inferer").channels_last is expected
+
+
 def test_switch_in_parsed_config(data, tmp_path):
     """use_vlm_film switches transform, FiLM heads and handler; OFF has exactly DiffusionModelUNet's state_dict keys."""
     from monai.bundle import ConfigParser
