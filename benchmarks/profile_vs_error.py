@@ -37,19 +37,6 @@ TERCILE_PAIRS = (
 )
 
 
-def oof_errors(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(site, model): {image: 1 - Dice}}`` from the cross-validation jobs (seeds and repeats averaged)."""
-    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for f in jobs_files:
-        for line in Path(f).read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("setting") not in ("dca1_cv", "xcad_cv") or r.get("model") not in MODELS or "records" not in r:
-                continue
-            for x in r["records"]:
-                acc.setdefault((x["site"], r["model"]), {}).setdefault(x["image"], []).append(1.0 - x["dice"])
-    return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
-
-
 def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
     """``{(site, model): {image: Dice}}`` of every model in the cross-validation jobs (repeats averaged)."""
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -61,6 +48,11 @@ def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
             for x in r["records"]:
                 acc.setdefault((x["site"], r["model"]), {}).setdefault(x["image"], []).append(x["dice"])
     return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
+
+
+def oof_errors(dice: dict[tuple[str, str], dict[str, float]]) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(site, model): {image: 1 - Dice}}`` of the ``MODELS`` whose errors are set against the profile."""
+    return {k: {img: 1.0 - v for img, v in d.items()} for k, d in dice.items() if k[1] in MODELS}
 
 
 def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[dict]:
@@ -109,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from monai_vlmfilm.data.datalist import read_array
     from monai_vlmfilm.profiles.heuristic import FEATURES, HeuristicProfiler, image_features
 
-    errors = oof_errors(a.jobs)
+    dice = oof_dice(a.jobs)
+    errors = oof_errors(dice)
     prof = HeuristicProfiler()
     fields = ("difficulty", "confidence", "boundary", "thin_structure", "small_objects", "clutter")
     rows, per_site = [], {}
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                              "ci_lo": lo, "ci_hi": hi})  # fmt: skip
     meta = {"date": datetime.date.today().isoformat(), "machine": "CPU", "command": " ".join(sys.argv), "jobs": a.jobs}
     difficulty = {site: {n: v["profile:difficulty"] for n, v in feats.items()} for site, feats in per_site.items()}
-    terciles = tercile_rows(oof_dice(a.jobs), difficulty)
+    terciles = tercile_rows(dice, difficulty)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_vs_error.json").write_text(json.dumps({**meta, "rows": rows, "terciles": terciles}, indent=1))

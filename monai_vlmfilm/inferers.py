@@ -238,7 +238,9 @@ class FlowSegInferer(Inferer):
                 f"{c_m + image.shape[1]}."
             )
         if self.channels_last and image.ndim == 4 and isinstance(net, torch.nn.Module):
-            net.to(memory_format=torch.channels_last)  # in place; a no-op once converted
+            layout = torch.channels_last
+            if any(w.ndim == 4 and not w.is_contiguous(memory_format=layout) for w in net.parameters()):
+                net.to(memory_format=layout)  # in place, once: later calls find every weight converted
         s = self.num_samples
         b, c_img, *spatial = image.shape
         multiple = self.divisible_by

@@ -245,18 +245,12 @@ def test_whole_image_padding_to_the_network_multiple():
         FlowSegInferer(num_steps=1, mask_channels=1)(image, needs_multiple_of_8)
 
 
-def test_channels_last_gives_the_same_probabilities():
+def test_channels_last_gives_the_same_probabilities(net):
     """The CPU default of inference.yaml: the same segmentation in another memory layout (weights converted once)."""
     import copy
 
     image, profile = data(b=2, size=40, seed=3)
-    torch.manual_seed(0)
-    ref_net = FiLMFlowUNet(**NET).eval()
-    g = torch.Generator().manual_seed(1)
-    for name, p in ref_net.named_parameters():  # non-zero output and FiLM heads, as the `net` fixture
-        if name.startswith(("out.2", "film_heads", "profile_encoder")):
-            p.data.copy_(torch.randn(p.shape, generator=g) * (0.3 if name.startswith("out") else 1.0))
-    cl_net = copy.deepcopy(ref_net)
+    ref_net, cl_net = copy.deepcopy(net), copy.deepcopy(net)  # copies: the module-scoped fixture stays as it is
     kw = dict(num_steps=2, num_samples=2, seed=4, tta="flip", return_uncertainty=True)
     with torch.no_grad():
         ref = FlowSegInferer(**kw)(image, ref_net, profile)
