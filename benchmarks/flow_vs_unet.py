@@ -24,7 +24,8 @@ Settings: ``dca1_cv`` / ``xcad_cv`` (5-fold cross-validation over all images, fo
 figures, save the EMA weights as float16 shards ``model_ship_<model>_s<seed>.<i>.pt``). Models: ``unet``,
 ``flow-s`` / ``flow-m`` / ``flow-l`` (FiLM on), ``flow-m-ep1`` (flow-m trained with every crop at the endpoint, the
 bundle's recipe since 0.5.0), ``flow-me`` (flow-m + ``ImageSkipEncoder``), ``flow-m5`` (five levels), with ``:off``
-(no FiLM) or ``:shuffle`` (each image gets another training image's profile) and ``@N`` (N iterations instead of
+(no FiLM), ``:shuffle`` (each image gets another image's profile of the same split) or ``:trainprof`` (trained
+as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
 25,000 iterations per 9-minute call (jobs that miss the deadline are lost). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
@@ -388,6 +389,8 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     if use_profile and info["mode"] == "shuffle":  # the same profiles, each on another image
         rng = np.random.default_rng(1000 + job["seed"])
         p_train, p_test = p_train[rng.permutation(len(p_train))], p_test[rng.permutation(len(p_test))]
+    if use_profile and info["mode"] == "trainprof":  # trained as "on"; each test image gets a training image's profile
+        p_test = p_train[np.random.default_rng(2000 + job["seed"]).integers(0, len(p_train), len(p_test))]
     if use_profile:
         net.profile_encoder.set_normalization(p_train.mean(0), np.maximum(p_train.std(0), 1e-3))
 
@@ -680,7 +683,9 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 )
             # flow - UNet, and for the profile's worth (issue 16) FiLM on - off and on - shuffled profiles
             pairs = [(m, baseline) for m in per_model if m != baseline and baseline in per_model]
-            pairs += [(m, f"{m}:{v}") for m in per_model for v in ("off", "shuffle") if f"{m}:{v}" in per_model]
+            pairs += [
+                (m, f"{m}:{v}") for m in per_model for v in ("off", "shuffle", "trainprof") if f"{m}:{v}" in per_model
+            ]
             if pairs:
                 for model, ref in pairs:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))
