@@ -261,7 +261,7 @@ def _write_results(ab, jobs, gain: dict[str, float]) -> list:
         mode = j.info["mode"]
         recs = []
         for i, it in enumerate(j.info["eval_items"]):
-            dice = 0.6 + 0.001 * i + (gain[it["site"]] if mode == "on" else 0.0)
+            dice = 0.6 + 0.001 * i + (gain.get(it.get("site"), 0.0) if mode == "on" else 0.0)
             recs.append({"mode": mode, "seed": j.info["seed"], "fold": j.info["fold"], "image": it["image"],
                          "difficulty": ab.difficulty[it["image"]], "dice": dice, "betti1_error": 1.0})  # fmt: skip
         doc = {"mode": mode, "seed": j.info["seed"], "fold": j.info["fold"], "records": recs, "film": None}
@@ -321,6 +321,26 @@ def test_cross_site_report_names_the_setting_and_its_sites(tmp_path, two_sites):
     assert "permutes profiles" not in report  # no shuffle mode ran
 
 
+def test_one_datalist_runs_as_before(tmp_path, two_sites):
+    """A single --datalist: no site tags in the written datalists or records, no site keys in results.json, the
+    across-image shuffle store; the same folds as before sites existed."""
+    from monai_vlmfilm.ablation import data as D
+
+    a, _ = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--folds", "2", "--modes", "off,on,shuffle")
+    ab.split_list = ab.splits()
+    assert ab.setting == "single" and not ab.site_of and not (tmp_path / "abl" / "datalists" / "sites.json").exists()
+    pool = D.training_pool(D.load_datalist(a))
+    assert [ev for _, _, ev in ab.split_list] == D.make_folds(pool, 2, 0)
+    assert all("site" not in it for it in json.loads(ab.split_list[0][1].read_text())["training"])
+    ab.prepare_profiles()
+    ab.prepare_difficulty()
+    assert ab.sources.of("shuffle").dir.name == "shuffle"
+    res = ab.results(_write_results(ab, ab.make_jobs(ab.split_list), {}), 1.0, "CPU")
+    assert not {"setting", "sites", "test_site", "shuffle_within_site"} & set(res)
+    assert all("site" not in r for r in res["records"]) and res["datalist"] == str(a.resolve())
+
+
 def test_site_settings_report_bad_input_clearly(tmp_path, two_sites, capsys):
     from monai_vlmfilm.ablation.cli import main
 
@@ -340,3 +360,15 @@ def test_site_settings_report_bad_input_clearly(tmp_path, two_sites, capsys):
     assert "site name 'siteA' is given twice" in capsys.readouterr().err
     assert main(["--datalist", str(a), "--datalist", str(b), "--folds", "5", *out]) == 2
     assert "site 'siteB': cannot make 5 folds of 4 items" in capsys.readouterr().err
+    # a mode the sites cannot run names the datalists, before anything is written
+    from monai_vlmfilm.ablation import data as D
+
+    real = tmp_path / "real" / "datalist.json"
+    real.parent.mkdir()
+    items = [{k: v for k, v in it.items() if k != "factors"} for it in D.load_datalist(b)["training"]]
+    real.write_text(json.dumps({"training": items}))  # absolute paths to site B's images, without factors
+    fresh = ["--out", str(tmp_path / "fresh")]
+    assert main(["--datalist", str(a), "--test-datalist", str(real), "--modes", "off,oracle", *fresh]) == 2
+    err = capsys.readouterr().err
+    assert "oracle" in err and "real/datalist.json" in err and "siteA" not in err
+    assert not (tmp_path / "fresh").exists()

@@ -377,7 +377,8 @@ class Ablation:
             self.datalist = self.sites[0].datalist
         else:
             self.site_datalists = {s.name: D.tag_site(s.datalist, s.name) for s in all_sites}
-            self.datalist_path, self.datalist = self._write_site_datalist()
+            self.datalist = self._site_datalist()
+            self.datalist_path = self.out / "datalists" / "sites.json"  # written once the settings are checked
             self.site_of = {os.path.abspath(it["image"]): it["site"] for it in D.unique_images(self.datalist)}
         self.synthetic = D.has_factors(D.unique_images(self.datalist))
         if "oracle" in args.mode_list and not self.synthetic:
@@ -405,6 +406,9 @@ class Ablation:
             )
         else:
             self.eval_split = D.eval_split_of(self.datalist, args.eval_split)
+        if self.setting != "single":
+            lists = {k: v for k, v in self.datalist.items() if isinstance(v, list)}
+            D.write_fold_datalist(self.datalist_path, lists, self.datalist["description"])
         # across sites a shuffled profile still tells the network which site an image comes from (the profile acts
         # mostly as a site indicator): within each site only the per-image information is broken
         within = args.shuffle_within_site if args.shuffle_within_site is not None else len(all_sites) > 1
@@ -430,8 +434,8 @@ class Ablation:
         )
 
     # -------------------------------------------------------------------- splits
-    def _write_site_datalist(self) -> tuple[Path, dict[str, Any]]:
-        """``DIR/datalists/sites.json``: every site's items (tagged) in one datalist, and its contents.
+    def _site_datalist(self) -> dict[str, Any]:
+        """Every site's items (tagged) in one datalist, the contents of ``DIR/datalists/sites.json``.
 
         Mixed-site: each split is the concatenation of the sites' splits. Cross-site: ``training`` is every
         training+validation item of the training sites, ``test`` every item of the test datalist. The profile stores,
@@ -452,10 +456,7 @@ class Ablation:
                 "training": [it for dl in dls for it in D.training_pool(dl)],
                 "test": D.unique_images(self.site_datalists[self.test_site.name]),
             }
-        path = D.write_fold_datalist(
-            self.out / "datalists" / "sites.json", {k: v for k, v in doc.items() if isinstance(v, list)}, desc
-        )
-        return path, doc
+        return doc
 
     def splits(self) -> list[tuple[int | None, Path, list[dict[str, Any]]]]:
         """``[(fold, datalist path, evaluation items)]``: one entry without ``--folds``, else one per fold.
