@@ -150,3 +150,225 @@ def test_bundle_root_from_the_option_or_the_working_directory(tmp_path, monkeypa
         bundle_root_of(None)
     with pytest.raises(ValueError, match="not a MONAI bundle folder"):
         bundle_root_of(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ several sites
+
+
+@pytest.fixture()
+def two_sites(tmp_path):
+    """Two tiny synthetic "sites" (different seeds: no shared image), each in a folder named after it."""
+    a = generate_dataset(tmp_path / "siteA", n_train=5, n_val=2, n_test=2, size=32, seed=20)
+    b = generate_dataset(tmp_path / "siteB", n_train=3, n_val=1, n_test=2, size=32, seed=21)
+    return a, b
+
+
+def _ablation(tmp_path, *argv: str):
+    from monai_vlmfilm.ablation.cli import Ablation, parse_args
+
+    args = ["--out", str(tmp_path / "abl"), "--seeds", "0", *argv]
+    return Ablation(parse_args(args), args)
+
+
+def _images(items) -> list[str]:
+    return sorted(it["image"] for it in items)
+
+
+def test_mixed_sites_with_folds_stratify_by_site_and_tag_every_item(tmp_path, two_sites):
+    from monai_vlmfilm.ablation import data as D
+
+    a, b = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--datalist", str(b), "--folds", "3", "--modes", "off,on,shuffle")
+    assert ab.setting == "mixed-site" and [s.name for s in ab.sites] == ["siteA", "siteB"]
+    pools = {s.name: D.training_pool(s.datalist) for s in ab.sites}
+    splits = ab.splits()
+    assert [f for f, _, _ in splits] == [0, 1, 2]
+    # every training+validation item of both sites is evaluated exactly once, with its site
+    held = [it for _, _, ev in splits for it in ev]
+    assert _images(held) == _images(pools["siteA"] + pools["siteB"])
+    assert all(it["site"] == ("siteA" if it["image"].startswith(str(a.parent)) else "siteB") for it in held)
+    # each fold holds out each site's share (7 -> 3/2/2, 4 -> 2/1/1) and trains on the rest of both sites
+    assert [[sum(it["site"] == s for it in ev) for s in ("siteA", "siteB")] for _, _, ev in splits] == [
+        [3, 2],
+        [2, 1],
+        [2, 1],
+    ]
+    for _, path, ev in splits:
+        doc = json.loads(path.read_text())
+        assert _images(doc["training"]) == sorted(set(_images(held)) - set(_images(ev)))
+        assert doc["test"] == doc["validation"] == json.loads(json.dumps(ev))
+        assert {it["site"] for it in doc["training"]} == {"siteA", "siteB"}
+    assert [_images(ev) for _, _, ev in ab.splits()] == [_images(ev) for _, _, ev in splits]  # deterministic
+    # the profile stores cover both sites; shuffle permutes within each site by default, in its own store
+    assert _images(json.loads((tmp_path / "abl" / "datalists" / "sites.json").read_text())["training"]) == _images(
+        ab.datalist["training"]
+    )
+    ab.prepare_profiles()
+    assert ab.shuffle_within_site and ab.sources.of("shuffle").dir.name == "shuffle-in-site"
+    cmd = next(j for j in ab.make_jobs(splits) if j.name == "shuffle_seed0_fold1").steps[0].cmd
+    assert cmd[cmd.index("--profile_cache_dir") + 1].endswith("profiles/shuffle-in-site")
+    store, shuffled = ab.sources.of("on"), ab.sources.of("shuffle")
+    for site in ("siteA", "siteB"):  # the donors: any image of the same site (its test split included)
+        items = [it for it in D.unique_images(ab.datalist) if it["site"] == site]
+        true = {tuple(v) for v in D.profile_vectors(store.dir, items, store.profiler).round(6)}
+        assert {tuple(v) for v in D.profile_vectors(shuffled.dir, items, store.profiler).round(6)} == true
+    across = _ablation(tmp_path, "--datalist", str(a), "--datalist", str(b), "--folds", "3", "--modes", "off,shuffle",
+                       "--no-shuffle-within-site")  # fmt: skip
+    across.prepare_profiles()
+    assert not across.shuffle_within_site and across.sources.of("shuffle").dir.name == "shuffle"
+
+
+def test_mixed_sites_without_folds_pool_the_sites_splits(tmp_path, two_sites):
+    a, b = two_sites
+    ab = _ablation(tmp_path, "--datalist", f"A={a}", "--datalist", f"B={b}", "--modes", "off,on")
+    ((fold, path, ev),) = ab.splits()
+    doc = json.loads(path.read_text())
+    dla, dlb = (ab.site_datalists[n] for n in ("A", "B"))
+    assert fold is None and ab.eval_split == "test" and ab.eval_splits == {"A": "test", "B": "test"}
+    assert _images(ev) == _images(dla["test"] + dlb["test"]) and [it["site"] for it in ev] == ["A"] * 2 + ["B"] * 2
+    assert _images(doc["training"]) == _images(dla["training"] + dlb["training"])
+    ab = _ablation(tmp_path, "--datalist", f"A={a}", "--datalist", f"B={b}", "--eval-split", "validation")
+    assert _images(ab.splits()[0][2]) == _images(
+        ab.site_datalists["A"]["validation"] + ab.site_datalists["B"]["validation"]
+    )
+
+
+def test_cross_site_trains_on_every_item_of_one_site_and_tests_on_every_item_of_the_other(tmp_path, two_sites):
+    from monai_vlmfilm.ablation import data as D
+
+    a, b = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--test-datalist", str(b), "--modes", "off,on,shuffle")
+    assert ab.setting == "cross-site" and ab.test_site.name == "siteB"
+    ((fold, path, ev),) = ab.splits()
+    doc = json.loads(path.read_text())
+    site_a, site_b = D.load_datalist(a), D.load_datalist(b)
+    assert fold is None and path.name == "cross_site.json"
+    assert _images(doc["training"]) == _images(site_a["training"] + site_a["validation"])  # not its test split
+    assert _images(ev) == _images(D.unique_images(site_b)) and len(ev) == 3 + 1 + 2
+    assert {it["site"] for it in doc["training"]} == {"siteA"} and {it["site"] for it in ev} == {"siteB"}
+    assert "siteB" in ab.eval_split and ab.shuffle_within_site
+    ab.prepare_profiles()  # the stores hold the test images too
+    D.profile_vectors(ab.sources.of("shuffle").dir, ev, ab.sources.of("on").profiler)
+
+
+def _write_results(ab, jobs, gain: dict[str, float]) -> list:
+    """Each job's result.json as the collect step writes it (training skipped): Dice 0.6 off / shuffle, 0.6 + the
+    site's gain on; then the outcomes of a rerun that found every job done."""
+    from monai_vlmfilm.ablation.jobs import JobOutcome
+
+    outcomes = []
+    for j in jobs:
+        mode = j.info["mode"]
+        recs = []
+        for i, it in enumerate(j.info["eval_items"]):
+            dice = 0.6 + 0.001 * i + (gain.get(it.get("site"), 0.0) if mode == "on" else 0.0)
+            recs.append({"mode": mode, "seed": j.info["seed"], "fold": j.info["fold"], "image": it["image"],
+                         "difficulty": ab.difficulty[it["image"]], "dice": dice, "betti1_error": 1.0})  # fmt: skip
+        doc = {"mode": mode, "seed": j.info["seed"], "fold": j.info["fold"], "records": recs, "film": None}
+        (j.workdir / "result.json").write_text(json.dumps(doc))
+        outcomes.append(JobOutcome(j, "skipped", 0.0))
+    return outcomes
+
+
+def test_mixed_site_report_gives_results_per_site(tmp_path, two_sites):
+    from monai_vlmfilm.ablation.report import write_report
+
+    a, b = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--datalist", str(b), "--folds", "2", "--modes", "off,on,shuffle")
+    ab.split_list = ab.splits()
+    ab.prepare_profiles()
+    ab.prepare_difficulty()
+    outcomes = _write_results(ab, ab.make_jobs(ab.split_list), {"siteA": 0.05, "siteB": 0.0})
+    res = ab.results(outcomes, 1.0, "CPU")
+    assert res["setting"] == "mixed-site" and res["sites"] == {"siteA": str(a.resolve()), "siteB": str(b.resolve())}
+    assert res["shuffle_within_site"] is True and "test_site" not in res
+    assert {r["site"] for r in res["records"] if r["image"].startswith(str(a.parent))} == {"siteA"}
+    report = write_report(res, tmp_path / "abl", n_boot=200).read_text()
+    saved = json.loads((tmp_path / "abl" / "results.json").read_text())
+    by_site = saved["analysis"]["sites"]
+    assert set(by_site) == {"siteA", "siteB"}
+    # each site's own images: 7 and 4, with its own gain (the pooled one is their weighted mean)
+    on_a, on_b = (by_site[s]["paired"]["on"]["overall"]["dice"] for s in ("siteA", "siteB"))
+    assert (on_a["n"], on_b["n"]) == (7, 4)
+    assert on_a["mean"] == pytest.approx(0.05) and on_b["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert saved["analysis"]["paired"]["on"]["overall"]["dice"]["mean"] == pytest.approx(0.05 * 7 / 11)
+    assert by_site["siteA"]["paired"]["on-vs-shuffle"]["overall"]["dice"]["mean"] == pytest.approx(0.05)
+    assert by_site["siteB"]["summary"]["off"]["dice"]["n_images"] == 4
+    assert "# FiLM conditioning ablation — mixed-site, siteA + siteB" in report
+    assert "setting: **mixed-site** training on 2 sites (siteA, siteB); folds stratified by site" in report
+    assert "permutes profiles within each site" in report
+    assert "## Per site" in report and "### Site `siteA`" in report and "### Site `siteB`" in report
+    site_a = report[report.index("### Site `siteA`") : report.index("### Site `siteB`")]
+    assert "| on − off | 7 | +5.00 pt" in site_a and "| on − shuffle | 7 | +5.00 pt" in site_a
+    assert "| off | " in site_a
+
+
+def test_cross_site_report_names_the_setting_and_its_sites(tmp_path, two_sites):
+    from monai_vlmfilm.ablation.report import write_report
+
+    a, b = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--test-datalist", f"far={b}", "--modes", "off,on")
+    ab.split_list = ab.splits()
+    ab.prepare_profiles()
+    ab.prepare_difficulty()
+    res = ab.results(_write_results(ab, ab.make_jobs(ab.split_list), {"far": 0.02}), 1.0, "CPU")
+    assert res["setting"] == "cross-site" and res["test_site"] == {"far": str(b.resolve())}
+    assert {r["site"] for r in res["records"]} == {"far"} and len(res["records"]) == 2 * 6
+    report = write_report(res, tmp_path / "abl", n_boot=200).read_text()
+    assert "# FiLM conditioning ablation — cross-site, siteA → far" in report
+    assert "setting: **cross-site** — trained on siteA (every training+validation item), evaluated on far" in report
+    assert "## Per site" not in report  # one evaluated site: the pooled tables are its tables
+    assert "permutes profiles" not in report  # no shuffle mode ran
+
+
+def test_one_datalist_runs_as_before(tmp_path, two_sites):
+    """A single --datalist: no site tags in the written datalists or records, no site keys in results.json, the
+    across-image shuffle store; the same folds as before sites existed."""
+    from monai_vlmfilm.ablation import data as D
+
+    a, _ = two_sites
+    ab = _ablation(tmp_path, "--datalist", str(a), "--folds", "2", "--modes", "off,on,shuffle")
+    ab.split_list = ab.splits()
+    assert ab.setting == "single" and not ab.site_of and not (tmp_path / "abl" / "datalists" / "sites.json").exists()
+    pool = D.training_pool(D.load_datalist(a))
+    assert [ev for _, _, ev in ab.split_list] == D.make_folds(pool, 2, 0)
+    assert all("site" not in it for it in json.loads(ab.split_list[0][1].read_text())["training"])
+    ab.prepare_profiles()
+    ab.prepare_difficulty()
+    assert ab.sources.of("shuffle").dir.name == "shuffle"
+    res = ab.results(_write_results(ab, ab.make_jobs(ab.split_list), {}), 1.0, "CPU")
+    assert not {"setting", "sites", "test_site", "shuffle_within_site"} & set(res)
+    assert all("site" not in r for r in res["records"]) and res["datalist"] == str(a.resolve())
+
+
+def test_site_settings_report_bad_input_clearly(tmp_path, two_sites, capsys):
+    from monai_vlmfilm.ablation.cli import main
+
+    a, b = two_sites
+    out = ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main(["--datalist", str(a), "--test-datalist", str(b), "--folds", "2", *out])
+    assert e.value.code == 2 and "--test-datalist" in (err := capsys.readouterr().err) and "--folds" in err
+    with pytest.raises(SystemExit):
+        main(["--datalist", str(a), "--test-datalist", str(b), "--eval-split", "test", *out])
+    assert "--eval-split" in capsys.readouterr().err
+    # the test datalist holds a training image; two datalists under one site name; a site too small for the folds
+    assert main(["--datalist", str(a), "--test-datalist", f"again={a}", *out]) == 2
+    err = capsys.readouterr().err
+    assert "is in two datalists" in err and str(a.resolve()) in err
+    assert main(["--datalist", str(a), "--datalist", f"siteA={b}", *out]) == 2
+    assert "site name 'siteA' is given twice" in capsys.readouterr().err
+    assert main(["--datalist", str(a), "--datalist", str(b), "--folds", "5", *out]) == 2
+    assert "site 'siteB': cannot make 5 folds of 4 items" in capsys.readouterr().err
+    # a mode the sites cannot run names the datalists, before anything is written
+    from monai_vlmfilm.ablation import data as D
+
+    real = tmp_path / "real" / "datalist.json"
+    real.parent.mkdir()
+    items = [{k: v for k, v in it.items() if k != "factors"} for it in D.load_datalist(b)["training"]]
+    real.write_text(json.dumps({"training": items}))  # absolute paths to site B's images, without factors
+    fresh = ["--out", str(tmp_path / "fresh")]
+    assert main(["--datalist", str(a), "--test-datalist", str(real), "--modes", "off,oracle", *fresh]) == 2
+    err = capsys.readouterr().err
+    assert "oracle" in err and "real/datalist.json" in err and "siteA" not in err
+    assert not (tmp_path / "fresh").exists()

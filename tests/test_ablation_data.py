@@ -123,3 +123,100 @@ def test_metric_csv_parsing(tmp_path):
     assert np.isinf(out["/a/x.png"]["hd95"])
     with pytest.raises(ValueError, match="no per-image metric CSV"):
         parse_metric_csvs(tmp_path / "sub" / "none")
+
+
+# ------------------------------------------------------------------------------------------------ several sites
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny synthetic "sites" (different seeds, so no image is shared), each in a folder named after it."""
+    root = tmp_path_factory.mktemp("sites")
+    a = generate_dataset(root / "siteA", n_train=5, n_val=2, n_test=2, size=32, seed=10)
+    b = generate_dataset(root / "siteB", n_train=3, n_val=1, n_test=2, size=32, seed=11)
+    return a, b
+
+
+def test_site_specs_name_the_site(tmp_path):
+    name, path = D.parse_site_spec(str(tmp_path / "xcad" / "datalist.json"))
+    assert (name, path) == ("xcad", (tmp_path / "xcad" / "datalist.json").resolve())
+    assert D.parse_site_spec(f"dca1={tmp_path / 'x' / 'd.json'}")[0] == "dca1"
+    # a '=' inside the path is not a name separator; a folder name that is no site name asks for NAME=PATH
+    odd = tmp_path / "a=b" / "d.json"
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        D.parse_site_spec(str(odd))
+    assert D.parse_site_spec(f"s1={odd}") == ("s1", odd.resolve())
+    with pytest.raises(ValueError, match="names no file"):
+        D.parse_site_spec("s1=")
+
+
+def test_sites_load_tag_and_refuse_duplicates(two_sites, tmp_path):
+    a, b = two_sites
+    sites = D.load_sites([str(a), f"other={b}"])
+    assert [s.name for s in sites] == ["siteA", "other"] and sites[0].path == a.resolve()
+    assert "site" not in sites[0].datalist["training"][0]  # the loaded datalist is left as it is
+    tagged = D.tag_site(sites[0].datalist, "siteA")
+    assert {it["site"] for it in D.unique_images(tagged)} == {"siteA"}
+    assert tagged["description"] == sites[0].datalist["description"]
+    merged = D.merge_datalists([tagged, D.tag_site(sites[1].datalist, "other")])
+    assert len(merged["training"]) == 5 + 3 and len(merged["test"]) == 2 + 2
+    assert len(D.training_pool(tagged)) == 5 + 2
+
+    # the same file twice, two sites with one name, one image in two datalists: each names both files
+    with pytest.raises(ValueError, match="same datalist is given twice"):
+        D.load_sites([str(a), str(a)])
+    twin = tmp_path / "x" / "siteA" / "datalist.json"
+    twin.parent.mkdir(parents=True)
+    twin.write_text(json.dumps(D.load_datalist(b)))
+    with pytest.raises(ValueError, match=r"site name 'siteA' is given twice.*x/siteA/datalist.json"):
+        D.load_sites([str(a), str(twin)])
+    copy = tmp_path / "copy" / "datalist.json"
+    copy.parent.mkdir()
+    copy.write_text(json.dumps(D.load_datalist(a)))  # absolute paths: the same images as site A
+    with pytest.raises(ValueError, match=r"is in two datalists: .*siteA/datalist.json.*copy/datalist.json"):
+        D.load_sites([str(a), str(copy)])
+    # also against sites read before (a cross-site test datalist may not hold training images)
+    with pytest.raises(ValueError, match="is in two datalists"):
+        D.load_sites([str(copy)], taken=D.load_sites([str(a)]))
+
+
+def test_site_folds_are_stratified_and_deterministic():
+    pools = {"a": [{"image": f"a{i}", "site": "a"} for i in range(13)], "b": [{"image": f"b{i}"} for i in range(7)]}
+    folds = D.make_site_folds(pools, 3, seed=4)
+    # every item held out exactly once
+    held = [it["image"] for f in folds for it in f]
+    assert sorted(held) == sorted(it["image"] for p in pools.values() for it in p)
+    # each fold holds each site's share: the site's own folds, sizes within one
+    for site, items in pools.items():
+        own = D.make_folds(items, 3, seed=4)
+        for f, part in zip(folds, own):
+            assert [it["image"] for it in f if it["image"][0] == site] == [it["image"] for it in part]
+    assert [sum(it["image"][0] == "a" for it in f) for f in folds] == [5, 4, 4]
+    assert [sum(it["image"][0] == "b" for it in f) for f in folds] == [3, 2, 2]
+    assert D.make_site_folds(pools, 3, seed=4) == folds
+    assert D.make_site_folds(pools, 3, seed=5) != folds
+    with pytest.raises(ValueError, match="site 'b': cannot make 8 folds of 7 items"):
+        D.make_site_folds(pools, 8)
+
+
+def test_within_site_shuffle_keeps_each_donor_in_its_site(two_sites, tmp_path):
+    a, b = two_sites
+    items = [it for s in D.load_sites([str(a), str(b)]) for it in D.unique_images(D.tag_site(s.datalist, s.name))]
+    groups = {it["image"]: it["site"] for it in items}
+    prof = HeuristicProfiler()
+    true = np.stack([p.to_vector() for p in D.prepare_profile_cache(tmp_path / "heuristic", items, prof)])
+    mapping = D.build_shuffled_cache(tmp_path / "heuristic", tmp_path / "in", items, prof, seed=1, groups=groups)
+    assert all(groups[donor] == groups[img] and donor != img for img, donor in mapping.items())
+    # each site keeps its own multiset of profiles
+    shuffled = D.profile_vectors(tmp_path / "in", items, prof)
+    for site in ("siteA", "siteB"):
+        sel = [i for i, it in enumerate(items) if it["site"] == site]
+        assert sorted(map(tuple, np.round(shuffled[sel], 6))) == sorted(map(tuple, np.round(true[sel], 6)))
+    again = D.build_shuffled_cache(tmp_path / "heuristic", tmp_path / "in2", items, prof, seed=1, groups=groups)
+    assert again == mapping
+    # without groups donors cross sites; a site of one image cannot be shuffled within itself
+    across = D.build_shuffled_cache(tmp_path / "heuristic", tmp_path / "across", items, prof, seed=1)
+    assert any(groups[d] != groups[i] for i, d in across.items())
+    lone = {**groups, items[-1]["image"]: "alone"}
+    with pytest.raises(ValueError, match="group 'alone'.*at least 2"):
+        D.build_shuffled_cache(tmp_path / "heuristic", tmp_path / "x", items, prof, seed=1, groups=lone)

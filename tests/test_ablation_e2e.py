@@ -83,3 +83,28 @@ def test_ablation_off_on_writes_report_and_plots(tmp_path):
     # jobs run with profile_on_missing=error, so the finished ON job read every profile from the prepared store
     assert "--profile_on_missing error" in (out / "jobs" / "on_seed0" / "train.log").read_text().splitlines()[0]
     assert (out / "jobs" / "on_seed0" / "train" / "checkpoint_final.pt").is_file()
+
+
+@pytest.mark.e2e
+def test_mixed_site_ablation_reports_each_site(tmp_path):
+    """Two tiny synthetic sites trained together (real bundle jobs): every test image evaluated once per mode, with
+    its site, and the report's per-site tables."""
+    a = generate_dataset(tmp_path / "siteA", n_train=4, n_val=1, n_test=3, size=32, seed=5)
+    b = generate_dataset(tmp_path / "siteB", n_train=3, n_val=1, n_test=3, size=32, seed=6)
+    out = tmp_path / "abl"
+    args = ["--datalist", str(a), "--datalist", f"other={b}", "--out", str(out), "--modes", "off,on", "--seeds", "0",
+            "--max-iterations", "2", "--gpus", "cpu", "--cpu-jobs", "2", "--n-boot", "200", "--no-progress", *TINY]  # fmt: skip
+    proc = _run(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [j["status"] for j in res["jobs"]] == ["ok", "ok"] and res["setting"] == "mixed-site"
+    assert [j["n_train"] for j in res["jobs"]] == [4 + 3] * 2
+    for mode in ("off", "on"):
+        recs = [r for r in res["records"] if r["mode"] == mode]
+        assert sorted((r["site"], Path(r["image"]).name) for r in recs) == sorted(
+            [("siteA", f"test_{i:04d}.png") for i in range(3)] + [("other", f"test_{i:04d}.png") for i in range(3)]
+        )
+    assert set(res["analysis"]["sites"]) == {"siteA", "other"}
+    assert res["analysis"]["sites"]["other"]["paired"]["on"]["overall"]["dice"]["n"] == 3
+    report = (out / "report.md").read_text()
+    assert "### Site `siteA`" in report and "### Site `other`" in report and "| on − off | 3 |" in report

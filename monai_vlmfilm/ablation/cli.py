@@ -13,10 +13,29 @@ Steps:
    checkpoint's heads run on the evaluation images' profiles;
 4. ``DIR/report.md``, ``DIR/results.json`` and PNG plots (see :mod:`monai_vlmfilm.ablation.report`).
 
-Example::
+Settings, each one command:
+
+* one ``--datalist``: train on its ``training`` split, evaluate on ``--eval-split`` (default ``test``, else
+  ``validation``), or ``--folds K`` cross-validation over training+validation;
+* mixed-site: ``--datalist`` once per site (``PATH``, site named after its folder, or ``NAME=PATH``). Without folds,
+  training is the union of the sites' training splits and evaluation the union of their evaluation splits; with
+  ``--folds K`` the folds are stratified by site (fold ``f`` holds out fold ``f`` of every site, each site split by
+  the same ``--fold-seed``). Each record carries its image's site and the report adds per-site tables and CIs;
+* cross-site: ``--test-datalist [NAME=]PATH``: train on every training+validation item of the ``--datalist`` sites,
+  evaluate on every item of the test datalist (no ``--folds``).
+
+With more than one site, ``shuffle`` permutes profiles within each site (``--no-shuffle-within-site``: across all
+images): the profile acts mostly as a site indicator, so an across-site shuffle would also remove the site
+information and ``on - shuffle`` would no longer measure per-image information alone.
+
+Examples::
 
     python -m monai_vlmfilm.ablation --datalist data/datalist.json --out runs/ablation \\
         --modes off,on,shuffle,oracle --seeds 0,1,2 --max-iterations 2000 --gpus 0,1 --jobs-per-gpu 4
+    python -m monai_vlmfilm.ablation --datalist ../shared/data/dca1/datalist.json \\
+        --datalist ../shared/data/xcad/datalist.json --folds 5 --out runs/mixed --modes off,on,shuffle
+    python -m monai_vlmfilm.ablation --datalist ../shared/data/dca1/datalist.json \\
+        --test-datalist ../shared/data/xcad/datalist.json --out runs/dca1_to_xcad --modes off,on,shuffle
 """
 
 from __future__ import annotations
@@ -86,7 +105,28 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate FiLM off / on / shuffle / oracle over seeds (and folds) with the bundle, "
         "then write DIR/report.md, DIR/results.json and PNG plots.",
     )
-    p.add_argument("--datalist", required=True, help="MONAI datalist JSON (training / validation [/ test])")
+    p.add_argument(
+        "--datalist",
+        required=True,
+        action="append",
+        metavar="[NAME=]PATH",
+        help="MONAI datalist JSON (training / validation [/ test]); give it once per site for mixed-site training "
+        "(site name: NAME, else the datalist's folder name)",
+    )
+    p.add_argument(
+        "--test-datalist",
+        default=None,
+        metavar="[NAME=]PATH",
+        help="cross-site: train on every training+validation item of --datalist, evaluate on every item of this "
+        "datalist (another site; no --folds)",
+    )
+    p.add_argument(
+        "--shuffle-within-site",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shuffle permutes profiles only among images of the same site (default: on with more than one site, "
+        "so on - shuffle measures per-image information, not the site the profile gives away)",
+    )
     p.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
     p.add_argument("--modes", default="off,on,shuffle,oracle", help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated training seeds")
@@ -193,6 +233,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--override expects KEY=VALUE, got {kv!r}")
     if a.folds is not None and a.folds < 2:
         p.error("--folds must be >= 2")
+    if a.test_datalist is not None and a.folds is not None:
+        p.error(
+            "--test-datalist evaluates on another site's datalist, so it takes no --folds: train on all of --datalist "
+            "and test on all of --test-datalist, or drop --test-datalist for cross-validation"
+        )
+    if a.test_datalist is not None and a.eval_split is not None:
+        p.error("--eval-split does not apply with --test-datalist (every item of the test datalist is evaluated)")
     vmodes = [m.strip() for m in a.variant_modes.split(",") if m.strip()]
     if any(m not in VARIANT_MODES for m in vmodes):
         p.error(f"--variant-modes: choose from {','.join(VARIANT_MODES)}, got {a.variant_modes!r}")
@@ -305,7 +352,6 @@ class Ablation:
         self.args = args
         self.argv = list(argv)
         self.out = Path(args.out).resolve()
-        self.datalist_path = Path(args.datalist).resolve()
         self.bundle_root = bundle_root_of(args.bundle_root)
         cfg = self.bundle_root / "configs"
         self.train_config = Path(args.train_config).resolve() if args.train_config else cfg / "train.yaml"
@@ -316,14 +362,57 @@ class Ablation:
         for f in (self.train_config, self.eval_config):
             if not f.is_file():
                 raise ValueError(f"bundle config {str(f)!r} does not exist (see --bundle-root / --train-config)")
-        self.datalist = D.load_datalist(self.datalist_path)
+        #: the training sites (one per --datalist) and the cross-site test site (--test-datalist), or None
+        self.sites = D.load_sites(args.datalist)
+        self.test_site = D.load_sites([args.test_datalist], taken=self.sites)[0] if args.test_datalist else None
+        self.setting = "cross-site" if self.test_site else ("mixed-site" if len(self.sites) > 1 else "single")
+        all_sites = self.sites + ([self.test_site] if self.test_site else [])
+        #: site name -> its datalist with every item tagged with its ``site`` (empty for a single datalist, whose
+        #: items, commands and outputs stay as they were before sites existed)
+        self.site_datalists: dict[str, dict[str, Any]] = {}
+        #: absolute image path -> site name (empty for a single datalist)
+        self.site_of: dict[str, str] = {}
+        if self.setting == "single":
+            self.datalist_path = self.sites[0].path
+            self.datalist = self.sites[0].datalist
+        else:
+            self.site_datalists = {s.name: D.tag_site(s.datalist, s.name) for s in all_sites}
+            self.datalist = self._site_datalist()
+            self.datalist_path = self.out / "datalists" / "sites.json"  # written once the settings are checked
+            self.site_of = {os.path.abspath(it["image"]): it["site"] for it in D.unique_images(self.datalist)}
         self.synthetic = D.has_factors(D.unique_images(self.datalist))
         if "oracle" in args.mode_list and not self.synthetic:
+            lacking = [s.path for s in all_sites if not D.has_factors(D.unique_images(s.datalist))]
             raise ValueError(
                 f"mode 'oracle' needs ground-truth 'factors' (with 'difficulty') on every item of "
-                f"{str(self.datalist_path)!r}; real data has none: leave oracle out of --modes"
+                f"{', '.join(repr(str(p)) for p in lacking or [self.datalist_path])}; real data has none: "
+                "leave oracle out of --modes"
             )
-        self.eval_split = "held-out fold" if args.folds else D.eval_split_of(self.datalist, args.eval_split)
+        #: the evaluated split of each site (mixed-site without folds) and the report's summary of them
+        self.eval_splits: dict[str, str] = {}
+        if args.folds:
+            self.eval_split = "held-out fold"
+        elif self.setting == "cross-site":
+            self.eval_split = f"every split of the test datalist (site {self.test_site.name})"
+        elif self.setting == "mixed-site":
+            for s in self.sites:
+                try:
+                    self.eval_splits[s.name] = D.eval_split_of(s.datalist, args.eval_split)
+                except ValueError as e:
+                    raise ValueError(f"site {s.name!r} ({str(s.path)!r}): {e}") from e
+            names = set(self.eval_splits.values())
+            self.eval_split = (
+                names.pop() if len(names) == 1 else ", ".join(f"{k}: {v}" for k, v in self.eval_splits.items())
+            )
+        else:
+            self.eval_split = D.eval_split_of(self.datalist, args.eval_split)
+        if self.setting != "single":
+            lists = {k: v for k, v in self.datalist.items() if isinstance(v, list)}
+            D.write_fold_datalist(self.datalist_path, lists, self.datalist["description"])
+        # across sites a shuffled profile still tells the network which site an image comes from (the profile acts
+        # mostly as a site indicator): within each site only the per-image information is broken
+        within = args.shuffle_within_site if args.shuffle_within_site is not None else len(all_sites) > 1
+        self.shuffle_within_site = bool(within and len(all_sites) > 1)
         self.sources = ProfileSources(
             self.out,
             self.datalist_path,
@@ -333,6 +422,7 @@ class Ablation:
             args.calibration,
             self.calibration_of,
             args.shuffle_seed,
+            self.site_of if self.shuffle_within_site else None,
         )
         #: (fold, datalist, evaluation items) of every split, set by run()
         self.split_list: list[tuple[int | None, Path, list[dict[str, Any]]]] = []
@@ -344,25 +434,81 @@ class Ablation:
         )
 
     # -------------------------------------------------------------------- splits
+    def _site_datalist(self) -> dict[str, Any]:
+        """Every site's items (tagged) in one datalist, the contents of ``DIR/datalists/sites.json``.
+
+        Mixed-site: each split is the concatenation of the sites' splits. Cross-site: ``training`` is every
+        training+validation item of the training sites, ``test`` every item of the test datalist. The profile stores,
+        the oracle, a ``train`` calibration and the difficulty terciles read this one datalist.
+        """
+        dls = [self.site_datalists[s.name] for s in self.sites]
+        if self.test_site is None:
+            desc = "mixed-site: " + ", ".join(f"{s.name} = {s.path}" for s in self.sites)
+            doc = D.merge_datalists(dls, desc)
+        else:
+            desc = (
+                "cross-site: training = training+validation of "
+                + ", ".join(f"{s.name} = {s.path}" for s in self.sites)
+                + f"; test = every item of {self.test_site.name} = {self.test_site.path}"
+            )
+            doc = {
+                "description": desc,
+                "training": [it for dl in dls for it in D.training_pool(dl)],
+                "test": D.unique_images(self.site_datalists[self.test_site.name]),
+            }
+        return doc
+
     def splits(self) -> list[tuple[int | None, Path, list[dict[str, Any]]]]:
         """``[(fold, datalist path, evaluation items)]``: one entry without ``--folds``, else one per fold.
 
         The written datalists hold absolute paths; the evaluated items sit in both ``validation`` and ``test``,
-        so the bundle's evaluate config finds them whichever split it reads.
+        so the bundle's evaluate config finds them whichever split it reads. With several sites the folds are
+        stratified by site (:func:`~monai_vlmfilm.ablation.data.make_site_folds`); cross-site is one split.
         """
         a, dl = self.args, self.datalist
         out = []
-        if a.folds:
-            pool = list(dl["training"]) + list(dl.get("validation") or [])
-            for k, held in enumerate(D.make_folds(pool, a.folds, a.fold_seed)):
+        if self.setting == "cross-site":
+            train, ev = list(dl["training"]), list(dl["test"])
+            path = D.write_fold_datalist(
+                self.out / "datalists" / "cross_site.json",
+                {"training": train, "validation": ev, "test": ev},
+                f"cross-site: train on {', '.join(s.name for s in self.sites)}, test on {self.test_site.name}",
+            )
+            out.append((None, path, ev))
+        elif a.folds:
+            if self.setting == "mixed-site":
+                pools = {n: D.training_pool(self.site_datalists[n]) for n in (s.name for s in self.sites)}
+                folds = D.make_site_folds(pools, a.folds, a.fold_seed)
+                pool = [it for p in pools.values() for it in p]
+                source = f"stratified by site over training+validation of {', '.join(pools)}"
+            else:
+                pool = D.training_pool(dl)
+                folds = D.make_folds(pool, a.folds, a.fold_seed)
+                source = f"over training+validation of {self.datalist_path}"
+            for k, held in enumerate(folds):
                 held_set = {it["image"] for it in held}
                 train = [it for it in pool if it["image"] not in held_set]
                 path = D.write_fold_datalist(
                     self.out / "datalists" / f"fold{k}.json",
                     {"training": train, "validation": held, "test": held},
-                    f"fold {k} of {a.folds} (seed {a.fold_seed}) over training+validation of {self.datalist_path}",
+                    f"fold {k} of {a.folds} (seed {a.fold_seed}) {source}",
                 )
                 out.append((k, path, list(held)))
+        elif self.setting == "mixed-site":
+            train, val, ev = [], [], []
+            for s in self.sites:
+                sdl = self.site_datalists[s.name]
+                sev = list(sdl[self.eval_splits[s.name]])
+                train += sdl["training"]
+                val += sdl.get("validation") or sev
+                ev += sev
+            path = D.write_fold_datalist(
+                self.out / "datalists" / "main.json",
+                {"training": train, "validation": val, "test": ev},
+                "mixed-site: the sites' training splits; test = "
+                + ", ".join(f"{n}'s {sp!r}" for n, sp in self.eval_splits.items()),
+            )
+            out.append((None, path, ev))
         else:
             split = D.eval_split_of(dl, a.eval_split)
             ev = list(dl[split])
@@ -547,6 +693,10 @@ class Ablation:
             elif o.status not in ("failed", "not_run"):
                 j["status"], j["error"] = "failed", f"no result.json in {o.job.workdir}"
             jobs.append(j)
+        if self.site_of:
+            # the site of each evaluated image, for the per-site results (also of jobs collected before a rerun)
+            for r in records:
+                r["site"] = self.site_of[os.path.abspath(r["image"])]
         eval_items = {it["image"]: it for _, _, ev in self.split_list for it in ev}
         ev_list = sorted(eval_items.values(), key=lambda it: it["image"])
         profiles = {}
@@ -569,10 +719,23 @@ class Ablation:
             "gpus": a.gpus,
             "jobs_per_gpu": a.jobs_per_gpu,
         }
+        sites: dict[str, Any] = {}
+        if self.setting != "single":
+            # only with several sites, so a single datalist's results.json stays as it was
+            sites = {
+                "setting": self.setting,
+                "sites": {s.name: str(s.path) for s in self.sites},
+                "shuffle_within_site": self.shuffle_within_site,
+            }
+            if self.test_site is not None:
+                sites["test_site"] = {self.test_site.name: str(self.test_site.path)}
+            if self.eval_splits:
+                sites["eval_splits"] = self.eval_splits
         return {
             "title": a.title,
             "command": "python -m monai_vlmfilm.ablation " + " ".join(shlex.quote(x) for x in self.argv),
             "datalist": str(self.datalist_path),
+            **sites,
             "card": card,
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "wall_time_s": wall,

@@ -9,7 +9,11 @@ The results dictionary (what ``results.json`` holds) has these keys, all written
 * ``film``: ``[{"mode", "seed", "fold", "stages": {stage: {"gamma_abs_mean", "beta_abs_mean", "gamma_abs_max",
   "beta_abs_max", "gate_mean"}}}]`` measured on the evaluation images' profiles;
 * ``profiles``: ``{source: {"fields": [...], "images": [...], "vectors": [[...], ...]}}``;
-* ``analysis`` and ``verdicts``: from :func:`stats.analyse` / :func:`stats.verdicts` (filled in here when absent).
+* ``analysis`` and ``verdicts``: from :func:`stats.analyse` / :func:`stats.verdicts` (filled in here when absent);
+  ``analysis["sites"]``: :func:`stats.analyse_by_site` when the records carry two or more sites;
+* with several datalists only: ``setting`` (``"mixed-site"`` or ``"cross-site"``), ``sites`` (``{name: datalist}``
+  trained on), ``test_site`` (cross-site: ``{name: datalist}`` evaluated), ``shuffle_within_site`` and
+  ``eval_splits`` (mixed-site without folds: ``{name: split}``); each record then has its image's ``site``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from .stats import HIGHER_IS_BETTER, METRIC_LABELS, METRICS, TERCILE_NAMES, analyse, per_image_means, verdicts
+from .stats import (
+    HIGHER_IS_BETTER,
+    METRIC_LABELS,
+    METRICS,
+    TERCILE_NAMES,
+    analyse,
+    analyse_by_site,
+    per_image_means,
+    sites_of,
+    verdicts,
+)
 
 __all__ = ["PLOT_FILES", "write_report", "render_markdown", "make_plots"]
 
@@ -80,11 +94,21 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     lines: list[str] = []
     add = lines.append
     title = results.get("title") or "FiLM conditioning ablation"
+    if not results.get("title") and results.get("setting") == "cross-site":
+        title += (
+            f" — cross-site, {' + '.join(results.get('sites') or {})} → {' + '.join(results.get('test_site') or {})}"
+        )
+    elif not results.get("title") and results.get("setting") == "mixed-site":
+        title += f" — mixed-site, {' + '.join(results.get('sites') or {})}"
     add(f"# {title}\n")
     add("## Run\n")
     add(f"- command: `{results.get('command', '')}`")
-    add(f"- datalist: `{results.get('datalist', '')}` — evaluated on the `{results.get('eval_split', '?')}` split")
     folds = results.get("folds")
+    setting = results.get("setting")
+    if setting in ("mixed-site", "cross-site"):
+        lines.extend(_setting_lines(results))
+    else:
+        add(f"- datalist: `{results.get('datalist', '')}` — evaluated on the `{results.get('eval_split', '?')}` split")
     add(f"- cross-validation: {f'{folds}-fold, per-image results pooled over folds' if folds else 'none'}")
     add(f"- modes: {', '.join(modes)}; seeds: {', '.join(str(s) for s in results.get('seeds', []))}")
     add(f"- profiler for `on`/`shuffle`: {results.get('profiler', '?')}")
@@ -143,22 +167,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
 
     add("## Metrics per mode\n")
     add("Mean over seeds of the per-seed mean over images ± standard deviation across seeds.\n")
-    header = "| mode | " + " | ".join(f"{METRIC_LABELS[k]} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in metrics)
-    add(header + " | images | seeds |")
-    add("|---" * (len(metrics) + 3) + "|")
-    for m in modes:
-        s = an["summary"].get(m, {})
-        cells = [f"{_num(s[k]['mean'])} ± {_num(s[k]['std'])}" if k in s else "n/a" for k in metrics]
-        n_img = max((s[k]["n_images"] for k in metrics if k in s), default=0)
-        n_seeds = max((s[k]["n_seeds"] for k in metrics if k in s), default=0)
-        add(f"| {m} | " + " | ".join(cells) + f" | {n_img} | {n_seeds} |")
-    dropped = {m: an["summary"][m][metrics[0]].get("incomplete_seeds") for m in modes if m in an["summary"]}
-    dropped = {m: v for m, v in dropped.items() if v}
-    if dropped:
-        add(
-            "\nLeft out of this table because they did not evaluate every image (the paired differences below "
-            "still use their images): " + "; ".join(f"{m}: seeds {v}" for m, v in dropped.items()) + "."
-        )
+    lines.extend(_mode_table(an, modes, metrics))
     add("")
 
     add("## Paired differences\n")
@@ -170,8 +179,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     bounds = an.get("tercile_bounds", [])
     scopes = ["overall", *TERCILE_NAMES]
     for name, per_scope in an.get("paired", {}).items():
-        label = f"{name} − off" if "-vs-" not in name else name.replace("-vs-", " − ")
-        add(f"### {label}\n")
+        add(f"### {_comparison_label(name)}\n")
         add("| scope | images | " + " | ".join(METRIC_LABELS[k] for k in metrics) + " |")
         add("|---" * (len(metrics) + 2) + "|")
         for sc in scopes:
@@ -184,6 +192,30 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
                     scope_label = f"{sc} (difficulty {b[0]:.2f}–{b[1]:.2f})"
             add(f"| {scope_label} | {n} | " + " | ".join(_fmt_diff(ps.get(k, {}), k) for k in metrics) + " |")
         add("")
+
+    per_site = an.get("sites") or {}
+    if per_site:
+        add("## Per site\n")
+        add(
+            "The tables above pool every site; here each site's images alone (every image belongs to one site): "
+            "its metrics per mode, and its paired differences with 95% paired-bootstrap CIs over its images. "
+            "Difficulty terciles within each site are in results.json (`analysis.sites`).\n"
+        )
+        for site, san in per_site.items():
+            add(f"### Site `{site}`\n")
+            lines.extend(_mode_table(san, modes, metrics))
+            add("")
+            add("| difference | images | " + " | ".join(METRIC_LABELS[k] for k in metrics) + " |")
+            add("|---" * (len(metrics) + 2) + "|")
+            for name, per_scope in san.get("paired", {}).items():
+                ps = per_scope.get("overall", {})
+                n = max((ps[k]["n"] for k in metrics if k in ps), default=0)
+                add(
+                    f"| {_comparison_label(name)} | {n} | "
+                    + " | ".join(_fmt_diff(ps.get(k, {}), k) for k in metrics)
+                    + " |"
+                )
+            add("")
 
     film = results.get("film") or []
     if film:
@@ -240,6 +272,67 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
         add(f"![{captions.get(key, key)}]({fname})\n")
     add("All numbers, per-image records and per-job status are in `results.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _comparison_label(name: str) -> str:
+    """``on`` -> ``on − off``, ``on-vs-shuffle`` -> ``on − shuffle``."""
+    return f"{name} − off" if "-vs-" not in name else name.replace("-vs-", " − ")
+
+
+def _setting_lines(results: Mapping[str, Any]) -> list[str]:
+    """The run lines naming a mixed-site or cross-site setting, its sites and datalists, and how shuffle permutes."""
+    sites = results.get("sites") or {}
+    test = results.get("test_site") or {}
+    out = []
+    if results.get("setting") == "cross-site":
+        tname = ", ".join(test) or "?"
+        out.append(
+            f"- setting: **cross-site** — trained on {', '.join(sites)} (every training+validation item), "
+            f"evaluated on {tname} (every item of its datalist)"
+        )
+    else:
+        how = (
+            "folds stratified by site (each fold holds out its share of every site; training uses the other folds "
+            "of every site)"
+            if results.get("folds")
+            else f"training = the sites' training splits, evaluation = their evaluation splits "
+            f"({', '.join(f'{k}: `{v}`' for k, v in (results.get('eval_splits') or {}).items())})"
+        )
+        out.append(f"- setting: **mixed-site** training on {len(sites)} sites ({', '.join(sites)}); {how}")
+    for name, path in sites.items():
+        out.append(f"- site `{name}` (training): `{path}`")
+    for name, path in test.items():
+        out.append(f"- site `{name}` (test): `{path}`")
+    out.append(f"- evaluated on: {results.get('eval_split', '?')}")
+    has_shuffle = any(m.partition(".")[0] == "shuffle" for m in results.get("modes", []))
+    within = results.get("shuffle_within_site") if has_shuffle else None
+    if within is True:
+        out.append("- `shuffle` permutes profiles within each site (per-image information broken, the site kept)")
+    elif within is False:
+        out.append("- `shuffle` permutes profiles across all images of every site (the site information broken too)")
+    return out
+
+
+def _mode_table(an: Mapping[str, Any], modes: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """The per-mode metric table of an analysis (its ``summary``), with the seeds it had to leave out."""
+    out = []
+    header = "| mode | " + " | ".join(f"{METRIC_LABELS[k]} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in metrics)
+    out.append(header + " | images | seeds |")
+    out.append("|---" * (len(metrics) + 3) + "|")
+    for m in modes:
+        s = an["summary"].get(m, {})
+        cells = [f"{_num(s[k]['mean'])} ± {_num(s[k]['std'])}" if k in s else "n/a" for k in metrics]
+        n_img = max((s[k]["n_images"] for k in metrics if k in s), default=0)
+        n_seeds = max((s[k]["n_seeds"] for k in metrics if k in s), default=0)
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {n_img} | {n_seeds} |")
+    dropped = {m: an["summary"][m][metrics[0]].get("incomplete_seeds") for m in modes if m in an["summary"]}
+    dropped = {m: v for m, v in dropped.items() if v}
+    if dropped:
+        out.append(
+            "\nLeft out of this table because they did not evaluate every image (the paired differences below "
+            "still use their images): " + "; ".join(f"{m}: seeds {v}" for m, v in dropped.items()) + "."
+        )
+    return out
 
 
 def _film_table(film: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -459,6 +552,8 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, n_boot: in
     out.mkdir(parents=True, exist_ok=True)
     if "analysis" not in results:
         results["analysis"] = analyse(results.get("records", []), results["modes"], n_boot=n_boot)
+    if "sites" not in results["analysis"] and len(sites_of(results.get("records", []))) >= 2:
+        results["analysis"]["sites"] = analyse_by_site(results.get("records", []), results["modes"], n_boot=n_boot)
     if "verdicts" not in results:
         results["verdicts"] = verdicts(results["analysis"])
     plots = make_plots(results, out)

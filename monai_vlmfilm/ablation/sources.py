@@ -32,8 +32,9 @@ class ProfileSources:
     """Fills the stores of an ablation run under ``<out>/profiles`` and says which store each mode reads.
 
     One store of the configured profiler (and one shuffled copy when shuffle runs) per heuristic calibration in
-    use; the base calibration's stores are named after the profiler and ``shuffle``, the others get a
-    ``-cal-<calibration>`` suffix. Synthetic data (items with ``factors``) also gets the oracle's store.
+    use; the base calibration's stores are named after the profiler and ``shuffle`` (``shuffle-in-site`` when
+    profiles are permuted within each site), the others get a ``-cal-<calibration>`` suffix. Synthetic data (items
+    with ``factors``) also gets the oracle's store.
 
     Args:
         out: the ablation's output folder.
@@ -44,6 +45,7 @@ class ProfileSources:
         calibration: the base heuristic calibration (``default`` or ``train``).
         calibration_of: a mode's calibration (its ``--variant`` may change it).
         shuffle_seed: seed of the shuffled store's derangement.
+        shuffle_groups: image path -> site, to permute profiles within each site only (None: across all images).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class ProfileSources:
         calibration: str,
         calibration_of: Callable[[str], str],
         shuffle_seed: int,
+        shuffle_groups: Mapping[str, str] | None = None,
     ) -> None:
         self.root = out / "profiles"
         self.datalist_path = datalist_path
@@ -65,6 +68,7 @@ class ProfileSources:
         self.calibration = calibration
         self.calibration_of = calibration_of
         self.shuffle_seed = shuffle_seed
+        self.shuffle_groups = shuffle_groups
         self.stores: dict[str, ProfileSource] = {}
         self.names: dict[tuple[str, str], str] = {}
 
@@ -116,8 +120,11 @@ class ProfileSources:
             self.names[("on", cal)] = name
             print(f"[ablation] {name} profiles of {len(items)} images in {self.root / name} ({time.time() - t0:.1f} s)")
             if any(m.partition(".")[0] == "shuffle" and self.calibration_of(m) == cal for m in modes):
-                sname = "shuffle" + suffix
-                D.build_shuffled_cache(self.root / name, self.root / sname, items, prof, seed=self.shuffle_seed)
+                # its own name: a store permuted the other way is other profiles (the jobs' commands change too)
+                sname = ("shuffle" if self.shuffle_groups is None else "shuffle-in-site") + suffix
+                D.build_shuffled_cache(
+                    self.root / name, self.root / sname, items, prof, seed=self.shuffle_seed, groups=self.shuffle_groups
+                )
                 self.stores[sname] = ProfileSource(self.root / sname, prof, spec)
                 self.names[("shuffle", cal)] = sname
         if self.synthetic:

@@ -13,6 +13,8 @@ results pool over folds. Non-finite values (an empty prediction's HD95) count as
   seeds per image; the mean of those per-image differences with a 95% CI from a paired bootstrap over images
   (percentile) and from Student's t interval.
 * Difficulty terciles: images ranked by difficulty and cut into three near-equal groups (0 easiest, 2 hardest).
+* Per site: records of a mixed-site or cross-site run carry their image's ``site``; :func:`analyse_by_site` runs the
+  same analysis on each site's records alone (terciles within the site).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "mode_summary",
     "paired_by_image",
     "analyse",
+    "sites_of",
+    "analyse_by_site",
     "verdicts",
 ]
 
@@ -307,6 +311,27 @@ def analyse(
                 scopes[tname][k] = paired_difference(d[t_idx == t], n_boot=n_boot, alpha=alpha, seed=seed).to_dict()
         paired[name] = scopes
     return {"ref": ref, "summary": summary, "tercile_of": tercile_of, "tercile_bounds": bounds, "paired": paired}
+
+
+def sites_of(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The sites the records carry (``site`` key), sorted; empty when none does (a single-datalist run)."""
+    return sorted({str(r["site"]) for r in records if r.get("site") is not None})
+
+
+def analyse_by_site(
+    records: Sequence[Mapping[str, Any]], modes: Sequence[str], **kwargs: Any
+) -> dict[str, dict[str, Any]]:
+    """:func:`analyse` on each site's records alone: ``{site: analysis}`` (empty without sites).
+
+    An image belongs to one site, so each site's paired differences use exactly its own images; difficulty terciles
+    are cut within the site.
+
+    Args:
+        records: per-image records, each with a ``site``.
+        modes: the modes to summarise and compare.
+        kwargs: passed to :func:`analyse` (``ref``, ``metrics``, ``n_boot``, ``alpha``, ``seed``).
+    """
+    return {s: analyse([r for r in records if r.get("site") == s], modes, **kwargs) for s in sites_of(records)}
 
 
 def _pd(d: Mapping[str, float]) -> PairedDifference:
