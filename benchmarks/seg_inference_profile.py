@@ -5,7 +5,8 @@
 
 For each model and image size (304², 512²), batch 1, the bundle's inferer defaults (whole image, 1 Euler step,
 1 noise sample, no TTA): seconds per image (median of repeats after warm-up), for the eager network, the network in
-``channels_last`` memory format and, with ``--compile``, ``torch.compile`` (compile time reported apart), each checked
+``channels_last`` memory format, on a CPU with hardware bfloat16 also ``channels_last`` + bf16 autocast (the bundle's
+CPU default, ``FlowSegInferer(cpu_bf16=True)``) and, with ``--compile``, ``torch.compile`` (compile time reported apart), each checked
 against the eager masks (probability difference and mask agreement). Then a ``torch.profiler`` table of one
 512² pass of the flow network (FiLM on): self time per operator class (convolution, normalisation, element-wise,
 attention, copies, other) and the top operators. The flow network is the bundle's ``network_def`` from
@@ -65,7 +66,7 @@ def shipped_flow(use_vlm_film: bool, device: torch.device) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     from monai.networks.nets import BasicUNet
 
-    from monai_vlmfilm.inferers import FlowSegInferer, pad_to_multiple
+    from monai_vlmfilm.inferers import FlowSegInferer, cpu_has_native_bf16, pad_to_multiple
     from monai_vlmfilm.profiles import DEFAULT_PROFILE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -86,16 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1).to(device).eval()
 
-    def flow_fn(net):
+    # the bundle's CPU default where the CPU computes bf16 in hardware: FlowSegInferer(cpu_bf16=True)
+    cpu_bf16 = not cuda and cpu_has_native_bf16()
+    bf16_inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, cpu_bf16=True)
+
+    def flow_fn(net, bf16=False):
+        inf = bf16_inferer if bf16 else inferer
+
         def run(x):
             with torch.no_grad(), torch.autocast(**amp):
-                return inferer(x, net, profile=profile if net.use_vlm_film else None).float()
+                return inf(x, net, profile=profile if net.use_vlm_film else None).float()
 
         return run
 
-    def unet_fn(net):
+    def unet_fn(net, bf16=False):
         def run(x):
-            with torch.no_grad(), torch.autocast(**amp):
+            with torch.no_grad(), torch.autocast(**amp), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 xp, crop = pad_to_multiple(x, 16)
                 return torch.sigmoid(net(xp).float())[tuple(crop)]
 
@@ -126,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(size)).to(device)
         for name, (net, make) in models.items():
             ref = make(net)(x)
-            variants = [("eager", net)]
+            variants = [("eager", net, False)]
             cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
-            variants.append(("channels_last", cl))
+            variants.append(("channels_last", cl, False))
+            if cpu_bf16:
+                variants.append(("channels_last + bf16", cl, True))
             if a.compile:
-                variants.append(("compiled", torch.compile(copy.deepcopy(net))))
-            for variant, module in variants:
-                fn = make(module)
+                variants.append(("compiled", torch.compile(copy.deepcopy(net)), False))
+            for variant, module, bf16 in variants:
+                fn = make(module, bf16)
                 t0 = time.perf_counter()
                 out = fn(x)
                 first = time.perf_counter() - t0

@@ -152,7 +152,14 @@ def test_inference_channels_last_follows_the_device(device, expected):
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.yaml"))
     parser["device"] = device
-    assert parser.get_parsed_content("inferer").channels_last is expected
+    inferer = parser.get_parsed_content("inferer")
+    assert inferer.channels_last is expected
+    # bf16 autocast is configured on, and the inferer keeps it only where the CPU computes bf16 in hardware
+    from monai_vlmfilm.inferers import cpu_has_native_bf16
+
+    assert parser["cpu_bf16"] is True and inferer.cpu_bf16 is cpu_has_native_bf16()
+    parser["cpu_bf16"] = "false"  # as `--cpu_bf16 false` arrives from the command line: a string, not a bool
+    assert parser.get_parsed_content("inferer", lazy=False).cpu_bf16 is False
 
 
 def test_switch_in_parsed_config(data, tmp_path):

@@ -12,7 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import RFlowScheduler
 
 from monai_vlmfilm.engines import ProfilePrepareBatch
-from monai_vlmfilm.inferers import FlowSegInferer, dihedral_transforms
+from monai_vlmfilm.inferers import FlowSegInferer, cpu_has_native_bf16, dihedral_transforms
 from monai_vlmfilm.networks import FiLMFlowUNet
 from monai_vlmfilm.profiles import PROFILE_DIM
 
@@ -271,3 +271,45 @@ def test_channels_last_gives_the_same_probabilities(net):
     with torch.no_grad():
         out3 = FlowSegInferer(channels_last=True, num_steps=1, seed=0)(torch.rand(1, 1, 16, 16, 16), net3)
     assert out3.shape == (1, 1, 16, 16, 16)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no hardware bfloat16 (AMX / AVX-512 BF16)")
+def test_cpu_bf16_runs_the_network_in_bfloat16_with_the_same_masks(net):
+    """The CPU default of inference.yaml on a CPU with hardware bf16: the network's convolutions run in bfloat16
+    (checked on the output convolution), the ODE state and the probabilities stay float32, the masks agree."""
+    image, profile = data(b=2, size=40, seed=3)
+    dtypes: list[torch.dtype] = []
+    hook = net.out[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    try:
+        with torch.no_grad():
+            ref = FlowSegInferer(num_steps=2, seed=4)(image, net, profile)
+            got = FlowSegInferer(num_steps=2, seed=4, cpu_bf16=True)(image, net, profile)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2  # two steps each
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert float((got - ref).abs().max()) < 0.05  # bf16 has 8 mantissa bits
+    decided = (ref - 0.5).abs() > 0.05
+    assert torch.equal((got > 0.5)[decided], (ref > 0.5)[decided]) and decided.float().mean() > 0.8
+    assert not torch.is_autocast_enabled("cpu")  # nothing leaks out of the inferer's autocast region
+    # off (the default), the inferer leaves a caller's own CPU autocast alone
+    dtypes.clear()
+    hook = net.out[-1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            FlowSegInferer(num_steps=1, seed=4)(image, net, profile)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.bfloat16]
+
+
+def test_cpu_bf16_is_ignored_where_the_cpu_lacks_it(net, monkeypatch):
+    """Without hardware bf16 (emulated bf16 is slower than float32) the option is off and the output bit-identical."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not cpu_has_native_bf16()
+    inferer = FlowSegInferer(num_steps=1, seed=4, cpu_bf16=True)
+    assert inferer.cpu_bf16 is False
+    image, profile = data(b=1, size=32, seed=5)
+    with torch.no_grad():
+        assert torch.equal(inferer(image, net, profile), FlowSegInferer(num_steps=1, seed=4)(image, net, profile))
