@@ -4,7 +4,7 @@
         --data ../shared/data --out benchmarks/results           # CPU, about a minute
 
 For every image of the DCA1 and XCAD 5-fold cross-validations in ``flow_vs_unet_jobs.jsonl`` (each image scored by
-a model that never trained on it), the segmentation error ``1 - Dice`` of the FiLM-off flow network and of the
+a model that never trained on it), the segmentation error ``1 - Dice`` of the FiLM-off flow networks and of the
 ``BasicUNet`` is set against the image's heuristic raw features (``image_features``: noise, contrast, cnr, ridge,
 thin, small, clutter) and profile fields (difficulty, confidence, boundary, thin_structure, small_objects, clutter).
 Spearman rank correlations per site with a bootstrap 95 % CI over images; a feature that tracks difficulty has
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODELS = ("flow-m:off", "unet")
+# the FiLM-off flow networks (0.4.0 recipe, and 0.5.0's endpoint-1.0 recipe) and the UNet
+MODELS = ("flow-m:off", "flow-m-ep1:off", "unet")
 SITES = ("dca1", "xcad")
 # paired comparisons reported per difficulty tercile (issue 16): FiLM's worth, and the flow model against the UNet
 TERCILE_PAIRS = (
@@ -34,6 +35,8 @@ TERCILE_PAIRS = (
     ("flow-m", "flow-m:shuffle"),
     ("flow-m", "unet"),
     ("flow-m-ep1", "unet"),
+    ("flow-m-ep1", "flow-m-ep1:off"),
+    ("flow-m-ep1:off", "unet"),
 )
 
 
