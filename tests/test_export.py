@@ -222,8 +222,10 @@ def test_inference_with_model_ts_gives_the_python_masks(exported, name):
     common = ["--bundle_root", str(REPO / "bundle"), "--datalist", str(exported["data"]),
               "--profile_cache_dir", str(root / "profiles"), "--use_vlm_film", str(name == "on"),
               "--min_component_size", "0", *NET_OVERRIDES, *ODE_OVERRIDES]  # fmt: skip
+    # the exported module computes in float32: compare it with the Python path in float32 (no CPU bf16 autocast)
     run_cli([PY, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"), *common,
-             "--ckpt_path", str(exported[name]["ckpt"]), "--output_dir", str(root / "python")])  # fmt: skip
+             "--cpu_bf16", "false", "--ckpt_path", str(exported[name]["ckpt"]),
+             "--output_dir", str(root / "python")])  # fmt: skip
     overlay = f"['{CONFIGS / 'inference.yaml'}','{CONFIGS / 'inference_ts.yaml'}']"
     log = run_cli([PY, "-m", "monai.bundle", "run", "--config_file", overlay, *common,
                    "--ts_path", str(exported[name]["ts"]), "--output_dir", str(root / "ts")])  # fmt: skip
