@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
-from monai.utils import ensure_tuple
+from monai.utils import ensure_tuple, str2bool
 
 from monai_vlmfilm.networks.checkpoint import unwrap
-from monai_vlmfilm.profiles.schema import PROFILE_KEY, as_profile_batch
+from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, PROFILE_KEY, VECTOR_FIELDS, as_profile_batch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ExportedSegmenterInferer",
@@ -22,7 +25,13 @@ __all__ = [
     "dihedral_transforms",
     "pad_to_multiple",
     "profile_from_inputs",
+    "warn_profiles_out_of_range",
 ]
+
+
+def _flag(value: Any) -> bool:
+    """``bool(value)``, reading strings as MONAI's ``str2bool`` does ("false" is False)."""
+    return str2bool(value) if isinstance(value, str) else bool(value)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -40,6 +49,42 @@ def cpu_has_native_bf16() -> bool:
         except RuntimeError:  # a build without the probe's backend
             continue
     return False
+
+
+def warn_profiles_out_of_range(network: Any, profile: torch.Tensor, inputs: Any = None) -> list[int]:
+    """Log a warning for every profile beyond the clip of ``network``'s profile encoder (see ``FlowSegInferer``).
+
+    Args:
+        network: the (unwrapped) network; nothing is checked unless it applies FiLM (``use_vlm_film``) through a
+            ``profile_encoder`` with ``zscore`` and ``clip``.
+        profile: ``[B, P]`` profiles.
+        inputs: the image batch; a MetaTensor's ``filename_or_obj`` names the images in the message.
+
+    Returns:
+        the batch indices of the profiles out of range.
+    """
+    encoder = getattr(network, "profile_encoder", None)
+    if not getattr(network, "use_vlm_film", False) or not hasattr(encoder, "zscore"):
+        return []
+    with torch.no_grad():
+        z = encoder.zscore(profile.detach().float().to(encoder.feature_mean.device))
+        if z.shape[1] > FALLBACK_INDEX:  # a fallback profile is reported where it is made, not as out of range
+            z[:, FALLBACK_INDEX] = 0.0
+        worst, which = z.abs().max(dim=1)
+        bad = (worst > encoder.clip).nonzero().flatten().tolist()
+    if bad:
+        names = inputs.meta.get("filename_or_obj") if isinstance(inputs, MetaTensor) else None
+        names = [names] if isinstance(names, str) else names
+        for i in bad:
+            name = names[i] if isinstance(names, (list, tuple)) and i < len(names) else f"batch item {i}"
+            field = VECTOR_FIELDS[int(which[i])] if int(which[i]) < len(VECTOR_FIELDS) else f"feature {int(which[i])}"
+            logger.warning(
+                f"{name}: its profile lies outside the range the FiLM network was trained on ({field} at "
+                f"{float(z[i, which[i]]):+.1f} standard deviations of the training profiles; the network clips at "
+                f"{encoder.clip:g}): the image is unlike the training images, its conditioning is clipped and the mask "
+                "may be worse. Check the mask, or fine-tune on images like it."
+            )
+    return bad
 
 
 #: test-time augmentation modes: none, the flips (4 in 2D) or the dihedral group (8 in 2D: rot90 x flip).
@@ -149,6 +194,12 @@ class FlowSegInferer(Inferer):
             2-core CPU the shipped network took 0.79x (304²) and 0.84x (512²) the time of the default layout,
             probabilities within 2e-4 (``benchmarks/BENCHMARKS.md`` section 9b). Meant for inference; a network that keeps training is
             better left in its own layout.
+        check_profile_range: with a FiLM network whose profile encoder carries training statistics, log a warning
+            naming every image whose profile lies beyond the encoder's clip (``|z| > 5`` on a feature, the
+            fallback flag aside): the image is unlike the images the network was trained on and its conditioning
+            is clipped. Measured on the two real sites: no training image of either site is flagged; 51 % of DCA1
+            images are flagged against XCAD's statistics, where a model trained on XCAD alone fell from 77 to 51 Dice
+            points (``benchmarks/BENCHMARKS.md`` section 9c). One host sync per call.
         cpu_bf16: on a CPU that computes bfloat16 in hardware (:func:`cpu_has_native_bf16`: AMX or AVX-512 BF16), run
             the network under ``torch.autocast("cpu", dtype=torch.bfloat16)``, as the GPU runs it under bf16 AMP; on
             other CPUs (where bf16 is emulated and slower than float32) and on GPUs it changes nothing. The ODE
@@ -177,6 +228,7 @@ class FlowSegInferer(Inferer):
         divisible_by: int | None = None,
         channels_last: bool = False,
         cpu_bf16: bool = False,
+        check_profile_range: bool = True,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -203,7 +255,9 @@ class FlowSegInferer(Inferer):
         self.cval = cval
         self.mask_channels = mask_channels
         self.channels_last = bool(channels_last)
-        self.cpu_bf16 = bool(cpu_bf16) and cpu_has_native_bf16()
+        # a bundle CLI override (`--inferer#check_profile_range false`) arrives as a string
+        self.cpu_bf16 = _flag(cpu_bf16) and cpu_has_native_bf16()
+        self.check_profile_range = _flag(check_profile_range)
 
     def timesteps(self) -> list[float]:
         """``[T, ..., 0]``: the ``num_steps + 1`` integration times."""
@@ -259,6 +313,8 @@ class FlowSegInferer(Inferer):
         p = self._profile_from(inputs, profile)
         image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         net = unwrap(network)
+        if self.check_profile_range and p is not None:
+            warn_profiles_out_of_range(net, p, inputs)
         c_m = self.mask_channels or getattr(net, "out_channels", None)
         if c_m is None:
             raise ValueError("set mask_channels: the network has no out_channels attribute.")

@@ -313,3 +313,36 @@ def test_cpu_bf16_is_ignored_where_the_cpu_lacks_it(net, monkeypatch):
     image, profile = data(b=1, size=32, seed=5)
     with torch.no_grad():
         assert torch.equal(inferer(image, net, profile), FlowSegInferer(num_steps=1, seed=4)(image, net, profile))
+
+
+def test_profiles_beyond_the_training_range_are_named_in_a_warning(net, caplog):
+    """A FiLM network with training statistics: a profile beyond the encoder's clip gets a warning naming the image
+    and the feature; profiles in range, the fallback flag, OFF networks and the switch turned off stay silent."""
+    import copy
+    import logging
+
+    from monai_vlmfilm.profiles.schema import FALLBACK_INDEX, VECTOR_FIELDS
+
+    film = copy.deepcopy(net)
+    film.profile_encoder.set_normalization(torch.full((PROFILE_DIM,), 0.5), torch.full((PROFILE_DIM,), 0.05))
+    image, _ = data(b=3, size=32, seed=6)
+    profile = torch.full((3, PROFILE_DIM), 0.5)
+    profile[1, 2] = 0.9  # 8 standard deviations on feature 2
+    profile[2, FALLBACK_INDEX] = 1.0  # a fallback profile: reported elsewhere, not here
+    meta_image = MetaTensor(image, meta={"filename_or_obj": ["a.png", "b.png", "c.png"]})
+    with caplog.at_level(logging.WARNING, logger="monai_vlmfilm.inferers"), torch.no_grad():
+        FlowSegInferer(num_steps=1, seed=0)(meta_image, film, profile)
+    warned = [r.getMessage() for r in caplog.records if r.name == "monai_vlmfilm.inferers"]
+    assert len(warned) == 1 and warned[0].startswith("b.png:") and VECTOR_FIELDS[2] in warned[0] and "+8.0" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_vlmfilm.inferers"), torch.no_grad():
+        FlowSegInferer(num_steps=1, seed=0, check_profile_range=False)(meta_image, film, profile)
+        FlowSegInferer(num_steps=1, seed=0, check_profile_range="false")(meta_image, film, profile)  # a CLI value
+        FlowSegInferer(num_steps=1, seed=0)(image, film, torch.full((3, PROFILE_DIM), 0.6))  # 2 sd: in range
+        off = FiLMFlowUNet(**{**NET, "use_vlm_film": False}).eval()
+        FlowSegInferer(num_steps=1, seed=0)(image, off, profile)
+    assert not [r for r in caplog.records if r.name == "monai_vlmfilm.inferers"]
+    # without file names the batch position names the image
+    with caplog.at_level(logging.WARNING, logger="monai_vlmfilm.inferers"), torch.no_grad():
+        FlowSegInferer(num_steps=1, seed=0)(image, film, profile)
+    assert [r.getMessage()[:12] for r in caplog.records if r.name == "monai_vlmfilm.inferers"] == ["batch item 1"]

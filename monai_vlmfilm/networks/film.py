@@ -74,10 +74,13 @@ class ProfileEncoder(nn.Module):
         self.feature_mean.copy_(m)
         self.feature_std.copy_(s)
 
+    def zscore(self, profile: torch.Tensor) -> torch.Tensor:
+        """``(profile - mean) / std`` before clipping: how far each feature lies from the training profiles."""
+        return (profile - self.feature_mean.to(profile.dtype)) / self.feature_std.to(profile.dtype)
+
     def normalize(self, profile: torch.Tensor) -> torch.Tensor:
         """The encoder's input: ``clip((profile - mean) / std)`` (``profile`` itself with the identity)."""
-        z = (profile - self.feature_mean.to(profile.dtype)) / self.feature_std.to(profile.dtype)
-        return z.clamp(-self.clip, self.clip)
+        return self.zscore(profile).clamp(-self.clip, self.clip)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
