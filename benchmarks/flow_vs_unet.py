@@ -30,6 +30,7 @@ as on; each test image gets a random training image's profile: in-distribution v
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
 25,000 iterations per 9-minute call (jobs that miss the deadline are lost). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
 ``$OUT/jobs.jsonl``; ``summary.md`` / ``summary.json`` hold per-setting means and paired bootstrap 95 % CIs
+(``summary_pairs.png`` plots the CIs)
 (flow − UNet, per image, seeds averaged first) from :mod:`monai_vlmfilm.ablation.stats`; ``latency.json`` the
 inference latency of both models measured before training starts (batch 1, bf16, idle GPU).
 """
@@ -634,6 +635,39 @@ def latency(
 
 
 # ------------------------------------------------------------------------------------------------ summary
+def plot_pairs(summary: dict, path: Path) -> None:
+    """Forest plot of every paired Dice comparison in ``summary`` (mean and 95 % CI, points): the flow models
+    against the UNet on the left, FiLM on against off / shuffled / training-site profiles on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[str, list[tuple[str, dict]]] = {"against the UNet": [], "FiLM on against": []}
+    for setting, sites in summary.items():
+        for site, d in sites.items():
+            for k, v in d.items():
+                if " - " not in k:
+                    continue
+                panel = "against the UNet" if k.endswith(" - unet") else "FiLM on against"
+                where = setting if setting.endswith(("_cv", "_to_" + site)) else f"{setting}, {site}"
+                rows[panel].append((f"{where}: {k}", v["dice"]))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 0.32 * max(len(r) for r in rows.values()) + 1.4), constrained_layout=True
+    )
+    for ax, (title, items) in zip(axes, rows.items()):
+        for y, (_, d) in enumerate(items):
+            colour = "tab:green" if d["ci_lo"] > 0 else "tab:red" if d["ci_hi"] < 0 else "tab:gray"
+            ax.errorbar(d["mean"], y, xerr=[[d["mean"] - d["ci_lo"]], [d["ci_hi"] - d["mean"]]], fmt="o", color=colour)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(items)), [label for label, _ in items], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("Δ Dice (points), paired bootstrap 95 % CI over images")
+        ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
     from monai_vlmfilm.ablation.stats import paired_difference
 
@@ -768,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "summary.json").write_text(json.dumps({"sources": a.summarise, "summary": summary}, indent=1))
         (Path(a.out) / "summary.md").write_text(f"from {', '.join(a.summarise)}\n\n{table}\n")
+        plot_pairs(summary, Path(a.out) / "summary_pairs.png")
         print(table)
         return 0
     out = Path(a.out)
@@ -871,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({**meta, "summary": summary, "errors": [r for r in results if "error" in r]}, indent=1)
     )
     (out / "summary.md").write_text(f"{meta['date']}, {card} x{max(n_gpu, 1)}, `{meta['command']}`\n\n{table}\n")
+    if summary:
+        plot_pairs(summary, out / "summary_pairs.png")
     print(table, flush=True)
     return 1 if any("error" in r for r in results) else 0
 
