@@ -243,9 +243,7 @@ def precompute(
                         profs[j] = prof
                     del misses[key]
             writes = store.stats.writes
-            for key, prof in zip(misses, store.compute(list(misses.values()), profiler, batch_size)):
-                for j in wanted[key]:
-                    profs[j] = prof
+            store.fill_misses(profs, misses, wanted, profiler, batch_size)
             done.update(misses)
             new = store.stats.writes - writes
             counts["new"] += new

@@ -473,10 +473,22 @@ class ProfileStore:
             ImageReadError, OSError: an image cannot be read and ``unreadable`` is None.
         """
         out, misses, wanted = self.partition(images, profiler.fingerprint, unreadable)
+        return self.fill_misses(out, misses, wanted, profiler, batch_size)  # type: ignore[return-value]
+
+    def fill_misses(
+        self,
+        profiles: list[VLMProfile | None],
+        misses: dict[str, Lookup],
+        wanted: dict[str, list[int]],
+        profiler: Profiler,
+        batch_size: int | None = None,
+    ) -> list[VLMProfile | None]:
+        """:meth:`compute` the misses of a :meth:`partition` once per key and put each profile at every index that
+        wants it; returns ``profiles``, filled in place."""
         for key, prof in zip(misses, self.compute(list(misses.values()), profiler, batch_size)):
             for j in wanted[key]:
-                out[j] = prof
-        return out  # type: ignore[return-value]
+                profiles[j] = prof
+        return profiles
 
     def partition(
         self, images: Sequence[Any], fingerprint: str, unreadable: list[tuple[Any, str]] | None = None
