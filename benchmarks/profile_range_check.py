@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from seg_inference_profile import shipped_flow
 
     from monai_vlmfilm.inferers import warn_profiles_out_of_range
+    from monai_vlmfilm.profiles.schema import FALLBACK_INDEX
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         enc.set_normalization(mean, std)
         for s in SITES:
             flagged = warn_profiles_out_of_range(net, prof[s])
-            z = enc.zscore(prof[s])[:, :-1].abs().max(1).values  # the fallback flag is the last field
+            z = enc.zscore(prof[s])
+            z[:, FALLBACK_INDEX] = 0.0  # as the check: the fallback flag is not a range
+            z = z.abs().max(1).values
             rows.append(
                 {
                     "statistics": label,
