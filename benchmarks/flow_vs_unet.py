@@ -24,7 +24,8 @@ Settings: ``dca1_cv`` / ``xcad_cv`` (5-fold cross-validation over all images, fo
 figures, save the EMA weights as float16 shards ``model_ship_<model>_s<seed>.<i>.pt``). Models: ``unet``,
 ``flow-s`` / ``flow-m`` / ``flow-l`` (FiLM on), ``flow-m-ep1`` (flow-m trained with every crop at the endpoint, the
 bundle's recipe since 0.5.0), ``flow-me`` (flow-m + ``ImageSkipEncoder``), ``flow-m5`` (five levels), with ``:off``
-(no FiLM), ``:shuffle`` (each image gets another image's profile of the same split) or ``:trainprof`` (trained
+(no FiLM), ``:shuffle`` (each image gets another image's profile of the same split), ``:sshuffle`` (another image's
+profile of the same site: the mixed-site control that keeps site information) or ``:trainprof`` (trained
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
@@ -45,6 +46,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -79,8 +81,10 @@ FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     # flow-m trained at the endpoint only (every sample at s = 1, the one-step inference regime)
     "flow-m-ep1": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32, "endpoint": 1.0},
 }
+# recipe modifiers after a model name ("unet+zi"): GPUAugment keyword arguments
+AUG_MODIFIERS: dict[str, dict[str, Any]] = {"z": {"zoom": (0.5, 1.8)}, "i": {"intensity": True}}
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
-EXTRA_METRICS = ("dice_2step",) + tuple(
+EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
     f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean")
 )
 THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(15)]  # 0.20 .. 0.90 (the UNet chose 0.75, the old top, on XCAD)
@@ -173,12 +177,25 @@ class GPUAugment:
     ``pos_prob``, else anywhere), ``RandFlipd`` on both axes, ``RandRotate90d``, ``RandAffined`` (rotation +-15 deg,
     scale +-15 %, reflection padding, p 0.3), ``RandAdjustContrastd`` (gamma 0.7-1.5, p 0.5), ``RandGaussianNoised``
     (std 0.03, p 0.2) and ``RandGaussianSmoothd`` (sigma 0.25-1, p 0.15).
+
+    Two wider variants for the cross-site question (``+z`` / ``+i`` after a model name): ``zoom`` ``(lo, hi)`` draws
+    a log-uniform scale per sample with probability 0.5 and crops ``crop / scale`` pixels that are resized to ``crop``
+    (so vessels come out ``scale`` times as wide, with no padded border); ``intensity`` widens the gamma range to
+    0.4-2.5 (p 0.8) and adds a random linear contrast (x 0.6-1.4 about 0.5) and brightness (+-0.2) shift (p 0.8).
     """
 
     def __init__(
-        self, images: list[torch.Tensor], masks: list[torch.Tensor], crop: int, seed: int, pos_prob: float = 0.5
+        self,
+        images: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        crop: int,
+        seed: int,
+        pos_prob: float = 0.5,
+        zoom: tuple[float, float] | None = None,
+        intensity: bool = False,
     ):
         self.images, self.masks, self.crop, self.pos_prob = images, masks, crop, pos_prob
+        self.zoom, self.intensity = zoom, intensity
         self.fg = [torch.nonzero(m > 0.5) for m in masks]  # [N, 2] vessel pixel coordinates per image
         self.device = images[0].device
         self.gen = torch.Generator(device=self.device)
@@ -190,11 +207,16 @@ class GPUAugment:
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.nn.functional as F
 
-        c, imgs, labs = self.crop, [], []
-        u = self._rand(len(rows), 4).cpu().numpy()
+        c0, imgs, labs = self.crop, [], []
+        u = self._rand(len(rows), 6).cpu().numpy()
         for k, r in enumerate(rows):
             img, m = self.images[r], self.masks[r]
             h, w = img.shape
+            scale = 1.0
+            if self.zoom and u[k, 4] < 0.5:
+                lo, hi = math.log(self.zoom[0]), math.log(self.zoom[1])
+                scale = math.exp(lo + (hi - lo) * float(u[k, 5]))
+            c = max(8, round(c0 / scale))  # the region that becomes one crop
             if u[k, 0] < self.pos_prob and len(self.fg[r]):
                 cy, cx = self.fg[r][int(u[k, 1] * len(self.fg[r]))].tolist()
             else:
@@ -205,6 +227,10 @@ class GPUAugment:
             if ci.shape != (c, c):  # smaller than the crop: pad like SpatialPadd
                 ph, pw = c - ci.shape[0], c - ci.shape[1]
                 ci, cm = F.pad(ci, (0, pw, 0, ph)), F.pad(cm, (0, pw, 0, ph))
+            if c != c0:  # zoom: resample the region to the crop size (area for the mask, then re-binarised)
+                ci = F.interpolate(ci[None, None], size=(c0, c0), mode="bilinear", antialias=c > c0)[0, 0]
+                cm = (F.interpolate(cm[None, None], size=(c0, c0), mode="area" if c > c0 else "bilinear") > 0.5)[0, 0]
+                cm = cm.float()
             kk = int(u[k, 3] * 8)  # dihedral element: rot90 k times, then an optional flip (flips x rot90)
             ci, cm = torch.rot90(ci, kk % 4), torch.rot90(cm, kk % 4)
             if kk >= 4:
@@ -225,8 +251,17 @@ class GPUAugment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         y = F.grid_sample(y, grid, mode="nearest", padding_mode="reflection", align_corners=False)
         # RandAdjustContrastd (gamma on the [0, 1] image)
-        gam = torch.where(self._rand(b) < 0.5, 0.7 + 0.8 * self._rand(b), torch.ones(b, device=self.device))
-        x = x.clamp(0, 1) ** gam.view(b, 1, 1, 1)
+        if self.intensity:  # wider: gamma 0.4-2.5 (log-uniform), then contrast about 0.5 and brightness
+            on = (self._rand(b) < 0.8).float()
+            gam = torch.exp(on * (math.log(0.4) + (math.log(2.5) - math.log(0.4)) * self._rand(b)))
+            x = x.clamp(0, 1) ** gam.view(b, 1, 1, 1)
+            on = (self._rand(b) < 0.8).float().view(b, 1, 1, 1)
+            a = 1 + on * (self._rand(b).view(b, 1, 1, 1) * 0.8 - 0.4)
+            sh = on * (self._rand(b).view(b, 1, 1, 1) * 0.4 - 0.2)
+            x = ((x - 0.5) * a + 0.5 + sh).clamp(0, 1)
+        else:
+            gam = torch.where(self._rand(b) < 0.5, 0.7 + 0.8 * self._rand(b), torch.ones(b, device=self.device))
+            x = x.clamp(0, 1) ** gam.view(b, 1, 1, 1)
         # RandGaussianSmoothd: a separable Gaussian of a per-sample sigma
         sig = torch.where(self._rand(b) < 0.15, 0.25 + 0.75 * self._rand(b), torch.zeros(b, device=self.device))
         if bool((sig > 0).any()):
@@ -250,8 +285,14 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     from monai_vlmfilm.networks import FiLMFlowUNet
 
     name, _, mode = model.partition(":")
+    name, *mods = name.split("+")  # "flow-m-ep1+zi": recipe modifiers, z = wide zoom, i = wide intensity
+    unknown = set("".join(mods)) - set(AUG_MODIFIERS)
+    if unknown:
+        raise ValueError(f"unknown recipe modifier(s) {sorted(unknown)} in {model!r}")
+    aug = {k: v for m in "".join(mods) for k, v in AUG_MODIFIERS[m].items()}
     if name == "unet":
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1), {"kind": "unet", "divisible_by": 16}
+        net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
+        return net, {"kind": "unet", "divisible_by": 16, "aug": aug}
     cfg = dict(FLOW_CONFIGS[name])
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
@@ -271,9 +312,27 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         "kind": "flow",
         "mode": mode or "on",
         "divisible_by": 2 ** (len(cfg["channels"]) - 1),
+        "aug": aug,
         **cfg,
         **recipe,
     }
+
+
+def within_site_permutation(profiles: np.ndarray, items: list[dict], rng: np.random.Generator) -> np.ndarray:
+    """``profiles`` permuted among the images of each site: site information stays, per-image information goes."""
+    out = profiles.copy()
+    sites = np.array([d["site"] for d in items])
+    for site in np.unique(sites):
+        idx = np.flatnonzero(sites == site)
+        out[idx] = profiles[rng.permutation(idx)]
+    return out
+
+
+def vessel_width(masks: list[np.ndarray]) -> float:
+    """Median over images of mask area / skeleton length: the typical vessel width in pixels."""
+    from skimage.morphology import skeletonize
+
+    return float(np.median([m.sum() / max(1, skeletonize(m > 0).sum()) for m in masks]))
 
 
 def profiles_of(items: list[dict]) -> np.ndarray:
@@ -390,6 +449,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     if use_profile and info["mode"] == "shuffle":  # the same profiles, each on another image
         rng = np.random.default_rng(1000 + job["seed"])
         p_train, p_test = p_train[rng.permutation(len(p_train))], p_test[rng.permutation(len(p_test))]
+    if use_profile and info["mode"] == "sshuffle":  # each image gets another image's profile of the same site
+        rng = np.random.default_rng(1000 + job["seed"])
+        p_train, p_test = within_site_permutation(p_train, train, rng), within_site_permutation(p_test, test, rng)
     if use_profile and info["mode"] == "trainprof":  # trained as "on"; each test image gets a training image's profile
         p_test = p_train[np.random.default_rng(2000 + job["seed"]).integers(0, len(p_train), len(p_test))]
     if use_profile:
@@ -400,6 +462,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         [torch.as_tensor(d["mask"], device=device, dtype=torch.float32) for d in train],
         args["crop"],
         seed=job["seed"],
+        **info.get("aug", {}),
     )
 
     iters, bs = int(iters_override or args["iterations"]), args["batch"]
@@ -462,6 +525,14 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     gts = [train[i]["mask"].astype(bool) for i in thr_rows]
     thr_scores = {t: float(np.mean([dice(p >= t, g) for p, g in zip(probs, gts)])) for t in THRESHOLDS}
     thr = max(thr_scores, key=thr_scores.get)
+    cross = "_to_" in job["setting"]
+    if cross:
+        # diagnostics of what the other site's images lack (not a method: the scale uses the test masks):
+        # dice_tscale resizes each test image so its vessels are as wide as the training site's, dice_tnorm maps
+        # its intensity mean / std to the training images'
+        zoom = vessel_width([d["mask"] for d in train]) / vessel_width([d["mask"] for d in test])
+        mu_tr = float(np.mean([d["image"].mean() for d in train]))
+        sd_tr = float(np.mean([d["image"].std() for d in train]))
     records = []
     for i, d in enumerate(test):
         prof = None if p_test is None else p_test[i]
@@ -478,6 +549,11 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         if info["kind"] == "flow":  # two Euler steps (t = T, T/2), no TTA: does the multi-step regime add anything?
             prob2 = predict(d["image"], prof, "none", steps=2)
             rec["dice_2step"] = dice(prob2 >= thr, d["mask"].astype(bool))
+        if cross:
+            rec["dice_tscale"] = dice(rescaled_prob(predict, d["image"], prof, zoom) >= thr, d["mask"].astype(bool))
+            im = d["image"]
+            im_n = np.clip((im - im.mean()) / max(float(im.std()), 1e-6) * sd_tr + mu_tr, 0, 1).astype(np.float32)
+            rec["dice_tnorm"] = dice(predict(im_n, prof, "dihedral") >= thr, d["mask"].astype(bool))
         if job["setting"] == "ship":
             rec.update(uncertainty_metrics(predict, d["image"], prof, d["mask"].astype(bool), thr))
         records.append(rec)
@@ -499,6 +575,18 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         }
     )
     return out
+
+
+def rescaled_prob(predict: Any, image: np.ndarray, profile: Any, zoom: float) -> np.ndarray:
+    """The probability of ``image`` resized by ``zoom`` (dihedral TTA), resized back to the image's size."""
+    import torch.nn.functional as F
+
+    h, w = image.shape
+    x = torch.as_tensor(image)[None, None]
+    size = (max(16, round(h * zoom)), max(16, round(w * zoom)))
+    xs = F.interpolate(x, size=size, mode="bilinear", antialias=zoom < 1)[0, 0].numpy()
+    prob = torch.as_tensor(predict(xs, profile, "dihedral"))[None, None]
+    return F.interpolate(prob, size=(h, w), mode="bilinear", antialias=zoom > 1)[0, 0].numpy()
 
 
 def save_shards(model: torch.nn.Module, stem: Path, max_bytes: int = 12 * 2**20) -> None:
@@ -718,7 +806,16 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
             # flow - UNet, and for the profile's worth (issue 16) FiLM on - off and on - shuffled profiles
             pairs = [(m, baseline) for m in per_model if m != baseline and baseline in per_model]
             pairs += [
-                (m, f"{m}:{v}") for m in per_model for v in ("off", "shuffle", "trainprof") if f"{m}:{v}" in per_model
+                (m, f"{m}:{v}")
+                for m in per_model
+                for v in ("off", "shuffle", "sshuffle", "trainprof")
+                if f"{m}:{v}" in per_model
+            ]
+            # a recipe modifier against the same model without it ("unet+zi" - "unet")
+            pairs += [
+                (m, re.sub(r"\+[a-z]+", "", m))
+                for m in per_model
+                if re.sub(r"\+[a-z]+", "", m) in per_model and "+" in m
             ]
             if pairs:
                 for model, ref in pairs:
