@@ -82,7 +82,12 @@ FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     "flow-m-ep1": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32, "endpoint": 1.0},
 }
 # recipe modifiers after a model name ("unet+zi"): GPUAugment keyword arguments
-AUG_MODIFIERS: dict[str, dict[str, Any]] = {"z": {"zoom": (0.5, 1.8)}, "i": {"intensity": True}}
+# n = z-score each crop / image before the network (what BasicUNet's first instance norm does to its input)
+AUG_MODIFIERS: dict[str, dict[str, Any]] = {
+    "z": {"zoom": (0.5, 1.8)},
+    "i": {"intensity": True},
+    "n": {"znorm": True},
+}
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
 EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
     f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean")
@@ -178,7 +183,8 @@ class GPUAugment:
     scale +-15 %, reflection padding, p 0.3), ``RandAdjustContrastd`` (gamma 0.7-1.5, p 0.5), ``RandGaussianNoised``
     (std 0.03, p 0.2) and ``RandGaussianSmoothd`` (sigma 0.25-1, p 0.15).
 
-    Two wider variants for the cross-site question (``+z`` / ``+i`` after a model name): ``zoom`` ``(lo, hi)`` draws
+    Two wider variants for the cross-site question (``+z`` / ``+i`` after a model name; ``+n`` z-scores each crop, and
+    the Predictor each whole image, before the network): ``zoom`` ``(lo, hi)`` draws
     a log-uniform scale per sample with probability 0.5 and crops ``crop / scale`` pixels that are resized to ``crop``
     (so vessels come out ``scale`` times as wide, with no padded border); ``intensity`` widens the gamma range to
     0.4-2.5 (p 0.8) and adds a random linear contrast (x 0.6-1.4 about 0.5) and brightness (+-0.2) shift (p 0.8).
@@ -193,9 +199,10 @@ class GPUAugment:
         pos_prob: float = 0.5,
         zoom: tuple[float, float] | None = None,
         intensity: bool = False,
+        znorm: bool = False,
     ):
         self.images, self.masks, self.crop, self.pos_prob = images, masks, crop, pos_prob
-        self.zoom, self.intensity = zoom, intensity
+        self.zoom, self.intensity, self.znorm = zoom, intensity, znorm
         self.fg = [torch.nonzero(m > 0.5) for m in masks]  # [N, 2] vessel pixel coordinates per image
         self.device = images[0].device
         self.gen = torch.Generator(device=self.device)
@@ -276,7 +283,15 @@ class GPUAugment:
         # RandGaussianNoised
         nz = (self._rand(b) < 0.2).float().view(b, 1, 1, 1) * 0.03
         x = x + nz * torch.randn(x.shape, generator=self.gen, device=self.device)
+        if self.znorm:
+            x = zscore(x)
         return x.contiguous(), (y > 0.5).float()
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """Each image of ``[B, C, H, W]`` to mean 0, std 1 over its pixels (MONAI ``NormalizeIntensity`` per image)."""
+    mu, sd = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
+    return (x - mu) / sd.clamp_min(1e-6)
 
 
 def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
@@ -402,6 +417,8 @@ class Predictor:
         """Foreground probability ``HxW``; with ``uncertainty`` the pair (probability, per-pixel std over the TTA
         copies x noise samples)."""
         x = torch.as_tensor(image, device=self.device)[None, None]
+        if self.info.get("aug", {}).get("znorm"):
+            x = zscore(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
