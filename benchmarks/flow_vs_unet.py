@@ -533,7 +533,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     train_s = time.perf_counter() - t0
     model = ema.module.eval()
     if job["setting"] == "ship" and args.get("out"):  # saved before evaluation: a deadline must not lose it
-        save_shards(model, Path(args["out"]) / f"model_ship_{job['model'].replace(':', '_')}_s{job['seed']}")
+        save_shards(
+            model, Path(args["out"]) / f"model_ship_{re.sub(r'[^A-Za-z0-9_.-]', '_', job['model'])}_s{job['seed']}"
+        )
     predict = Predictor(model, info, device, amp)
 
     # threshold on the job's own training images (never the test images)
