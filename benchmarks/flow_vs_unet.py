@@ -744,19 +744,25 @@ def latency(
 # ------------------------------------------------------------------------------------------------ summary
 def plot_pairs(summary: dict, path: Path) -> None:
     """Forest plot of every paired Dice comparison in ``summary`` (mean and 95 % CI, points): the flow models
-    against the UNet on the left, FiLM on against off / shuffled / training-site profiles on the right."""
+    against the UNet on the left; on the right FiLM on against off / shuffled / training-site profiles, and a
+    recipe modifier (``+n``, ``+zi``) against the same model without it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows: dict[str, list[tuple[str, dict]]] = {"against the UNet": [], "FiLM on against": []}
+    rows: dict[str, list[tuple[str, dict]]] = {
+        "against the UNet": [],
+        "FiLM on vs off / shuffled; recipe change vs none": [],
+    }
     for setting, sites in summary.items():
         for site, d in sites.items():
             for k, v in d.items():
                 if " - " not in k:
                     continue
-                panel = "against the UNet" if k.endswith(" - unet") else "FiLM on against"
+                panel = (
+                    "against the UNet" if k.endswith(" - unet") else "FiLM on vs off / shuffled; recipe change vs none"
+                )
                 where = setting if setting.endswith(("_cv", "_to_" + site)) else f"{setting}, {site}"
                 rows[panel].append((f"{where}: {k}", v["dice"]))
     fig, axes = plt.subplots(
