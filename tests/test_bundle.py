@@ -160,6 +160,10 @@ def test_inference_channels_last_follows_the_device(device, expected):
     assert parser["cpu_bf16"] is True and inferer.cpu_bf16 is cpu_has_native_bf16()
     parser["cpu_bf16"] = "false"  # as `--cpu_bf16 false` arrives from the command line: a string, not a bool
     assert parser.get_parsed_content("inferer", lazy=False).cpu_bf16 is False
+    # torch.compile is opt-in: off by default, `--compile_mode reduce-overhead` reaches the inferer as given
+    assert parser["compile_mode"] is None and inferer.compile_mode is None
+    parser["compile_mode"] = "reduce-overhead"
+    assert parser.get_parsed_content("inferer", lazy=False).compile_mode == "reduce-overhead"
 
 
 def test_switch_in_parsed_config(data, tmp_path):

@@ -315,6 +315,30 @@ def test_cpu_bf16_is_ignored_where_the_cpu_lacks_it(net, monkeypatch):
         assert torch.equal(inferer(image, net, profile), FlowSegInferer(num_steps=1, seed=4)(image, net, profile))
 
 
+def test_compile_mode_gives_the_eager_probabilities_and_compiles_once(net):
+    """``compile_mode`` runs a ``torch.compile``'d module of the same weights (inductor's C++ backend on this CPU):
+    the probabilities match the eager network's, Heun's two passes per step stay distinct, the compiled module is
+    built once per network, and the bundle's CLI strings for off leave the network as it is."""
+    import copy
+
+    image, profile = data(b=1, size=32, seed=6)
+    cnet = copy.deepcopy(net)  # the compiled module keeps a reference: leave the shared fixture untouched
+    kw = dict(num_steps=2, solver="heun", num_samples=2, seed=4, tta="flip", return_uncertainty=True)
+    inferer = FlowSegInferer(compile_mode="default", **kw)
+    with torch.no_grad():
+        ref = FlowSegInferer(**kw)(image, cnet, profile)
+        got = inferer(image, cnet, profile)
+        again = inferer(image, cnet, profile)
+    assert len(inferer._compiled) == 1 and inferer._network_for_call(cnet) is inferer._compiled[cnet]
+    assert inferer._network_for_call(cnet) is not cnet
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)  # fused kernels round float32 differently
+    torch.testing.assert_close(again, got, rtol=0, atol=1e-6)
+    assert float(ref[:, 1:].max()) > 0  # two noise draws: the spread is there, so the copies did not alias
+    for off in (None, "none", "False", ""):
+        plain = FlowSegInferer(compile_mode=off, **kw)
+        assert plain.compile_mode is None and plain._network_for_call(cnet) is cnet
+
+
 def test_profiles_beyond_the_training_range_are_named_in_a_warning(net, caplog):
     """A FiLM network with training statistics: a profile beyond the encoder's clip gets a warning naming the image
     and the feature; profiles in range, the fallback flag, OFF networks and the switch turned off stay silent."""
