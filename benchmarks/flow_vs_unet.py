@@ -27,7 +27,10 @@ bundle's recipe since 0.5.0), ``flow-me`` (flow-m + ``ImageSkipEncoder``), ``flo
 (no FiLM), ``:shuffle`` (each image gets another image's profile of the same split), ``:sshuffle`` (another image's
 profile of the same site: the mixed-site control that keeps site information) or ``:trainprof`` (trained
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
-``--iterations``); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
+``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
+0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`); cross-site jobs also
+record the diagnostics ``dice_tscale`` (test image resized to the training site's vessel width) and ``dice_tnorm``
+(its intensity statistics mapped to the training images'); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
 25,000 iterations per 9-minute call (jobs that miss the deadline are lost). Jobs run in parallel, ``--workers`` processes per GPU. Per-image results stream to
 ``$OUT/jobs.jsonl``; ``summary.md`` / ``summary.json`` hold per-setting means and paired bootstrap 95 % CIs
