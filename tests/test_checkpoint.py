@@ -54,3 +54,19 @@ def test_shipped_checkpoint_loads_without_map_location():
     path = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
     state = torch.load(path, weights_only=True)  # no map_location, as MONAI Label does
     assert state and all(t.device.type == "cpu" for t in state.values())
+
+
+def test_shipped_checkpoint_refuses_an_image_norm_network():
+    """The shipped model.pt was trained without ``image_norm``: the bundle's network built with
+    ``--image_norm true`` stops with a message naming the option and the file, instead of segmenting badly."""
+    from monai.bundle import ConfigParser
+
+    bundle = Path(__file__).resolve().parents[1] / "bundle"
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    assert parser["image_norm"] is False and parser.get_parsed_content("network_def").image_norm is False
+    parser["image_norm"] = "true"  # as `--image_norm true` arrives from the command line
+    net = parser.get_parsed_content("network_def", lazy=False)
+    assert net.image_norm is True
+    with pytest.raises(RuntimeError, match=r"model\.pt.*trained without image_norm"):
+        load_network_weights(net, bundle / "models" / "model.pt")

@@ -117,6 +117,25 @@ def test_scripted_segmenter_equals_flow_inferer(film, ode, tmp_path, one_thread)
         assert not torch.allclose(loaded(image, profile), loaded(image))
 
 
+def test_scripted_segmenter_keeps_image_norm(tmp_path, one_thread):
+    """An ``image_norm`` network exports with its normalisation: the TorchScript module gives the inferer's output
+    and, like the network, ignores the image's brightness and contrast."""
+    torch.manual_seed(0)
+    net = FiLMFlowUNet(use_vlm_film=True, image_norm=True, **NET_KW)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.15)
+    net.eval()
+    scripted = torch.jit.script(FlowODESegmenter(net, seed=5, num_steps=1))
+    torch.jit.save(scripted, str(tmp_path / "m.ts"))
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    image, profile = torch.rand(1, 1, 30, 45), torch.rand(1, 7)
+    with torch.no_grad():
+        expected = FlowSegInferer(seed=5, num_steps=1)(image, net, profile)
+        torch.testing.assert_close(loaded(image, profile), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(0.5 * image + 0.3, profile), expected, rtol=0, atol=1e-4)
+
+
 def test_segmenter_uncertainty_and_input_checks():
     net = random_network(True)
     module = torch.jit.script(FlowODESegmenter(net, num_samples=3, return_uncertainty=True))

@@ -300,3 +300,48 @@ def test_gate_index_and_the_command_line_switch():
     with pytest.raises(ValueError, match="gate_index"):
         FiLMFlowUNet(use_vlm_film=True, gate_index=PROFILE_DIM, **KW2)
     assert build(FiLMFlowUNet, use_vlm_film="false", **KW2).use_vlm_film is False
+
+
+@pytest.mark.parametrize("film", [False, True], ids=["off", "on"])
+def test_image_norm_makes_the_output_independent_of_brightness_and_contrast(film):
+    """``image_norm``: the image channel is z-scored inside the network, so ``a * image + b`` (a > 0) segments the
+    same; the mask channel (x_t) is left alone; without the option nothing changes (no buffer, the image matters)."""
+    kw = dict(TINY_FLOW_NET, use_vlm_film=film, **(FILM if film else {}))
+    net = build(FiLMFlowUNet, image_norm=True, **kw).eval()
+    plain = build(FiLMFlowUNet, **kw).eval()
+    randomise_output_conv(net, plain)
+    if film:
+        randomise_film(net)
+    g = torch.Generator().manual_seed(2)
+    x_t, image = torch.randn(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    t, p = torch.tensor([1000.0, 300.0]), profiles(2)
+    with torch.no_grad():
+        out = net(torch.cat([x_t, image], 1), t, p)
+        brighter = net(torch.cat([x_t, 0.4 * image + 0.5], 1), t, p)
+        other_noise = net(torch.cat([2 * x_t, image], 1), t, p)
+        plain_out = plain(torch.cat([x_t, image], 1), t, p)
+        plain_brighter = plain(torch.cat([x_t, 0.4 * image + 0.5], 1), t, p)
+    assert out.abs().max() > 0
+    torch.testing.assert_close(brighter, out, atol=1e-4, rtol=0)
+    assert not torch.allclose(other_noise, out, atol=1e-3)  # only the image channel is normalised
+    assert not torch.allclose(plain_brighter, plain_out, atol=1e-3)  # without it the intensities matter
+    assert "image_norm_flag" in net.state_dict() and "image_norm_flag" not in plain.state_dict()
+    assert build(FiLMFlowUNet, image_norm="false", **kw).image_norm is False  # the command line's string form
+    with pytest.raises(ValueError, match="image_norm"):
+        FiLMFlowUNet(**dict(kw, in_channels=1), image_norm=True)
+
+
+def test_image_norm_checkpoints_do_not_load_across_the_option():
+    """A checkpoint records whether it was trained with ``image_norm``; loading it into a network built the other
+    way stops with a message that names the option (either direction), the same way loads."""
+    from monai_vlmfilm.networks import load_network_state
+
+    kw = dict(TINY_FLOW_NET, use_vlm_film=True, **FILM)
+    normed, plain = build(FiLMFlowUNet, image_norm=True, **kw), build(FiLMFlowUNet, **kw)
+    with pytest.raises(RuntimeError, match="trained without image_norm.*set image_norm false"):
+        load_network_state(build(FiLMFlowUNet, image_norm=True, **kw), plain.state_dict())
+    with pytest.raises(RuntimeError, match="trained with image_norm.*set image_norm true"):
+        load_network_state(build(FiLMFlowUNet, **kw), normed.state_dict())
+    twin = build(FiLMFlowUNet, seed=3, image_norm=True, **kw)
+    load_network_state(twin, normed.state_dict())
+    assert all(torch.equal(v, normed.state_dict()[k]) for k, v in twin.state_dict().items())

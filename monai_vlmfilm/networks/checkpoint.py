@@ -279,11 +279,27 @@ def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], 
     return {"missing": missing, "ignored": ignored}
 
 
+IMAGE_NORM_KEY = "image_norm_flag"
+
+
 def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
     film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
     other = [k for k in missing if not k.startswith(FILM_KEY_PREFIXES)]
     lines = []
+    # the image_norm record (FiLMFlowUNet): name the switch rather than a buffer the user never wrote
+    if IMAGE_NORM_KEY in other:
+        lines.append(
+            "the checkpoint was trained without image_norm and the network is built with it: set image_norm false "
+            "(network_def#image_norm) to use this checkpoint."
+        )
+        other = [k for k in other if k != IMAGE_NORM_KEY]
+    if IMAGE_NORM_KEY in unexpected:
+        lines.append(
+            "the checkpoint was trained with image_norm (each image z-scored inside the network) and the network is "
+            "built without it: set image_norm true (network_def#image_norm) to use this checkpoint."
+        )
+        unexpected = [k for k in unexpected if k != IMAGE_NORM_KEY]
     if film:
         heads = sorted({k.split(".")[1] for k in film if k.startswith("film_heads.")}, key=int)
         lines.append(

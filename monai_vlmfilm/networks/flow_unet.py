@@ -16,7 +16,17 @@ from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, PROFILE_DIM, as_prof
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 from .image_encoder import ImageSkipEncoder, skip_layout
 
-__all__ = ["FiLMFlowUNet", "as_profile_batch"]
+__all__ = ["FiLMFlowUNet", "as_profile_batch", "zscore_channels"]
+
+
+def zscore_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each channel of each sample of ``[B, C, *spatial]`` to mean 0 and standard deviation 1 over its pixels (a
+    constant channel becomes 0)."""
+    dims = tuple(range(2, x.ndim))
+    xf = x.float()
+    mean = xf.mean(dim=dims, keepdim=True)
+    std = xf.std(dim=dims, keepdim=True, unbiased=False)
+    return ((xf - mean) / (std + eps)).to(x.dtype)
 
 
 class FiLMFlowUNet(DiffusionModelUNet):
@@ -61,6 +71,14 @@ class FiLMFlowUNet(DiffusionModelUNet):
             ``BasicUNet``-style encoder of the image channels that adds its features to the skip connections and
             the mid block through zero-initialised projections; ``None`` (default) builds none. It is part of the
             segmentation network, not of the profile parts: ON and OFF both have it.
+        image_norm: z-score each image channel of each sample (mean 0, std 1 over its pixels) before the network
+            sees it, as ``BasicUNet``'s first instance norm does to its input: the segmentation no longer depends on
+            the image's brightness and contrast (any ``a * image + b``, ``a > 0``, gives the same output). A network
+            built with it holds a ``image_norm_flag`` buffer in its state dict, so a checkpoint trained one way
+            does not load into a network built the other way (:func:`~monai_vlmfilm.networks.load_network_weights`
+            names the switch). Measured (``benchmarks/BENCHMARKS.md`` section 9d, one run each): across sites +1.1
+            (DCA1 -> XCAD) and +1.6 (XCAD -> DCA1) Dice points, on the two-site validation splits +1.1 / +0.9, but
+            -0.7 in XCAD cross-validation; off by default. Part of the segmentation network: ON and OFF alike.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -78,12 +96,22 @@ class FiLMFlowUNet(DiffusionModelUNet):
         film_stages: str | Sequence[int] | None = None,
         profile_norm: Any = None,
         image_encoder_channels: Sequence[int] | None = None,
+        image_norm: bool | str = False,
         **kwargs: Any,
     ) -> None:
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
         self.spatial_dims = spatial_dims
         self.mask_channels = out_channels
+        try:  # a command-line `--image_norm false` arrives as a string
+            self.image_norm = str2bool(str(image_norm).strip())
+        except ValueError as e:
+            raise ValueError(f"image_norm must be true or false, got {image_norm!r}") from e
+        if self.image_norm:
+            if in_channels <= out_channels:
+                raise ValueError(f"image_norm needs image channels: in_channels {in_channels} <= out_channels.")
+            # no parameter, only a record in the state dict: a checkpoint says whether it was trained with it
+            self.register_buffer("image_norm_flag", torch.ones(()))
         # before the FiLM modules: ON and OFF networks with an encoder still share every non-profile weight
         self.image_encoder: ImageSkipEncoder | None = None
         if image_encoder_channels is not None:
@@ -163,6 +191,8 @@ class FiLMFlowUNet(DiffusionModelUNet):
             context, class_labels, down_block_additional_residuals, mid_block_additional_residual: as
                 ``DiffusionModelUNet.forward``.
         """
+        if self.image_norm:
+            x = torch.cat([x[:, : self.mask_channels], zscore_channels(x[:, self.mask_channels :])], dim=1)
         if self.image_encoder is not None:
             skips, mid = self.image_encoder(x[:, self.mask_channels :])
             if down_block_additional_residuals is not None:
