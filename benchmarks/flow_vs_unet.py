@@ -85,7 +85,8 @@ FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     "flow-m-ep1": {"channels": [32, 64, 128, 256], "num_res_blocks": 1, "norm_num_groups": 32, "endpoint": 1.0},
 }
 # recipe modifiers after a model name ("unet+zi"): GPUAugment keyword arguments
-# n = z-score each crop / image before the network (what BasicUNet's first instance norm does to its input)
+# n = z-score each crop / image before the network (what BasicUNet's first instance norm does to its input); for the
+# flow network this is FiLMFlowUNet(image_norm=True), the bundle's option (session 7's runs z-scored outside it)
 AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     "z": {"zoom": (0.5, 1.8)},
     "i": {"intensity": True},
@@ -312,6 +313,8 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
         return net, {"kind": "unet", "divisible_by": 16, "aug": aug}
     cfg = dict(FLOW_CONFIGS[name])
+    if aug.pop("znorm", False):  # the flow network z-scores inside itself, as the bundle's `image_norm: true` does
+        cfg["image_norm"] = True
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,

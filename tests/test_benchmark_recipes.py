@@ -57,8 +57,10 @@ def test_model_names_carry_recipe_modifiers():
     net, info = fvu.build_model("unet+zi", profile_dim=8)
     assert info["kind"] == "unet" and info["aug"] == {"zoom": (0.5, 1.8), "intensity": True}
     net, info = fvu.build_model("flow-s+n:off", profile_dim=8)
-    assert info["kind"] == "flow" and info["mode"] == "off" and info["aug"] == {"znorm": True}
-    assert not net.use_vlm_film
+    # the flow network normalises inside itself (the bundle's image_norm), not in the augmentation
+    assert info["kind"] == "flow" and info["mode"] == "off" and info["aug"] == {} and info["image_norm"] is True
+    assert not net.use_vlm_film and net.image_norm
+    assert fvu.build_model("unet+n", profile_dim=8)[1]["aug"] == {"znorm": True}
     assert fvu.build_model("flow-s", profile_dim=8)[1]["aug"] == {}
     with pytest.raises(ValueError, match="unknown recipe modifier"):
         fvu.build_model("unet+q", profile_dim=8)
