@@ -272,6 +272,16 @@ class FlowSegInferer(Inferer):
         self.compile_mode = None if mode_ is None or mode_.lower() in ("", "none", "null", "false", "0") else mode_
         self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict:
+        """Picklable (e.g. for worker processes): the compiled modules stay behind and are rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._compiled = weakref.WeakKeyDictionary()
+
     def _network_for_call(self, network: Callable) -> Callable:
         """``network`` itself, or with ``compile_mode`` its compiled module (built once per network)."""
         if self.compile_mode is None or not isinstance(network, torch.nn.Module):

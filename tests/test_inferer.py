@@ -334,6 +334,10 @@ def test_compile_mode_gives_the_eager_probabilities_and_compiles_once(net):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)  # fused kernels round float32 differently
     torch.testing.assert_close(again, got, rtol=0, atol=1e-6)
     assert float(ref[:, 1:].max()) > 0  # two noise draws: the spread is there, so the copies did not alias
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(inferer))  # picklable; the compiled modules are not carried along
+    assert clone.compile_mode == "default" and len(clone._compiled) == 0
     for off in (None, "none", "False", ""):
         plain = FlowSegInferer(compile_mode=off, **kw)
         assert plain.compile_mode is None and plain._network_for_call(cnet) is cnet
