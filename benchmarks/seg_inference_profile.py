@@ -2,11 +2,14 @@
 
     python benchmarks/seg_inference_profile.py --out benchmarks/results            # CPU (the 2-core machine)
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --out "$OUT"    # GPU (bf16 autocast)
+    bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --compile --out "$OUT"  # + CUDA graphs, end to end
 
 For each model and image size (304², 512²), batch 1, the bundle's inferer defaults (whole image, 1 Euler step,
 1 noise sample, no TTA): seconds per image (median of repeats after warm-up), for the eager network, the network in
 ``channels_last`` memory format, on a CPU with hardware bfloat16 also ``channels_last`` + bf16 autocast (the bundle's
-CPU default, ``FlowSegInferer(cpu_bf16=True)``) and, with ``--compile``, ``torch.compile`` (compile time reported apart), each checked
+CPU default, ``FlowSegInferer(cpu_bf16=True)``) and, with ``--compile``, the network compiled the way the bundle does
+it (``FlowSegInferer(compile_mode=...)``, ``--compile-mode``, default ``reduce-overhead`` on a GPU; the UNet through
+``torch.compile`` with the same mode; compile time in the first-call column), each checked
 against the eager masks (probability difference and mask agreement). Then a ``torch.profiler`` table of one
 512² pass of the flow network (FiLM on): self time per operator class (convolution, normalisation, element-wise,
 attention, copies, other) and the top operators. The flow network is the bundle's ``network_def`` from
@@ -74,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="304,512")
     ap.add_argument("--repeats", type=int, default=0, help="timed passes per row (default 5 on CPU, 30 on GPU)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of --compile (default: reduce-overhead, i.e. CUDA graphs, on a GPU; default on a CPU)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -89,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # the bundle's CPU default where the CPU computes bf16 in hardware: FlowSegInferer(cpu_bf16=True)
     cpu_bf16 = not cuda and cpu_has_native_bf16()
+    compile_mode = a.compile_mode or ("reduce-overhead" if cuda else "default")
     bf16_inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, cpu_bf16=True)
 
-    def flow_fn(net, bf16=False):
+    def flow_fn(net, bf16=False, compile_mode=None):
         inf = bf16_inferer if bf16 else inferer
+        if compile_mode:  # the product path: FlowSegInferer compiles the network itself (inference.yaml compile_mode)
+            inf = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, compile_mode=compile_mode)
 
         def run(x):
             with torch.no_grad(), torch.autocast(**amp):
@@ -100,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def unet_fn(net, bf16=False):
+    def unet_fn(net, bf16=False, compile_mode=None):
+        if compile_mode:
+            net = torch.compile(net, mode=compile_mode, dynamic=False)
+
         def run(x):
             with torch.no_grad(), torch.autocast(**amp), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 xp, crop = pad_to_multiple(x, 16)
@@ -133,15 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(size)).to(device)
         for name, (net, make) in models.items():
             ref = make(net)(x)
-            variants = [("eager", net, False)]
+            variants = [("eager", net, False, None)]
             cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
-            variants.append(("channels_last", cl, False))
+            variants.append(("channels_last", cl, False, None))
             if cpu_bf16:
-                variants.append(("channels_last + bf16", cl, True))
+                variants.append(("channels_last + bf16", cl, True, None))
             if a.compile:
-                variants.append(("compiled", torch.compile(copy.deepcopy(net)), False))
-            for variant, module, bf16 in variants:
-                fn = make(module, bf16)
+                variants.append((f"compiled ({compile_mode})", copy.deepcopy(net), False, compile_mode))
+            for variant, module, bf16, cmode in variants:
+                fn = make(module, bf16, cmode)
                 t0 = time.perf_counter()
                 out = fn(x)
                 first = time.perf_counter() - t0
