@@ -207,10 +207,13 @@ class GPUAugment:
     ):
         self.images, self.masks, self.crop, self.pos_prob = images, masks, crop, pos_prob
         self.zoom, self.intensity, self.znorm = zoom, intensity, znorm
-        self.fg = [torch.nonzero(m > 0.5) for m in masks]  # [N, 2] vessel pixel coordinates per image
+        # [N, 2] vessel pixel coordinates per image, and the per-sample choices below, live on the host: reading them
+        # from the GPU would sync once per sample and step, which stalls a job that has a GPU to itself
+        self.fg = [torch.nonzero(m > 0.5).cpu().numpy() for m in masks]
         self.device = images[0].device
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
+        self.host_rng = np.random.default_rng(seed)
 
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.gen, device=self.device)
@@ -219,7 +222,7 @@ class GPUAugment:
         import torch.nn.functional as F
 
         c0, imgs, labs = self.crop, [], []
-        u = self._rand(len(rows), 6).cpu().numpy()
+        u = self.host_rng.random((len(rows), 6))
         for k, r in enumerate(rows):
             img, m = self.images[r], self.masks[r]
             h, w = img.shape
@@ -229,7 +232,7 @@ class GPUAugment:
                 scale = math.exp(lo + (hi - lo) * float(u[k, 5]))
             c = max(8, round(c0 / scale))  # the region that becomes one crop
             if u[k, 0] < self.pos_prob and len(self.fg[r]):
-                cy, cx = self.fg[r][int(u[k, 1] * len(self.fg[r]))].tolist()
+                cy, cx = (int(v) for v in self.fg[r][int(u[k, 1] * len(self.fg[r]))])
             else:
                 cy, cx = int(u[k, 1] * h), int(u[k, 2] * w)
             y0 = min(max(cy - c // 2, 0), max(h - c, 0))
@@ -274,8 +277,9 @@ class GPUAugment:
             gam = torch.where(self._rand(b) < 0.5, 0.7 + 0.8 * self._rand(b), torch.ones(b, device=self.device))
             x = x.clamp(0, 1) ** gam.view(b, 1, 1, 1)
         # RandGaussianSmoothd: a separable Gaussian of a per-sample sigma
-        sig = torch.where(self._rand(b) < 0.15, 0.25 + 0.75 * self._rand(b), torch.zeros(b, device=self.device))
-        if bool((sig > 0).any()):
+        sig_host = np.where(self.host_rng.random(b) < 0.15, 0.25 + 0.75 * self.host_rng.random(b), 0.0)
+        if (sig_host > 0).any():  # decided on the host: no GPU sync
+            sig = torch.as_tensor(sig_host, device=self.device, dtype=x.dtype)
             t = torch.arange(-3, 4, device=self.device, dtype=x.dtype)
             ker = torch.exp(-(t[None] ** 2) / (2 * sig.clamp_min(1e-3)[:, None] ** 2))
             ker = torch.where((sig > 0)[:, None], ker, (t[None] == 0).to(x.dtype))
