@@ -64,6 +64,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# the z-score FiLMFlowUNet(image_norm=True) applies inside itself; "+n" applies it outside for the UNet
+from monai_vlmfilm.networks.flow_unet import zscore_channels  # noqa: E402
+
 SITES = ("dca1", "xcad")
 FLOW_CONFIGS: dict[str, dict[str, Any]] = {
     # the 0.1 bundle's channel plan (1.1 M parameters, 2 downsamplings)
@@ -292,14 +295,8 @@ class GPUAugment:
         nz = (self._rand(b) < 0.2).float().view(b, 1, 1, 1) * 0.03
         x = x + nz * torch.randn(x.shape, generator=self.gen, device=self.device)
         if self.znorm:
-            x = zscore(x)
+            x = zscore_channels(x)
         return x.contiguous(), (y > 0.5).float()
-
-
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    """Each image of ``[B, C, H, W]`` to mean 0, std 1 over its pixels (MONAI ``NormalizeIntensity`` per image)."""
-    mu, sd = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
-    return (x - mu) / sd.clamp_min(1e-6)
 
 
 def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
@@ -428,7 +425,7 @@ class Predictor:
         copies x noise samples)."""
         x = torch.as_tensor(image, device=self.device)[None, None]
         if self.info.get("aug", {}).get("znorm"):
-            x = zscore(x)
+            x = zscore_channels(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
@@ -761,18 +758,14 @@ def plot_pairs(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows: dict[str, list[tuple[str, dict]]] = {
-        "against the UNet": [],
-        "FiLM on vs off / shuffled; recipe change vs none": [],
-    }
+    vs_unet, vs_other = "against the UNet", "FiLM on vs off / shuffled; recipe change vs none"
+    rows: dict[str, list[tuple[str, dict]]] = {vs_unet: [], vs_other: []}
     for setting, sites in summary.items():
         for site, d in sites.items():
             for k, v in d.items():
                 if " - " not in k:
                     continue
-                panel = (
-                    "against the UNet" if k.endswith(" - unet") else "FiLM on vs off / shuffled; recipe change vs none"
-                )
+                panel = vs_unet if k.endswith(" - unet") else vs_other
                 where = setting if setting.endswith(("_cv", "_to_" + site)) else f"{setting}, {site}"
                 rows[panel].append((f"{where}: {k}", v["dice"]))
     fig, axes = plt.subplots(
@@ -847,11 +840,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 if f"{m}:{v}" in per_model
             ]
             # a recipe modifier against the same model without it ("unet+zi" - "unet")
-            pairs += [
-                (m, re.sub(r"\+[a-z]+", "", m))
-                for m in per_model
-                if re.sub(r"\+[a-z]+", "", m) in per_model and "+" in m
-            ]
+            pairs += [(m, ref) for m in per_model if "+" in m and (ref := re.sub(r"\+[a-z]+", "", m)) in per_model]
             if pairs:
                 for model, ref in pairs:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))

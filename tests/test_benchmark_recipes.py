@@ -50,7 +50,7 @@ def test_wide_intensity_and_zscore():
     torch.testing.assert_close(z.std((2, 3)), torch.ones(64, 1), atol=1e-3, rtol=0)
     # an affine change of the intensities leaves the z-scored image as it was: BasicUNet's instance norm property
     x = torch.rand(2, 1, 16, 16)
-    torch.testing.assert_close(fvu.zscore(0.5 * x + 0.2), fvu.zscore(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fvu.zscore_channels(0.5 * x + 0.2), fvu.zscore_channels(x), atol=1e-5, rtol=0)
 
 
 def test_model_names_carry_recipe_modifiers():
