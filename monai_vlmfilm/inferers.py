@@ -314,7 +314,7 @@ class FlowSegInferer(Inferer):
             xin = torch.cat([x_.to(image.dtype), image], dim=1).contiguous(memory_format=layout)
             # entered only when on: a disabled autocast region would also switch off a caller's own CPU autocast
             bf16 = self.cpu_bf16 and xin.device.type == "cpu"
-            if self.compile_mode is not None and hasattr(torch, "compiler"):
+            if self.compile_mode is not None:
                 torch.compiler.cudagraph_mark_step_begin()  # each pass is a new step: earlier outputs were copied
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 v = network(xin, timesteps=tt, **extra)

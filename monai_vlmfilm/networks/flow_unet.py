@@ -19,6 +19,14 @@ from .image_encoder import ImageSkipEncoder, skip_layout
 __all__ = ["FiLMFlowUNet", "as_profile_batch", "zscore_channels"]
 
 
+def _switch(name: str, value: bool | str) -> bool:
+    """A boolean argument that may come from the bundle command line as a string (`--use_vlm_film false`)."""
+    try:
+        return str2bool(str(value).strip())
+    except ValueError as e:
+        raise ValueError(f"{name} must be true or false, got {value!r}") from e
+
+
 def zscore_channels(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each channel of each sample of ``[B, C, *spatial]`` to mean 0 and standard deviation 1 over its pixels (a
     constant channel becomes 0)."""
@@ -103,10 +111,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
         self.spatial_dims = spatial_dims
         self.mask_channels = out_channels
-        try:  # a command-line `--image_norm false` arrives as a string
-            self.image_norm = str2bool(str(image_norm).strip())
-        except ValueError as e:
-            raise ValueError(f"image_norm must be true or false, got {image_norm!r}") from e
+        self.image_norm = _switch("image_norm", image_norm)
         if self.image_norm:
             if in_channels <= out_channels:
                 raise ValueError(f"image_norm needs image channels: in_channels {in_channels} <= out_channels.")
@@ -124,10 +129,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
                 skip_layout(self.block_out_channels, self.num_res_blocks),
                 self.block_out_channels[-1],
             )
-        try:  # `--use_vlm_film false` on the bundle command line arrives as the string "false"
-            self.use_vlm_film = str2bool(str(use_vlm_film).strip())
-        except ValueError as e:
-            raise ValueError(f"use_vlm_film must be true or false, got {use_vlm_film!r}") from e
+        self.use_vlm_film = _switch("use_vlm_film", use_vlm_film)
         self.profile_dim = profile_dim
         self.use_difficulty_gate = use_difficulty_gate
         if not 0 <= gate_index < profile_dim:
