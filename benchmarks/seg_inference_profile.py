@@ -91,19 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     reps = a.repeats or (30 if cuda else 5)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
     profile = torch.as_tensor(DEFAULT_PROFILE.to_vector(), device=device)[None]
-    inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0)
     torch.manual_seed(0)
     unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1).to(device).eval()
 
     # the bundle's CPU default where the CPU computes bf16 in hardware: FlowSegInferer(cpu_bf16=True)
     cpu_bf16 = not cuda and cpu_has_native_bf16()
     compile_mode = a.compile_mode or ("reduce-overhead" if cuda else "default")
-    bf16_inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, cpu_bf16=True)
 
     def flow_fn(net, bf16=False, compile_mode=None):
-        inf = bf16_inferer if bf16 else inferer
-        if compile_mode:  # the product path: FlowSegInferer compiles the network itself (inference.yaml compile_mode)
-            inf = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, compile_mode=compile_mode)
+        # the product path: FlowSegInferer's own cpu_bf16 / compile_mode, as inference.yaml sets them
+        inf = FlowSegInferer(
+            num_steps=1, num_samples=1, divisible_by=8, seed=0, cpu_bf16=bf16, compile_mode=compile_mode
+        )
 
         def run(x):
             with torch.no_grad(), torch.autocast(**amp):
