@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from flow_vs_unet import load_site, profiles_of
     from seg_inference_profile import shipped_flow
 
-    from monai_vlmfilm.inferers import warn_profiles_out_of_range
-    from monai_vlmfilm.profiles.schema import FALLBACK_INDEX
+    from monai_vlmfilm.inferers import profile_range_z, warn_profiles_out_of_range
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         enc.set_normalization(mean, std)
         for s in SITES:
             flagged = warn_profiles_out_of_range(net, prof[s])
-            z = enc.zscore(prof[s])
-            z[:, FALLBACK_INDEX] = 0.0  # as the check: the fallback flag is not a range
-            z = z.abs().max(1).values
+            z = profile_range_z(enc, prof[s]).abs().max(1).values  # what the check reads
             rows.append(
                 {
                     "statistics": label,

@@ -26,6 +26,7 @@ __all__ = [
     "dihedral_transforms",
     "pad_to_multiple",
     "profile_from_inputs",
+    "profile_range_z",
     "warn_profiles_out_of_range",
 ]
 
@@ -52,6 +53,16 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def profile_range_z(encoder: Any, profile: torch.Tensor) -> torch.Tensor:
+    """``[B, P]`` z-scores of ``profile`` against a :class:`~monai_vlmfilm.networks.ProfileEncoder`'s training
+    statistics, as the range check reads them: float32, the fallback flag set to 0 (a fallback profile is reported
+    where it is made, not as out of range)."""
+    z = encoder.zscore(profile.detach().float().to(encoder.feature_mean.device))
+    if z.shape[1] > FALLBACK_INDEX:
+        z[:, FALLBACK_INDEX] = 0.0
+    return z
+
+
 def warn_profiles_out_of_range(network: Any, profile: torch.Tensor, inputs: Any = None) -> list[int]:
     """Log a warning for every profile beyond the clip of ``network``'s profile encoder (see ``FlowSegInferer``).
 
@@ -68,9 +79,7 @@ def warn_profiles_out_of_range(network: Any, profile: torch.Tensor, inputs: Any 
     if not getattr(network, "use_vlm_film", False) or not hasattr(encoder, "zscore"):
         return []
     with torch.no_grad():
-        z = encoder.zscore(profile.detach().float().to(encoder.feature_mean.device))
-        if z.shape[1] > FALLBACK_INDEX:  # a fallback profile is reported where it is made, not as out of range
-            z[:, FALLBACK_INDEX] = 0.0
+        z = profile_range_z(encoder, profile)
         worst, which = z.abs().max(dim=1)
         bad = (worst > encoder.clip).nonzero().flatten().tolist()
     if bad:
