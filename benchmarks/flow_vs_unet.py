@@ -28,7 +28,8 @@ bundle's recipe since 0.5.0), ``flow-me`` (flow-m + ``ImageSkipEncoder``), ``flo
 profile of the same site: the mixed-site control that keeps site information) or ``:trainprof`` (trained
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
-0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`); cross-site jobs also
+0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
+condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``); cross-site jobs also
 record the diagnostics ``dice_tscale`` (test image resized to the training site's vessel width) and ``dice_tnorm``
 (its intensity statistics mapped to the training images'); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
@@ -94,6 +95,8 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     "z": {"zoom": (0.5, 1.8)},
     "i": {"intensity": True},
     "n": {"znorm": True},
+    # d = condition dropout: half of the training samples get the mean profile (FiLMFlowUNet(profile_dropout=0.5))
+    "d": {"profile_dropout": 0.5},
 }
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
 EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
@@ -311,11 +314,15 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         raise ValueError(f"unknown recipe modifier(s) {sorted(unknown)} in {model!r}")
     aug = {k: v for m in "".join(mods) for k, v in AUG_MODIFIERS[m].items()}
     if name == "unet":
+        if "profile_dropout" in aug:
+            raise ValueError(f"{model!r}: the UNet has no profile to drop")
         net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
         return net, {"kind": "unet", "divisible_by": 16, "aug": aug}
     cfg = dict(FLOW_CONFIGS[name])
     if aug.pop("znorm", False):  # the flow network z-scores inside itself, as the bundle's `image_norm: true` does
         cfg["image_norm"] = True
+    if "profile_dropout" in aug:  # a network argument, not an augmentation
+        cfg["profile_dropout"] = aug.pop("profile_dropout")
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,
@@ -338,6 +345,16 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         **cfg,
         **recipe,
     }
+
+
+def modifier_refs(model: str) -> list[str]:
+    """The model names with one recipe modifier fewer, when it has two or more: ``"flow-m+nd:off"`` ->
+    ``["flow-m+d:off", "flow-m+n:off"]``."""
+    name, sep, mode = model.partition(":")
+    base, _, mods = name.partition("+")
+    if len(mods) < 2:
+        return []
+    return [f"{base}+{mods[:i] + mods[i + 1 :]}{sep}{mode}" for i in range(len(mods))]
 
 
 def within_site_permutation(profiles: np.ndarray, items: list[dict], rng: np.random.Generator) -> np.ndarray:
@@ -841,6 +858,10 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
             ]
             # a recipe modifier against the same model without it ("unet+zi" - "unet")
             pairs += [(m, ref) for m in per_model if "+" in m and (ref := re.sub(r"\+[a-z]+", "", m)) in per_model]
+            # and each single modifier of a combination against the combination without it ("+nd" - "+n")
+            pairs += [
+                (m, ref) for m in per_model for ref in modifier_refs(m) if ref in per_model and (m, ref) not in pairs
+            ]
             if pairs:
                 for model, ref in pairs:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))

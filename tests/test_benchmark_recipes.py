@@ -64,6 +64,15 @@ def test_model_names_carry_recipe_modifiers():
     assert fvu.build_model("flow-s", profile_dim=8)[1]["aug"] == {}
     with pytest.raises(ValueError, match="unknown recipe modifier"):
         fvu.build_model("unet+q", profile_dim=8)
+    # d: condition dropout, a network argument of the flow model; the UNet has no profile to drop
+    net, info = fvu.build_model("flow-s+nd", profile_dim=8)
+    assert net.profile_dropout == 0.5 and net.image_norm and info["aug"] == {} and info["profile_dropout"] == 0.5
+    with pytest.raises(ValueError, match="no profile"):
+        fvu.build_model("unet+d", profile_dim=8)
+    # each modifier of a combination is compared with the combination without it
+    assert fvu.modifier_refs("flow-m-ep1+nd:off") == ["flow-m-ep1+d:off", "flow-m-ep1+n:off"]
+    assert fvu.modifier_refs("flow-m-ep1+nd") == ["flow-m-ep1+d", "flow-m-ep1+n"]
+    assert fvu.modifier_refs("flow-m+n") == []
 
 
 def test_within_site_permutation_keeps_site_information_only():

@@ -345,3 +345,48 @@ def test_image_norm_checkpoints_do_not_load_across_the_option():
     twin = build(FiLMFlowUNet, seed=3, image_norm=True, **kw)
     load_network_state(twin, normed.state_dict())
     assert all(torch.equal(v, normed.state_dict()[k]) for k, v in twin.state_dict().items())
+
+
+def test_profile_dropout_replaces_profiles_by_the_training_mean_in_training_only():
+    """``profile_dropout``: in training mode each sample's profile is, with that probability, the encoder's
+    ``feature_mean`` (normalised to 0); p = 1 makes every output equal to the mean profile's, p = 0 and eval mode
+    leave the profile alone; the state dict is the same as without the option."""
+    kw = dict(TINY_FLOW_NET, use_vlm_film=True, **FILM)
+    drop_all = build(FiLMFlowUNet, profile_dropout=1.0, **kw)
+    plain = build(FiLMFlowUNet, **kw)
+    randomise_output_conv(drop_all, plain)
+    randomise_film(drop_all)
+    randomise_film(plain)
+    p = profiles(3)
+    mean = p.mean(0)
+    for net in (drop_all, plain):
+        net.profile_encoder.set_normalization(mean, p.std(0).clamp_min(1e-3))
+    assert list(drop_all.state_dict()) == list(plain.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(3, 2, 32, 32, generator=g), torch.tensor([1000.0, 500.0, 100.0])
+    with torch.no_grad():
+        drop_all.train(), plain.train()
+        dropped = drop_all(x, t, p)
+        as_mean = plain(x, t, mean.expand(3, -1))
+        kept = plain(x, t, p)
+        drop_all.eval(), plain.eval()
+        eval_out, plain_eval = drop_all(x, t, p), plain(x, t, p)
+    torch.testing.assert_close(dropped, as_mean)
+    assert not torch.allclose(kept, as_mean, atol=1e-4)  # the profiles differ, so dropping them is visible
+    torch.testing.assert_close(eval_out, plain_eval)  # eval mode: no dropout
+    # a fraction in between drops about that share of the samples
+    half = build(FiLMFlowUNet, profile_dropout=0.5, **kw)
+    half.profile_encoder.set_normalization(mean, p.std(0).clamp_min(1e-3))
+    torch.manual_seed(0)
+    seen = []
+    hook = half.profile_encoder.register_forward_pre_hook(lambda m, a: seen.append(m.normalize(a[0]).abs().sum(1)))
+    with torch.no_grad():
+        half.train()
+        for _ in range(40):
+            half(x, t, p)
+    hook.remove()
+    # samples 0 and 2 (the middle profile is the mean itself, dropped or not)
+    share = float((torch.stack(seen)[:, [0, 2]] == 0).float().mean())
+    assert 0.35 < share < 0.65, share
+    with pytest.raises(ValueError, match="profile_dropout"):
+        FiLMFlowUNet(profile_dropout=1.5, **kw)

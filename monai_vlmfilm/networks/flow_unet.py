@@ -87,6 +87,12 @@ class FiLMFlowUNet(DiffusionModelUNet):
             names the switch). Measured (``benchmarks/BENCHMARKS.md`` section 9d, one run each): across sites +1.1
             (DCA1 -> XCAD) and +1.6 (XCAD -> DCA1) Dice points, on the two-site validation splits +1.1 / +0.9, but
             -0.7 in XCAD cross-validation; off by default. Part of the segmentation network: ON and OFF alike.
+        profile_dropout: in training mode, the probability that a sample's profile is replaced by the training
+            profiles' mean (``profile_encoder.feature_mean``, which the encoder normalises to 0; the difficulty gate
+            then reads the mean difficulty too), as condition dropout does for classifier-free guidance: the decoder
+            must segment well from the average description, and the profile can only add what it knows about this
+            image instead of serving as an image identifier to memorise. No effect in eval mode or with FiLM off;
+            nothing is stored in the state dict.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -105,6 +111,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         profile_norm: Any = None,
         image_encoder_channels: Sequence[int] | None = None,
         image_norm: bool | str = False,
+        profile_dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
@@ -130,6 +137,9 @@ class FiLMFlowUNet(DiffusionModelUNet):
                 self.block_out_channels[-1],
             )
         self.use_vlm_film = _switch("use_vlm_film", use_vlm_film)
+        if not 0.0 <= float(profile_dropout) <= 1.0:
+            raise ValueError(f"profile_dropout must be in [0, 1], got {profile_dropout}.")
+        self.profile_dropout = float(profile_dropout)
         self.profile_dim = profile_dim
         self.use_difficulty_gate = use_difficulty_gate
         if not 0 <= gate_index < profile_dim:
@@ -206,6 +216,9 @@ class FiLMFlowUNet(DiffusionModelUNet):
         if not self.use_vlm_film or profile is None:
             return super().forward(*args)
         p = as_profile_batch(profile, x.shape[0], self.profile_dim, device=x.device)
+        if self.training and self.profile_dropout > 0:
+            drop = torch.rand(p.shape[0], device=p.device) < self.profile_dropout
+            p = torch.where(drop[:, None], self.profile_encoder.feature_mean.to(p.dtype), p)
         self._film_now = self.film_parameters(p)
         try:
             return super().forward(*args)
