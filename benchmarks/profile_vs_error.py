@@ -3,9 +3,9 @@
     python benchmarks/profile_vs_error.py --jobs benchmarks/results/flow_vs_unet_jobs.jsonl \\
         --data ../shared/data --out benchmarks/results           # CPU, about a minute
 
-For every image of the DCA1 and XCAD 5-fold cross-validations in ``flow_vs_unet_jobs.jsonl`` (each image scored by
-a model that never trained on it), the segmentation error ``1 - Dice`` of the FiLM-off flow networks and of the
-``BasicUNet`` is set against the image's heuristic raw features (``image_features``: noise, contrast, cnr, ridge,
+For every image of the DCA1 and XCAD 5-fold cross-validations in ``flow_vs_unet_jobs.jsonl``, and of the two-site
+cross-validation (``mixed_cv``, models named ``mixed:<model>``; each image scored by a model that never trained on
+it), the segmentation error ``1 - Dice`` of the FiLM-off flow networks and of the ``BasicUNet`` is set against the image's heuristic raw features (``image_features``: noise, contrast, cnr, ridge,
 thin, small, clutter) and profile fields (difficulty, confidence, boundary, thin_structure, small_objects, clutter).
 Spearman rank correlations per site with a bootstrap 95 % CI over images; a feature that tracks difficulty has
 |rho| well above 0 on both sites. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # the FiLM-off flow networks (0.4.0 recipe, and 0.5.0's endpoint-1.0 recipe) and the UNet
-MODELS = ("flow-m:off", "flow-m-ep1:off", "unet")
+MODELS = ("flow-m:off", "flow-m-ep1:off", "unet", "mixed:flow-m-ep1+n:off")
 SITES = ("dca1", "xcad")
 # paired comparisons reported per difficulty tercile (issue 16): FiLM's worth, and the flow model against the UNet
 TERCILE_PAIRS = (
@@ -37,19 +37,24 @@ TERCILE_PAIRS = (
     ("flow-m-ep1", "unet"),
     ("flow-m-ep1", "flow-m-ep1:off"),
     ("flow-m-ep1:off", "unet"),
+    # the 0.6.0 network (image_norm) trained on both sites at once: FiLM on - off / - profiles permuted within a site
+    ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:sshuffle"),
 )
 
 
 def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(site, model): {image: Dice}}`` of every model in the cross-validation jobs (repeats averaged)."""
+    """``{(site, model): {image: Dice}}`` of every model in the cross-validation jobs (repeats averaged); models of
+    the two-site cross-validation (``mixed_cv``) are named ``mixed:<model>``."""
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
     for f in jobs_files:
         for line in Path(f).read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
-            if r.get("setting") not in ("dca1_cv", "xcad_cv") or "records" not in r:
+            if r.get("setting") not in ("dca1_cv", "xcad_cv", "mixed_cv") or "records" not in r:
                 continue
+            model = f"mixed:{r['model']}" if r["setting"] == "mixed_cv" else r["model"]
             for x in r["records"]:
-                acc.setdefault((x["site"], r["model"]), {}).setdefault(x["image"], []).append(x["dice"])
+                acc.setdefault((x["site"], model), {}).setdefault(x["image"], []).append(x["dice"])
     return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
 
 
