@@ -197,7 +197,9 @@ def test_switch_in_parsed_config(data, tmp_path):
         assert net.use_vlm_film is on
         kwargs = {k: p[f"network_def#{k}"] for k in ("spatial_dims", "in_channels", "out_channels", "channels",
                                                      "attention_levels", "num_res_blocks", "norm_num_groups")}  # fmt: skip
-        ref_keys = set(DiffusionModelUNet(**kwargs).state_dict())
+        # the bundle's own part (image_norm, on since 0.6.0: the input z-score and its record) in ON and OFF alike;
+        # OFF is that network with the profile parts removed (a plain DiffusionModelUNet when image_norm is off)
+        ref_keys = set(DiffusionModelUNet(**kwargs).state_dict()) | ({"image_norm_flag"} if net.image_norm else set())
         keys = set(net.state_dict())
         if on:
             extra = keys - ref_keys
@@ -220,7 +222,8 @@ def test_train_off(run_off):
     sd = torch.load(models / "model.pt", weights_only=True)
     from monai.networks.nets import DiffusionModelUNet
 
-    assert set(sd) == set(DiffusionModelUNet(**_tiny_unet_kwargs()).state_dict())
+    # OFF: the DiffusionModelUNet plus the record of the bundle's image_norm (default since 0.6.0), no profile part
+    assert set(sd) == set(DiffusionModelUNet(**_tiny_unet_kwargs()).state_dict()) | {"image_norm_flag"}
     scalars = tensorboard_scalars(run_off["root"])
     assert len(scalars["val_mean_dice"]) == 1 and 0.0 <= scalars["val_mean_dice"][0] <= 1.0  # one validation
     assert len(scalars["val_cldice"]) == 1

@@ -56,17 +56,19 @@ def test_shipped_checkpoint_loads_without_map_location():
     assert state and all(t.device.type == "cpu" for t in state.values())
 
 
-def test_shipped_checkpoint_refuses_an_image_norm_network():
-    """The shipped model.pt was trained without ``image_norm``: the bundle's network built with
-    ``--image_norm true`` stops with a message naming the option and the file, instead of segmenting badly."""
+def test_shipped_checkpoint_refuses_a_network_without_image_norm():
+    """The shipped model.pt (0.6.0) was trained with ``image_norm``: the bundle's network built with
+    ``--image_norm false`` stops with a message naming the option and the file, instead of segmenting badly; the
+    default network loads it."""
     from monai.bundle import ConfigParser
 
     bundle = Path(__file__).resolve().parents[1] / "bundle"
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.yaml"))
-    assert parser["image_norm"] is False and parser.get_parsed_content("network_def").image_norm is False
-    parser["image_norm"] = "true"  # as `--image_norm true` arrives from the command line
+    assert parser["image_norm"] is True and parser.get_parsed_content("network_def").image_norm is True
+    load_network_weights(parser.get_parsed_content("network_def", lazy=False), bundle / "models" / "model.pt")
+    parser["image_norm"] = "false"  # as `--image_norm false` arrives from the command line
     net = parser.get_parsed_content("network_def", lazy=False)
-    assert net.image_norm is True
-    with pytest.raises(RuntimeError, match=r"model\.pt.*trained without image_norm"):
+    assert net.image_norm is False
+    with pytest.raises(RuntimeError, match=r"model\.pt.*trained with image_norm"):
         load_network_weights(net, bundle / "models" / "model.pt")

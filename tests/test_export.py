@@ -50,10 +50,10 @@ def run_cli(args: list[str], timeout: int = 300) -> str:
     return out
 
 
-def random_network(use_vlm_film: bool, seed: int = 0) -> FiLMFlowUNet:
+def random_network(use_vlm_film: bool, seed: int = 0, image_norm: bool = False) -> FiLMFlowUNet:
     """A tiny network with every weight random (a fresh one has a zero output layer and zero FiLM heads)."""
     torch.manual_seed(seed)
-    net = FiLMFlowUNet(use_vlm_film=use_vlm_film, **NET_KW)
+    net = FiLMFlowUNet(use_vlm_film=use_vlm_film, image_norm=image_norm, **NET_KW)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.15)
@@ -71,7 +71,7 @@ def exported(tmp_path_factory):
     )
     out: dict = {"root": root, "data": root / "data" / "datalist.json"}
     for name, film in (("on", True), ("off", False)):
-        net = random_network(film, seed=int(film))
+        net = random_network(film, seed=int(film), image_norm=True)  # exported with the bundle's image_norm: true
         ckpt = root / f"model_{name}.pt"
         torch.save(net.state_dict(), ckpt)
         ts = root / f"model_{name}.ts"
