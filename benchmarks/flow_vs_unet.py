@@ -387,16 +387,28 @@ def dice(p: np.ndarray, g: np.ndarray) -> float:
     return float(2 * (p & g).sum() / s) if s else 1.0
 
 
-def image_metrics(prob: np.ndarray, gt: np.ndarray, thr: float, min_size: int) -> dict[str, float]:
+def drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_size`` pixels (what the bundle's
+    ``RemoveSmallObjectsd`` does); scikit-image 0.26 renamed ``min_size`` (smaller than) to ``max_size`` (up to)."""
+    import inspect
+
     from skimage.morphology import remove_small_objects
 
+    if not mask.any():
+        return mask
+    if "max_size" in inspect.signature(remove_small_objects).parameters:
+        return remove_small_objects(mask, max_size=min_size - 1)
+    return remove_small_objects(mask, min_size=min_size)
+
+
+def image_metrics(prob: np.ndarray, gt: np.ndarray, thr: float, min_size: int) -> dict[str, float]:
     from monai_vlmfilm.metrics import betti_numbers, cldice_score
 
     gt = gt.astype(bool)
     pred = prob >= thr
     bg = betti_numbers(gt)
     bp = betti_numbers(pred)
-    cc = remove_small_objects(pred, min_size=min_size) if pred.any() else pred
+    cc = drop_small(pred, min_size)
     bc = betti_numbers(cc)
     return {
         "dice": dice(pred, gt),

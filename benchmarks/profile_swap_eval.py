@@ -37,7 +37,6 @@ MODES = ("own", "same-site", "other-site", "mean-site", "null")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from skimage.morphology import remove_small_objects
     from tqdm import tqdm
 
     from monai_vlmfilm.ablation.stats import paired_difference
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai_vlmfilm.metrics import cldice_score
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from flow_vs_unet import dice, load_site, profiles_of
+    from flow_vs_unet import dice, drop_small, load_site, profiles_of
     from seg_inference_profile import shipped_flow
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     pt = None if p is None else torch.as_tensor(p, dtype=torch.float32)[None]
                     prob = inferer(x, net, profile=pt)[0, 0].numpy()
-                pred = remove_small_objects(prob >= 0.5, min_size=30)
+                pred = drop_small(prob >= 0.5, 30)
                 per[site][mode].append({"image": d["name"], "dice": dice(pred, gt), "cldice": cldice_score(pred, gt)})
     rows = []
     for site in SITES:

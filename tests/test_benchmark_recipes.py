@@ -81,3 +81,17 @@ def test_within_site_permutation_keeps_site_information_only():
     out = fvu.within_site_permutation(profiles, items, np.random.default_rng(0))
     assert sorted(out[:6, 0]) == list(range(6)) and sorted(out[6:, 0]) == list(range(6, 12))
     assert (out[:, 0] != profiles[:, 0]).any()  # permuted, not returned as is
+
+
+def test_drop_small_removes_components_under_min_size_without_deprecation_warnings():
+    import warnings
+
+    m = np.zeros((20, 20), bool)
+    m[0:5, 0:6] = True  # 30 px
+    m[10, 10] = True  # 1 px
+    m[12:14, 12:17] = True  # 10 px: exactly min_size, kept (the bundle's RemoveSmallObjectsd keeps it too)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = fvu.drop_small(m, 10)
+    assert out.sum() == 40 and not out[10, 10] and out[12:14, 12:17].all()
+    assert not fvu.drop_small(np.zeros((4, 4), bool), 10).any()
