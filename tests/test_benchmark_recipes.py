@@ -95,3 +95,21 @@ def test_drop_small_removes_components_under_min_size_without_deprecation_warnin
         out = fvu.drop_small(m, 10)
     assert out.sum() == 40 and not out[10, 10] and out[12:14, 12:17].all()
     assert not fvu.drop_small(np.zeros((4, 4), bool), 10).any()
+
+
+def test_candidate_features_see_vessel_width_and_a_black_frame():
+    """profile_vs_error's candidate statistics: a wider dark line reads as wider, a black border as a frame."""
+    import profile_vs_error as pve
+
+    yy, xx = np.mgrid[:128, :128].astype(np.float32)
+
+    def line(width):
+        img = 0.8 - 0.5 * np.exp(-0.5 * ((xx - 64) / width) ** 2)  # a dark vertical vessel on a bright background
+        return img + 0.01 * np.random.default_rng(0).standard_normal(img.shape).astype(np.float32)
+
+    thin, wide = pve.candidate_features(line(1.0)), pve.candidate_features(line(4.0))
+    assert wide["width"] > thin["width"] + 0.3 and wide["wide_share"] > thin["wide_share"]
+    framed = line(2.0)
+    framed[:8], framed[-8:], framed[:, :8], framed[:, -8:] = 0, 0, 0, 0
+    assert pve.candidate_features(framed)["frame"] > 0.9 > 0.1 > pve.candidate_features(line(2.0))["frame"]
+    assert all(np.isfinite(v) for v in thin.values())
