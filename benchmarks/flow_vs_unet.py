@@ -787,7 +787,7 @@ def plot_pairs(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vs_unet, vs_other = "against the UNet", "FiLM on vs off / shuffled; recipe change vs none"
+    vs_unet, vs_other = "against the UNet", "FiLM on vs off / shuffled; recipe changes"
     rows: dict[str, list[tuple[str, dict]]] = {vs_unet: [], vs_other: []}
     for setting, sites in summary.items():
         for site, d in sites.items():
@@ -795,7 +795,9 @@ def plot_pairs(summary: dict, path: Path) -> None:
                 if " - " not in k:
                     continue
                 panel = vs_unet if k.endswith(" - unet") else vs_other
-                where = setting if setting.endswith(("_cv", "_to_" + site)) else f"{setting}, {site}"
+                # one site per setting needs no site name; ship and mixed_cv report two
+                one_site = setting.endswith("_to_" + site) or (setting.endswith("_cv") and setting != "mixed_cv")
+                where = setting if one_site else f"{setting}, {site}"
                 rows[panel].append((f"{where}: {k}", v["dice"]))
     fig, axes = plt.subplots(
         1, 2, figsize=(13, 0.32 * max(len(r) for r in rows.values()) + 1.4), constrained_layout=True
