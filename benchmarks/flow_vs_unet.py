@@ -387,16 +387,24 @@ def dice(p: np.ndarray, g: np.ndarray) -> float:
     return float(2 * (p & g).sum() / s) if s else 1.0
 
 
-def drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """``mask`` without its connected components of fewer than ``min_size`` pixels (what the bundle's
-    ``RemoveSmallObjectsd`` does); scikit-image 0.26 renamed ``min_size`` (smaller than) to ``max_size`` (up to)."""
+@functools.cache
+def _skimage_has_max_size() -> bool:
+    """scikit-image 0.26 renamed ``remove_small_objects``' ``min_size`` (smaller than) to ``max_size`` (up to)."""
     import inspect
 
     from skimage.morphology import remove_small_objects
 
+    return "max_size" in inspect.signature(remove_small_objects).parameters
+
+
+def drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``min_size`` pixels (what the bundle's
+    ``RemoveSmallObjectsd`` does), without the deprecation warning of scikit-image 0.26's ``min_size``."""
+    from skimage.morphology import remove_small_objects
+
     if not mask.any():
         return mask
-    if "max_size" in inspect.signature(remove_small_objects).parameters:
+    if _skimage_has_max_size():
         return remove_small_objects(mask, max_size=min_size - 1)
     return remove_small_objects(mask, min_size=min_size)
 

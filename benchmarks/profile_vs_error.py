@@ -6,9 +6,10 @@
 For every image of the DCA1 and XCAD 5-fold cross-validations in ``flow_vs_unet_jobs.jsonl``, and of the two-site
 cross-validation (``mixed_cv``, models named ``mixed:<model>``; each image scored by a model that never trained on
 it), the segmentation error ``1 - Dice`` of the FiLM-off flow networks and of the ``BasicUNet`` is set against the
-image's heuristic raw features (``image_features``: noise, contrast, cnr, ridge, thin, small, clutter), profile fields (difficulty, confidence, boundary, thin_structure, small_objects, clutter) and
-candidate statistics the profile does not have (``candidate_features``: vessel width, wide-structure share, vessel
-density, black frame, shading).
+image's heuristic raw features (``image_features``: noise, contrast, cnr, ridge, thin, small, clutter), profile
+fields (difficulty, confidence, boundary, thin_structure, small_objects, clutter) and candidate statistics the
+profile does not have (``candidate_features``: vessel width, wide-structure share, vessel density, black frame,
+shading).
 Spearman rank correlations per site with a bootstrap 95 % CI over images; a feature that tracks difficulty has
 |rho| well above 0 on both sites. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
 the profile's difficulty, and of the best-tracking raw feature, against the error).
@@ -63,6 +64,8 @@ def candidate_features(image: np.ndarray) -> dict[str, float]:
     - ``shading``: std of the image blurred at sigma 32 px over its mean absolute Laplacian-of-Gaussian at 2 px
       (large-scale illumination against vessel-scale detail).
     """
+    from scipy import ndimage as ndi
+
     from monai_vlmfilm.profiles.base import canonical_image
     from monai_vlmfilm.profiles.heuristic import _ridge, _smooth
 
@@ -75,8 +78,6 @@ def candidate_features(image: np.ndarray) -> dict[str, float]:
     best = np.asarray(CANDIDATE_SCALES, dtype=np.float32)[rs[:, centre].argmax(0)] if centre.any() else np.ones(1)
     band = max(1, int(0.04 * min(xn.shape)))
     border = np.concatenate([xn[:band].ravel(), xn[-band:].ravel(), xn[:, :band].ravel(), xn[:, -band:].ravel()])
-    from scipy import ndimage as ndi
-
     detail = float(np.abs(ndi.gaussian_laplace(xn, 2.0)).mean())
     return {
         "width": float(np.log(best).mean()),  # a mean: the median of six discrete scales is constant on XCAD

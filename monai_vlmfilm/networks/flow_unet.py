@@ -84,9 +84,10 @@ class FiLMFlowUNet(DiffusionModelUNet):
             the image's brightness and contrast (any ``a * image + b``, ``a > 0``, gives the same output). A network
             built with it holds a ``image_norm_flag`` buffer in its state dict, so a checkpoint trained one way
             does not load into a network built the other way (:func:`~monai_vlmfilm.networks.load_network_weights`
-            names the switch). Measured (``benchmarks/BENCHMARKS.md`` section 9d, one run each): across sites +1.1
-            (DCA1 -> XCAD) and +1.6 (XCAD -> DCA1) Dice points, on the two-site validation splits +1.1 / +0.9, but
-            -0.7 in XCAD cross-validation; off by default. Part of the segmentation network: ON and OFF alike.
+            names the switch). Measured (``benchmarks/BENCHMARKS.md`` sections 9d, 9e, one seed): across sites
+            +1.1 (DCA1 -> XCAD) and +1.6 (XCAD -> DCA1) Dice points, on the two-site validation splits +1.0 / +0.9,
+            but -0.7 in XCAD cross-validation. Off by default here; the bundle turns it on (``image_norm: true``)
+            since 0.6.0, whose ``model.pt`` is trained with it. Part of the segmentation network: ON and OFF alike.
         profile_dropout: in training mode, the probability that a sample's profile is replaced by the training
             profiles' mean (``profile_encoder.feature_mean``, which the encoder normalises to 0; the difficulty gate
             then reads the mean difficulty too), as condition dropout does for classifier-free guidance: the decoder
