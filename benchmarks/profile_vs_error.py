@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # the FiLM-off flow networks (0.4.0 recipe, and 0.5.0's endpoint-1.0 recipe) and the UNet
-MODELS = ("flow-m:off", "flow-m-ep1:off", "unet", "mixed:flow-m-ep1+n:off")
+MODELS = ("flow-m:off", "flow-m-ep1:off", "flow-m-ep1+n:off", "unet", "mixed:flow-m-ep1+n:off")
 SITES = ("dca1", "xcad")
 # paired comparisons reported per difficulty tercile (issue 16): FiLM's worth, and the flow model against the UNet
 TERCILE_PAIRS = (
@@ -43,6 +43,10 @@ TERCILE_PAIRS = (
     # the 0.6.0 network (image_norm) trained on both sites at once: FiLM on - off / - profiles permuted within a site
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:sshuffle"),
+    # the 0.6.0 network trained on one site
+    ("flow-m-ep1+n", "flow-m-ep1+n:off"),
+    ("flow-m-ep1+n", "unet"),
+    ("flow-m-ep1+n:off", "unet"),
 )
 
 
