@@ -73,7 +73,7 @@ def test_variants_calibration_and_profile_norm(tmp_path):
     datalist = generate_dataset(tmp_path / "data", n_train=6, n_val=2, n_test=3, size=32, seed=4)
     argv = ["--datalist", str(datalist), "--out", str(tmp_path / "abl"), "--modes", "off,on,shuffle,oracle",
             "--seeds", "0", "--variant", "norm:profile_norm=train",
-            "--variant", "cal+nogate:calibration=train;use_difficulty_gate=False",
+            "--variant", "cal+nogate:calibration=train;network_def#use_difficulty_gate=False",
             "--variant", "lr@oracle:learning_rate=0.01", "--variant-modes", "on,shuffle"]  # fmt: skip
     ab = Ablation(parse_args(argv), argv)
     splits = ab.splits()
@@ -88,8 +88,8 @@ def test_variants_calibration_and_profile_norm(tmp_path):
         return cmd[cmd.index(f"--{key}") + 1] if f"--{key}" in cmd else None
 
     # plain modes: no normalisation, the base store; the variant's bundle override only on its own jobs
-    assert arg("on_seed0", "profile_norm") is None and arg("on_seed0", "use_difficulty_gate") is None
-    assert arg("on.cal+nogate_seed0", "use_difficulty_gate") == "False"
+    assert arg("on_seed0", "profile_norm") is None and arg("on_seed0", "network_def#use_difficulty_gate") is None
+    assert arg("on.cal+nogate_seed0", "network_def#use_difficulty_gate") == "False"
     assert arg("oracle.lr_seed0", "learning_rate") == "0.01" and arg("oracle.lr_seed0", "profiler") == "oracle"
     assert arg("on.norm_seed0", "profile_cache_dir") == arg("on_seed0", "profile_cache_dir")
     # calibration=train: its own store (and shuffled store) and a profiler spec naming the calibration file
@@ -108,6 +108,35 @@ def test_variants_calibration_and_profile_norm(tmp_path):
     np.testing.assert_allclose(std[:6], np.maximum(v_on.std(0), 0.02)[:6], atol=1e-5)
     assert (mean[6], std[6]) == (0.0, 1.0)  # the fallback flag is left as it is
     assert arg("shuffle.norm_seed0", "profile_norm") != arg("on.norm_seed0", "profile_norm")
+
+
+def test_override_and_variant_keys_must_exist_in_the_bundle(tmp_path, capsys):
+    """A key the bundle does not define would be added unused (MONAI's ConfigParser accepts any id): the jobs would
+    run unchanged and the "variant" would report noise as a finding. Such keys are refused before anything is written,
+    naming the key and the config id it probably meant; a new argument of a component is allowed."""
+    from monai_vlmfilm.ablation.cli import main
+
+    datalist = generate_dataset(tmp_path / "data", n_train=3, n_val=1, n_test=1, size=32, seed=3)
+    out = tmp_path / "abl"
+    base = ["--datalist", str(datalist), "--out", str(out), "--modes", "off,on", "--seeds", "0", "--gpus", "cpu"]
+    assert main([*base, "--variant", "nogate:use_difficulty_gate=False"]) == 2
+    err = capsys.readouterr().err
+    assert "--variant nogate" in err and "'use_difficulty_gate'" in err and "'network_def#use_difficulty_gate'" in err
+    assert main([*base, "--override", "learning_rat=0.01"]) == 2
+    assert "--override" in capsys.readouterr().err
+    assert main([*base, "--override", "train#no_such_section=1"]) == 2  # "train" is a plain section: never read
+    assert not out.exists()
+    # existing keys, and a new constructor argument of a component (film_stages of FiLMFlowUNet), are accepted
+    from monai_vlmfilm.ablation.cli import Ablation, parse_args
+
+    argv = [
+        *base,
+        "--override",
+        "network_def#use_difficulty_gate=False",
+        "--variant",
+        "coarse:network_def#film_stages=[0]",
+    ]
+    Ablation(parse_args(argv), argv)
 
 
 def test_variant_specs_are_checked():

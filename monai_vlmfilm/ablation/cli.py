@@ -192,7 +192,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME:KEY=VALUE[;KEY=VALUE...]",
         help="an extra setting of the conditioned modes, run as modes '<mode>.NAME' beside the plain ones (repeatable); "
         "KEY is calibration (default|train), profile_norm (none|train) or any bundle key, e.g. "
-        "'nogate:use_difficulty_gate=False' or 'coarse:network_def#film_stages=[0]'; NAME@on+shuffle limits the "
+        "'nogate:network_def#use_difficulty_gate=False' or 'coarse:network_def#film_stages=[0]'; NAME@on+shuffle limits the "
         "variant to those modes",
     )
     p.add_argument(
@@ -362,6 +362,7 @@ class Ablation:
         for f in (self.train_config, self.eval_config):
             if not f.is_file():
                 raise ValueError(f"bundle config {str(f)!r} does not exist (see --bundle-root / --train-config)")
+        self.check_override_keys()
         #: the training sites (one per --datalist) and the cross-site test site (--test-datalist), or None
         self.sites = D.load_sites(args.datalist)
         self.test_site = D.load_sites([args.test_datalist], taken=self.sites)[0] if args.test_datalist else None
@@ -545,6 +546,53 @@ class Ablation:
         if self.profile_norm_of(mode) != "train" or mode == "off":
             return None
         return self.sources.norm_file(mode, fold, train_items)
+
+    def check_override_keys(self) -> None:
+        """Refuse an ``--override`` or ``--variant`` key the bundle's configs do not define (a new argument of a
+        component, such as ``network_def#film_stages``, is allowed: its constructor checks it).
+
+        MONAI's ``ConfigParser`` adds an unknown id as a new, unused entry, so a misspelt or misplaced key (a top-level
+        ``use_difficulty_gate`` where the network reads ``network_def#use_difficulty_gate``) would train every job
+        of that variant exactly like the plain mode and report the difference as a finding.
+
+        Raises:
+            ValueError: naming the option, the key, and the config ids that end in the same name.
+        """
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(
+            [str(c) for c in [self.train_config, self.eval_config, self.overlay_on, self.overlay_off] if c]
+        )
+        flat: list[str] = []
+
+        def walk(node: Any, prefix: str) -> None:
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for k, v in items:
+                flat.append(f"{prefix}{k}")
+                walk(v, f"{prefix}{k}#")
+
+        walk(parser.get(), "")
+        given = [("--override", kv.split("=", 1)[0].strip()) for kv in self.args.override]
+        given += [
+            (f"--variant {name}", k)
+            for name, settings in self.args.variants.items()
+            for k in settings
+            if k not in ("calibration", "profile_norm")
+        ]
+        for option, key in given:
+            parent = key.rpartition("#")[0]
+            # a new argument of a component (``network_def#film_stages``) reaches its constructor, which refuses
+            # one it does not take; anything else new is never read
+            if key in parser or (parent and isinstance(parser.get(parent), dict) and "_target_" in parser.get(parent)):
+                continue
+            leaf = key.split("#")[-1]
+            near = [f for f in flat if f.split("#")[-1] == leaf]
+            hint = f"; did you mean {' or '.join(repr(n) for n in near[:3])}?" if near else ""
+            raise ValueError(
+                f"{option}: {key!r} is not a key of {str(self.train_config)!r} or its overlays, so the bundle would "
+                f"add it unused and the jobs would run unchanged{hint}"
+            )
 
     # -------------------------------------------------------------------- jobs
     def bundle_value(self, key: str) -> Any:
