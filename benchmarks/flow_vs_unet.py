@@ -29,7 +29,7 @@ profile of the same site: the mixed-site control that keeps site information) or
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
 0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
-condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``); cross-site jobs also
+condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate; cross-site jobs also
 record the diagnostics ``dice_tscale`` (test image resized to the training site's vessel width) and ``dice_tnorm``
 (its intensity statistics mapped to the training images'); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
@@ -97,6 +97,9 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     "n": {"znorm": True},
     # d = condition dropout: half of the training samples get the mean profile (FiLMFlowUNet(profile_dropout=0.5))
     "d": {"profile_dropout": 0.5},
+    # g = no difficulty gate (FiLMFlowUNet(use_difficulty_gate=False)): on the synthetic 0.6 recipe it gained
+    # +0.25 (heuristic) / +0.35 (oracle) Dice points over the gate the bundle ships (ablation/synthetic_06_recipe)
+    "g": {"no_gate": True},
 }
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
 EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
@@ -314,8 +317,8 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         raise ValueError(f"unknown recipe modifier(s) {sorted(unknown)} in {model!r}")
     aug = {k: v for m in "".join(mods) for k, v in AUG_MODIFIERS[m].items()}
     if name == "unet":
-        if "profile_dropout" in aug:
-            raise ValueError(f"{model!r}: the UNet has no profile to drop")
+        if "profile_dropout" in aug or "no_gate" in aug:
+            raise ValueError(f"{model!r}: the UNet has no profile, so no condition dropout or gate")
         net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
         return net, {"kind": "unet", "divisible_by": 16, "aug": aug}
     cfg = dict(FLOW_CONFIGS[name])
@@ -323,6 +326,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         cfg["image_norm"] = True
     if "profile_dropout" in aug:  # a network argument, not an augmentation
         cfg["profile_dropout"] = aug.pop("profile_dropout")
+    gate = not aug.pop("no_gate", False)  # likewise
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,
@@ -333,7 +337,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         use_vlm_film=mode != "off",
         cond_dim=128,
         film_hidden_dim=128,
-        use_difficulty_gate=True,
+        use_difficulty_gate=gate,
         profile_dim=profile_dim,
         **cfg,
     )
@@ -341,6 +345,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         "kind": "flow",
         "mode": mode or "on",
         "divisible_by": 2 ** (len(cfg["channels"]) - 1),
+        "use_difficulty_gate": gate,
         "aug": aug,
         **cfg,
         **recipe,

@@ -69,6 +69,16 @@ def test_model_names_carry_recipe_modifiers():
     assert net.profile_dropout == 0.5 and net.image_norm and info["aug"] == {} and info["profile_dropout"] == 0.5
     with pytest.raises(ValueError, match="no profile"):
         fvu.build_model("unet+d", profile_dim=8)
+    # g: no difficulty gate (the gate's parameters are gone from the network); the bundle's default keeps it
+    gated, info = fvu.build_model("flow-s+n", profile_dim=8)
+    ungated, info_g = fvu.build_model("flow-s+ng", profile_dim=8)
+    assert gated.use_difficulty_gate and info["use_difficulty_gate"] and not info_g["use_difficulty_gate"]
+    assert not ungated.use_difficulty_gate and ungated.image_norm and info_g["aug"] == {}
+    assert set(gated.state_dict()) - set(ungated.state_dict()) and not set(ungated.state_dict()) - set(
+        gated.state_dict()
+    )
+    with pytest.raises(ValueError, match="no profile"):
+        fvu.build_model("unet+g", profile_dim=8)
     # each modifier of a combination is compared with the combination without it
     assert fvu.modifier_refs("flow-m-ep1+nd:off") == ["flow-m-ep1+d:off", "flow-m-ep1+n:off"]
     assert fvu.modifier_refs("flow-m-ep1+nd") == ["flow-m-ep1+d", "flow-m-ep1+n"]
