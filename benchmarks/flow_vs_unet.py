@@ -98,7 +98,7 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     # d = condition dropout: half of the training samples get the mean profile (FiLMFlowUNet(profile_dropout=0.5))
     "d": {"profile_dropout": 0.5},
     # g = no difficulty gate (FiLMFlowUNet(use_difficulty_gate=False)): on the synthetic 0.6 recipe it gained
-    # +0.25 (heuristic) / +0.35 (oracle) Dice points over the gate the bundle ships (ablation/synthetic_06_recipe)
+    # +0.18 (heuristic) / +0.24 (oracle) Dice points over the gate the bundle ships (ablation/synthetic_06_recipe, 3 seeds)
     "g": {"no_gate": True},
 }
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
