@@ -915,11 +915,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
         for site, d in sites.items():
             for k, v in d.items():
                 if " - " in k:
-                    cells = [
-                        f"{v[m]['mean']:+.2f} [{v[m]['ci_lo']:+.2f}, {v[m]['ci_hi']:+.2f}]"
-                        for m in PAIR_METRICS
-                        if m in v
-                    ]
+                    cells = [f"{v[m]['mean']:+.2f} [{v[m]['ci_lo']:+.2f}, {v[m]['ci_hi']:+.2f}]" for m in PAIR_METRICS]
                     diff_lines.append(f"| {setting} | {site} | {k} | " + " | ".join(cells) + " |")
     return summary, "\n".join(lines + diff_lines + (extra_lines if len(extra_lines) > 3 else []))
 

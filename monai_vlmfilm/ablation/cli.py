@@ -581,10 +581,10 @@ class Ablation:
             if k not in ("calibration", "profile_norm")
         ]
         for option, key in given:
-            parent = key.rpartition("#")[0]
+            parent = parser.get(key.rpartition("#")[0]) if "#" in key else None
             # a new argument of a component (``network_def#film_stages``) reaches its constructor, which refuses
             # one it does not take; anything else new is never read
-            if key in parser or (parent and isinstance(parser.get(parent), dict) and "_target_" in parser.get(parent)):
+            if key in parser or (isinstance(parent, dict) and "_target_" in parent):
                 continue
             leaf = key.split("#")[-1]
             near = [f for f in flat if f.split("#")[-1] == leaf]
