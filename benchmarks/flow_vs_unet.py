@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -100,7 +101,12 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     # g = no difficulty gate (FiLMFlowUNet(use_difficulty_gate=False)): on the synthetic 0.6 recipe it gained
     # +0.18 (heuristic) / +0.24 (oracle) Dice points over the gate the bundle ships (ablation/synthetic_06_recipe, 3 seeds)
     "g": {"no_gate": True},
+    # p = a supervised prior (issue 14 item 5): a plain `unet`'s probability map as an extra input channel, out of fold
+    # for every training image (nested: its UNet never saw that image nor the job's test images), from a UNet trained
+    # on all the job's training images for the test images; the UNets run as "prior" jobs first (see prior_jobs)
+    "p": {"prior": True},
 }
+PRIOR_MODEL = "unet"  # the recipe of the UNets behind "+p" priors: the bar itself
 # per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
 EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
     f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean")
@@ -120,14 +126,17 @@ def data_root(arg: str | None) -> Path:
     raise FileNotFoundError("no data root with dca1/datalist.json: pass --data (e.g. ../shared/data)")
 
 
-def load_site(root: Path, site: str) -> list[dict[str, Any]]:
-    """Every image of a site: ``{"name", "site", "split", "image" (float32 HxW in [0, 1]), "mask" (uint8 HxW)}``."""
+def load_site(root: Path, site: str, names: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every image of a site (or those in ``names``): ``{"name", "site", "split", "image" (float32 HxW in [0, 1]),
+    "mask" (uint8 HxW)}``."""
     from monai_vlmfilm.data.datalist import mask_threshold, read_array
 
     doc = json.loads((root / site / "datalist.json").read_text())
     out = []
     for split in ("training", "validation", "test"):
         for item in doc.get(split, []):
+            if names is not None and f"{site}/{Path(item['image']).stem}" not in names:
+                continue
             img = read_array(root / site / item["image"]).astype(np.float32)
             img = img.mean(-1) if img.ndim == 3 else img
             lo, hi = float(img.min()), float(img.max())
@@ -185,6 +194,96 @@ def plan_jobs(data: dict[str, list], settings: list[str], models: list[str], see
     return jobs
 
 
+def fold_index(data: dict[str, list]) -> dict[str, int]:
+    """Each image's cross-validation fold, as :func:`plan_jobs` draws them (per site, seed 0)."""
+    return {data[site][i]["name"]: f for site in SITES for f, idx in enumerate(folds(len(data[site]))) for i in idx}
+
+
+def uses_prior(model: str) -> bool:
+    """Whether a model name carries the ``+p`` modifier (``"flow-m-ep1+np:off@2000"``)."""
+    name = model.partition("@")[0].partition(":")[0]
+    return "p" in "".join(name.split("+")[1:])
+
+
+def prior_key(train: list[str], seed: int, args: dict) -> str:
+    """The name of a prior UNet: a hash of everything that makes it (its training images, seed and recipe)."""
+    spec = {"model": PRIOR_MODEL, "train": sorted(train), "seed": seed}
+    spec.update({k: args[k] for k in ("iterations", "batch", "crop", "lr", "ema")})
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prior_jobs(jobs: list[dict], fold_of: dict[str, int], args: dict) -> list[dict]:
+    """The UNet jobs behind the ``+p`` jobs' priors; sets ``job["priors"] = {image: prior key}`` on each ``+p`` job.
+
+    Nested out-of-fold priors: a training image of fold ``g`` gets the map of a UNet trained on the job's training
+    images outside fold ``g`` (so neither that image nor the job's test images), a test image the map of a UNet
+    trained on all the job's training images (the bar's own model). UNets that several jobs need run once: the one
+    without folds ``{j, k}`` serves outer fold ``k``'s images of fold ``j`` and outer fold ``j``'s of fold ``k``, and a
+    cross-site job's inner UNets are the source site's cross-validation UNets. Each prior job predicts the union of
+    the images its key serves.
+    """
+    needed: dict[str, dict] = {}
+
+    def need(train: list[str], names: list[str], seed: int, mapping: dict[str, str]) -> None:
+        key = prior_key(train, seed, args)
+        entry = needed.setdefault(
+            key,
+            {"setting": "prior", "fold": -1, "seed": seed, "model": PRIOR_MODEL, "prior_key": key,
+             "train": sorted(train), "test": set()},
+        )  # fmt: skip
+        entry["test"].update(names)
+        mapping.update(dict.fromkeys(names, key))
+
+    for job in jobs:
+        if not uses_prior(job["model"]):
+            continue
+        job["priors"] = {}
+        need(job["train"], job["test"], job["seed"], job["priors"])
+        train = job["train"]
+        for g in sorted({fold_of[n] for n in train}):
+            need(
+                [n for n in train if fold_of[n] != g], [n for n in train if fold_of[n] == g], job["seed"], job["priors"]
+            )
+    return [{**e, "test": sorted(e["test"])} for e in needed.values()]
+
+
+def _prior_file(prior_dir: Path, key: str) -> Path:
+    return Path(prior_dir) / f"prior_{key}.npz"
+
+
+def prior_names(prior_dir: Path, key: str) -> set[str]:
+    """The images a stored prior holds (empty when there is none or it cannot be read: then it is made again)."""
+    try:
+        with np.load(_prior_file(prior_dir, key)) as z:
+            return set(z["names"].tolist())
+    except Exception:  # a missing or damaged file is never trusted
+        return set()
+
+
+def save_prior(prior_dir: Path, key: str, probs: dict[str, np.ndarray]) -> None:
+    """Probability maps as uint8 (1/255 steps), written to a temporary file and renamed: a reader never sees half."""
+    names = sorted(probs)
+    arrays = {f"p{i}": np.clip(np.rint(probs[n] * 255), 0, 255).astype(np.uint8) for i, n in enumerate(names)}
+    tmp = _prior_file(prior_dir, key).with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, names=np.array(names), **arrays)
+    os.replace(tmp, _prior_file(prior_dir, key))
+
+
+def load_priors(prior_dir: Path, mapping: dict[str, str]) -> dict[str, np.ndarray]:
+    """``{image: float32 probability map}`` for every image of ``mapping`` (``{image: prior key}``)."""
+    out: dict[str, np.ndarray] = {}
+    for key in sorted(set(mapping.values())):
+        with np.load(_prior_file(prior_dir, key)) as z:
+            names = z["names"].tolist()
+            for i, n in enumerate(names):
+                if mapping.get(n) == key:
+                    out[n] = z[f"p{i}"].astype(np.float32) / 255
+    missing = sorted(set(mapping) - set(out))
+    if missing:
+        raise FileNotFoundError(f"priors in {prior_dir} lack {len(missing)} image(s), e.g. {missing[:3]}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ recipe
 class GPUAugment:
     """Batched training augmentation on the GPU, the equivalent of the bundle's MONAI ``train#random_transforms``.
@@ -201,6 +300,8 @@ class GPUAugment:
     a log-uniform scale per sample with probability 0.5 and crops ``crop / scale`` pixels that are resized to ``crop``
     (so vessels come out ``scale`` times as wide, with no padded border); ``intensity`` widens the gamma range to
     0.4-2.5 (p 0.8) and adds a random linear contrast (x 0.6-1.4 about 0.5) and brightness (+-0.2) shift (p 0.8).
+    ``priors`` (``+p``): a probability map per image that takes every spatial step with its image and none of the
+    intensity ones, appended as a second channel ``2 p - 1``.
     """
 
     def __init__(
@@ -213,8 +314,10 @@ class GPUAugment:
         zoom: tuple[float, float] | None = None,
         intensity: bool = False,
         znorm: bool = False,
+        priors: list[torch.Tensor] | None = None,
     ):
         self.images, self.masks, self.crop, self.pos_prob = images, masks, crop, pos_prob
+        self.priors = priors  # per image, a probability map cropped and moved with it: channel 2 of x, as 2 p - 1
         self.zoom, self.intensity, self.znorm = zoom, intensity, znorm
         # [N, 2] vessel pixel coordinates per image, and the per-sample choices below, live on the host: reading them
         # from the GPU would sync once per sample and step, which stalls a job that has a GPU to itself
@@ -230,10 +333,12 @@ class GPUAugment:
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.nn.functional as F
 
-        c0, imgs, labs = self.crop, [], []
+        c0, imgs, labs, prs = self.crop, [], [], []
         u = self.host_rng.random((len(rows), 6))
         for k, r in enumerate(rows):
             img, m = self.images[r], self.masks[r]
+            if self.priors is not None:  # cropped, resampled and turned as the image: a third stacked plane
+                m = torch.stack([m, self.priors[r]])
             h, w = img.shape
             scale = 1.0
             if self.zoom and u[k, 4] < 0.5:
@@ -246,21 +351,27 @@ class GPUAugment:
                 cy, cx = int(u[k, 1] * h), int(u[k, 2] * w)
             y0 = min(max(cy - c // 2, 0), max(h - c, 0))
             x0 = min(max(cx - c // 2, 0), max(w - c, 0))
-            ci, cm = img[y0 : y0 + c, x0 : x0 + c], m[y0 : y0 + c, x0 : x0 + c]
+            ci, cm = img[y0 : y0 + c, x0 : x0 + c], m[..., y0 : y0 + c, x0 : x0 + c]
             if ci.shape != (c, c):  # smaller than the crop: pad like SpatialPadd
                 ph, pw = c - ci.shape[0], c - ci.shape[1]
                 ci, cm = F.pad(ci, (0, pw, 0, ph)), F.pad(cm, (0, pw, 0, ph))
             if c != c0:  # zoom: resample the region to the crop size (area for the mask, then re-binarised)
                 ci = F.interpolate(ci[None, None], size=(c0, c0), mode="bilinear", antialias=c > c0)[0, 0]
-                cm = (F.interpolate(cm[None, None], size=(c0, c0), mode="area" if c > c0 else "bilinear") > 0.5)[0, 0]
-                cm = cm.float()
+                cm3 = cm.reshape(-1, 1, c, c)
+                cz = F.interpolate(cm3, size=(c0, c0), mode="area" if c > c0 else "bilinear")[:, 0]
+                cz[0] = (cz[0] > 0.5).float()  # the mask is re-binarised, a prior stays a probability
+                cm = cz.reshape(cm.shape[:-2] + (c0, c0))
             kk = int(u[k, 3] * 8)  # dihedral element: rot90 k times, then an optional flip (flips x rot90)
-            ci, cm = torch.rot90(ci, kk % 4), torch.rot90(cm, kk % 4)
+            ci, cm = torch.rot90(ci, kk % 4, (-2, -1)), torch.rot90(cm, kk % 4, (-2, -1))
             if kk >= 4:
-                ci, cm = ci.flip(0), cm.flip(0)
+                ci, cm = ci.flip(-2), cm.flip(-2)
             imgs.append(ci)
+            if self.priors is not None:
+                cm, cp = cm[0], cm[1]
+                prs.append(cp)
             labs.append(cm)
         x, y = torch.stack(imgs)[:, None], torch.stack(labs)[:, None].float()
+        pr = torch.stack(prs)[:, None] if prs else None
         b = x.shape[0]
         # RandAffined: rotation and isotropic scale, reflection padding
         on = (self._rand(b) < 0.3).float()
@@ -273,6 +384,8 @@ class GPUAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         y = F.grid_sample(y, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+        if pr is not None:
+            pr = F.grid_sample(pr, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         # RandAdjustContrastd (gamma on the [0, 1] image)
         if self.intensity:  # wider: gamma 0.4-2.5 (log-uniform), then contrast about 0.5 and brightness
             on = (self._rand(b) < 0.8).float()
@@ -302,6 +415,8 @@ class GPUAugment:
         x = x + nz * torch.randn(x.shape, generator=self.gen, device=self.device)
         if self.znorm:
             x = zscore_channels(x)
+        if pr is not None:
+            x = torch.cat([x, 2 * pr.to(x.dtype) - 1], 1)
         return x.contiguous(), (y > 0.5).float()
 
 
@@ -316,13 +431,16 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     if unknown:
         raise ValueError(f"unknown recipe modifier(s) {sorted(unknown)} in {model!r}")
     aug = {k: v for m in "".join(mods) for k, v in AUG_MODIFIERS[m].items()}
+    prior = bool(aug.pop("prior", False))  # one more input channel; the prior itself is never augmented in intensity
     if name == "unet":
         if "profile_dropout" in aug or "no_gate" in aug:
             raise ValueError(f"{model!r}: the UNet has no profile, so no condition dropout or gate")
-        net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1)
-        return net, {"kind": "unet", "divisible_by": 16, "aug": aug}
+        net = BasicUNet(spatial_dims=2, in_channels=1 + prior, out_channels=1)
+        return net, {"kind": "unet", "divisible_by": 16, "aug": aug, "prior": prior}
     cfg = dict(FLOW_CONFIGS[name])
-    if aug.pop("znorm", False):  # the flow network z-scores inside itself, as the bundle's `image_norm: true` does
+    # the flow network z-scores inside itself, as the bundle's `image_norm: true` does; with a prior channel, which
+    # must not be z-scored, the image is z-scored outside (the same operation, session 7's runs did it that way)
+    if not prior and aug.pop("znorm", False):
         cfg["image_norm"] = True
     if "profile_dropout" in aug:  # a network argument, not an augmentation
         cfg["profile_dropout"] = aug.pop("profile_dropout")
@@ -330,7 +448,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,
-        in_channels=2,
+        in_channels=2 + prior,
         out_channels=1,
         attention_levels=[False] * len(cfg["channels"]),
         use_flash_attention=True,
@@ -347,6 +465,7 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         "divisible_by": 2 ** (len(cfg["channels"]) - 1),
         "use_difficulty_gate": gate,
         "aug": aug,
+        "prior": prior,
         **cfg,
         **recipe,
     }
@@ -443,6 +562,7 @@ class Predictor:
         from monai_vlmfilm.inferers import FlowSegInferer, dihedral_transforms, pad_to_multiple
 
         self.net, self.info, self.device, self.amp = net, info, device, amp
+        self.prior: np.ndarray | None = None  # a +p model's prior of the image predicted next, unless one is given
         self._tta, self._pad = dihedral_transforms, pad_to_multiple
         self._make = lambda tta, steps, samples, unc: FlowSegInferer(
             num_steps=steps,
@@ -462,12 +582,18 @@ class Predictor:
         steps: int = 1,
         samples: int = 1,
         uncertainty: bool = False,
+        prior: np.ndarray | None = None,
     ) -> Any:
         """Foreground probability ``HxW``; with ``uncertainty`` the pair (probability, per-pixel std over the TTA
-        copies x noise samples)."""
+        copies x noise samples). ``prior``: the ``+p`` models' UNet probability map of the image."""
         x = torch.as_tensor(image, device=self.device)[None, None]
         if self.info.get("aug", {}).get("znorm"):
             x = zscore_channels(x)
+        if self.info.get("prior"):  # the TTA moves it with the image: it is one more image channel
+            prior = self.prior if prior is None else prior
+            if prior is None:
+                raise ValueError("a +p model needs the image's prior")
+            x = torch.cat([x, 2 * torch.as_tensor(prior, device=self.device, dtype=x.dtype)[None, None] - 1], 1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
@@ -503,12 +629,15 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         # GPU runs are not bit-reproducible anyway (atomics in the backward pass), seeds give the comparison
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     root = Path(data_root_)
-    items = {d["name"]: d for s in SITES for d in load_site(root, s)}
+    items = {d["name"]: d for s in SITES for d in load_site(root, s, set(job["train"]) | set(job["test"]))}
     train = [items[n] for n in job["train"]]
-    test = [items[n] for n in job["test"]][: args.get("max_test") or None]
+    is_prior_job = job["setting"] == "prior"  # a UNet whose product is the maps of job["test"], not metrics
+    test = [items[n] for n in job["test"]][: None if is_prior_job else (args.get("max_test") or None)]
     spec, _, iters_override = job["model"].partition("@")  # "flow-m@6000": this job trains 6,000 iterations
     net, info = build_model(spec, profile_dim=args["profile_dim"])
     net = net.to(device)
+    prior_dir = Path(args.get("prior_dir") or Path(args["out"]) / "priors")
+    pri = load_priors(prior_dir, job["priors"]) if info.get("prior") else {}
     use_profile = info["kind"] == "flow" and info["mode"] != "off"
     p_train = profiles_of(train) if use_profile else None
     p_test = profiles_of(test) if use_profile else None
@@ -528,6 +657,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         [torch.as_tensor(d["mask"], device=device, dtype=torch.float32) for d in train],
         args["crop"],
         seed=job["seed"],
+        priors=[torch.as_tensor(pri[d["name"]], device=device) for d in train] if pri else None,
         **info.get("aug", {}),
     )
 
@@ -586,14 +716,22 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
             model, Path(args["out"]) / f"model_ship_{re.sub(r'[^A-Za-z0-9_.-]', '_', job['model'])}_s{job['seed']}"
         )
     predict = Predictor(model, info, device, amp)
+    if is_prior_job:  # the maps, written before anything else can fail; no metrics (the test set is not one)
+        save_prior(prior_dir, job["prior_key"], {d["name"]: predict(d["image"], None, "dihedral") for d in test})
+        out = {k: v for k, v in job.items() if k not in ("train", "test")}
+        return {**out, "n_train": len(train), "n_pred": len(test), "info": info, "iterations": iters,
+                "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - t0, 1), "gpu": gpu}  # fmt: skip
 
     # threshold on the job's own training images (never the test images)
     thr_rows = range(0, len(train), max(1, len(train) // args["thr_images"]))
-    probs = [predict(train[i]["image"], None if p_train is None else p_train[i], "dihedral") for i in thr_rows]
+    probs = []
+    for i in thr_rows:
+        predict.prior = pri.get(train[i]["name"])
+        probs.append(predict(train[i]["image"], None if p_train is None else p_train[i], "dihedral"))
     gts = [train[i]["mask"].astype(bool) for i in thr_rows]
     thr_scores = {t: float(np.mean([dice(p >= t, g) for p, g in zip(probs, gts)])) for t in THRESHOLDS}
     thr = max(thr_scores, key=thr_scores.get)
-    cross = "_to_" in job["setting"]
+    cross = "_to_" in job["setting"] and not pri  # (the diagnostics would need resized priors too)
     if cross:
         # diagnostics of what the other site's images lack (not a method: the scale uses the test masks):
         # dice_tscale resizes each test image so its vessels are as wide as the training site's, dice_tnorm maps
@@ -604,6 +742,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     records = []
     for i, d in enumerate(test):
         prof = None if p_test is None else p_test[i]
+        predict.prior = pri.get(d["name"])  # every prediction below of this image gets its prior (+p models)
         prob = predict(d["image"], prof, "dihedral")
         rec = {
             "image": d["name"],
@@ -625,7 +764,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         if job["setting"] == "ship":
             rec.update(uncertainty_metrics(predict, d["image"], prof, d["mask"].astype(bool), thr))
         records.append(rec)
-    out = {k: v for k, v in job.items() if k not in ("train", "test")}
+    out = {k: v for k, v in job.items() if k not in ("train", "test", "priors")}
+    if pri:
+        out["prior_keys"] = sorted(set(job["priors"].values()))
     out.update(
         {
             "n_train": len(train),
@@ -714,7 +855,10 @@ def _safe_job(job: dict, root: str, args: dict) -> dict:
     try:
         return run_job(job, root, args)
     except Exception:  # one failed job must not take the others with it
-        return {**{k: v for k, v in job.items() if k not in ("train", "test")}, "error": traceback.format_exc()}
+        return {
+            **{k: v for k, v in job.items() if k not in ("train", "test", "priors")},
+            "error": traceback.format_exc(),
+        }
 
 
 # ------------------------------------------------------------------------------------------------ latency
@@ -951,9 +1095,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-only", action="store_true", help="--latency, then stop (no training)")
     ap.add_argument("--folds", default=None, help="run only these folds of the CV settings, e.g. 0,1,2")
     ap.add_argument("--data", default=None)
+    ap.add_argument(
+        "--prior-dir", default=None, help="where +p jobs' prior maps are kept and reused (default: OUT/priors)"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--max-jobs", type=int, default=0)
     ap.add_argument("--skip-done", nargs="*", default=None, metavar="JOBS_JSONL", help="skip jobs finished there")
+    ap.add_argument("--max-train", type=int, default=0, help="train on at most this many images per job (0: all)")
     ap.add_argument("--max-test", type=int, default=0, help="evaluate at most this many test images per job (0: all)")
     ap.add_argument(
         "--smoke",
@@ -1004,6 +1152,20 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [j for j in jobs if (j["setting"], j["fold"], j["seed"], j["model"]) not in done]
     if a.max_jobs:
         jobs = jobs[: a.max_jobs]
+    for j in jobs:  # smaller jobs for tests (before the priors are planned: they serve exactly these images)
+        j["train"] = j["train"][: a.max_train or None]
+        j["test"] = j["test"][: a.max_test or None]
+    prior_dir = Path(a.prior_dir) if a.prior_dir else out / "priors"
+    recipe = {"iterations": a.iterations, "batch": a.batch, "crop": a.crop, "lr": a.lr, "ema": a.ema}
+    # the UNets behind "+p" priors run first; a stored prior that holds every image it must is reused
+    pjobs = [
+        p
+        for p in prior_jobs(jobs, fold_index(data), recipe)
+        if not set(p["test"]) <= prior_names(prior_dir, p["prior_key"])
+    ]
+    if any(uses_prior(j["model"]) for j in jobs):
+        prior_dir.mkdir(parents=True, exist_ok=True)
+        log(f"+p priors in {prior_dir}: {len(pjobs)} UNet(s) to train")
     n_gpu = torch.cuda.device_count()
     card = torch.cuda.get_device_name(0) if n_gpu else platform.processor() or "cpu"
     meta = {
@@ -1041,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": a.threads,
         "profile_dim": PROFILE_DIM,
         "out": str(out),
+        "prior_dir": str(prior_dir),
     }
     ctx = mp.get_context("spawn")
     gpu_q = ctx.Queue()
@@ -1048,11 +1211,15 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(n_workers):
         gpu_q.put(i % max(n_gpu, 1))
     results: list[dict] = []
+    n_all = len(jobs) + len(pjobs)
+    missing_keys = {p["prior_key"] for p in pjobs}
+    # a +p job waits until its priors exist (each job's list is queued in order: prior UNets first)
+    waiting = [j for j in jobs if missing_keys & set(j.get("priors", {}).values())]
     with (
         open(out / "jobs.jsonl", "a") as fh,
         ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(gpu_q,)) as ex,
     ):
-        pending = {ex.submit(_safe_job, j, str(root), args) for j in jobs}
+        pending = {ex.submit(_safe_job, j, str(root), args) for j in pjobs + [j for j in jobs if j not in waiting]}
         while pending:
             timeout = None if not a.deadline_s else max(1.0, a.deadline_s - (time.perf_counter() - t_start))
             done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -1061,14 +1228,28 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 fh.write(json.dumps(r) + "\n")
                 fh.flush()
-                msg = (
-                    r.get("error", "").strip().splitlines()[-1:]
-                    if "error" in r
-                    else f"dice {np.mean([x['dice'] for x in r['records']]):.4f} thr {r['threshold']} {r['train_s']} s"
-                )
-                log(f"done {len(results)}/{len(jobs)} {r['setting']} f{r['fold']} s{r['seed']} {r['model']}: {msg}")
-            if a.deadline_s and time.perf_counter() - t_start > a.deadline_s and pending:
-                log(f"deadline: {len(pending)} jobs not finished")
+                if "error" in r:
+                    msg = r["error"].strip().splitlines()[-1:]
+                elif "prior_key" in r:
+                    msg = f"prior {r['prior_key']}: {r['n_pred']} maps, {r['train_s']} s"
+                else:
+                    msg = f"dice {np.mean([x['dice'] for x in r['records']]):.4f} thr {r['threshold']} {r['train_s']} s"
+                log(f"done {len(results)}/{n_all} {r['setting']} f{r['fold']} s{r['seed']} {r['model']}: {msg}")
+                if "prior_key" in r:
+                    key = r["prior_key"]
+                    for j in [j for j in waiting if key in j["priors"].values()]:
+                        if "error" in r:  # its dependants cannot run: recorded as failed, with the reason
+                            waiting.remove(j)
+                            err = {k: v for k, v in j.items() if k not in ("train", "test", "priors")}
+                            results.append({**err, "error": f"prior {key} failed:\n{r['error']}"})
+                            fh.write(json.dumps(results[-1]) + "\n")
+                    if "error" not in r:
+                        missing_keys.discard(key)
+            for j in [j for j in waiting if not missing_keys & set(j["priors"].values())]:
+                waiting.remove(j)
+                pending.add(ex.submit(_safe_job, j, str(root), args))
+            if a.deadline_s and time.perf_counter() - t_start > a.deadline_s and (pending or waiting):
+                log(f"deadline: {len(pending)} jobs not finished, {len(waiting)} never started")
                 for f in pending:
                     f.cancel()
                 for p in list(getattr(ex, "_processes", {}).values()):

@@ -121,3 +121,65 @@ def test_candidate_features_see_vessel_width_and_a_black_frame():
     framed[:8], framed[-8:], framed[:, :8], framed[:, -8:] = 0, 0, 0, 0
     assert pve.candidate_features(framed)["frame"] > 0.9 > 0.1 > pve.candidate_features(line(2.0))["frame"]
     assert all(np.isfinite(v) for v in thin.values())
+
+
+def _cv_data(n_per_site: int = 10) -> dict[str, list[dict]]:
+    return {s: [{"name": f"{s}/{i:02d}", "site": s, "split": "training"} for i in range(n_per_site)] for s in fvu.SITES}
+
+
+@pytest.mark.parametrize("setting", ["dca1_cv", "mixed_cv", "xcad_to_dca1"])
+def test_priors_are_nested_out_of_fold_and_shared(setting):
+    """Issue 14 item 5: no prior a +p job sees was made by a UNet that trained on that image or on the job's test
+    images, each image gets exactly one prior, and UNets are shared between jobs rather than trained twice."""
+    data = _cv_data()
+    jobs = fvu.plan_jobs(data, [setting], ["flow-m-ep1+np:off", "flow-m-ep1+n:off"], [0])
+    recipe = {"iterations": 10, "batch": 2, "crop": 64, "lr": 1e-3, "ema": 0.99}
+    pjobs = fvu.prior_jobs(jobs, fvu.fold_index(data), recipe)
+    by_key = {p["prior_key"]: p for p in pjobs}
+    assert len(by_key) == len(pjobs) and all(p["setting"] == "prior" and p["model"] == "unet" for p in pjobs)
+    prior_users = [j for j in jobs if fvu.uses_prior(j["model"])]
+    assert prior_users and not any("priors" in j for j in jobs if not fvu.uses_prior(j["model"]))
+    for job in prior_users:
+        assert set(job["priors"]) == set(job["train"]) | set(job["test"])
+        for name, key in job["priors"].items():
+            unet = by_key[key]
+            assert name not in unet["train"] and name in unet["test"]
+            assert not set(job["test"]) & set(unet["train"])  # the job's test images never train its priors
+            assert set(unet["train"]) <= set(job["train"])
+        # the test images' prior is the bar's own model: a UNet trained on every training image of the job
+        assert {tuple(by_key[job["priors"][n]]["train"]) for n in job["test"]} == {tuple(sorted(job["train"]))}
+    if setting == "dca1_cv":  # 5 outer UNets + one per pair of folds: 15, not 5 x 5
+        assert len(pjobs) == 15
+    assert fvu.uses_prior("flow-m-ep1+np:off@2000") and not fvu.uses_prior("flow-m-ep1+n:off")
+    assert not fvu.uses_prior("unet")
+
+
+def test_prior_store_round_trip_and_damaged_files_are_not_trusted(tmp_path):
+    probs = {"dca1/01": np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), "xcad/02": np.zeros((5, 5), np.float32)}
+    fvu.save_prior(tmp_path, "k1", probs)
+    assert fvu.prior_names(tmp_path, "k1") == set(probs) and not list(tmp_path.glob("*.tmp*"))
+    got = fvu.load_priors(tmp_path, {"dca1/01": "k1"})
+    assert set(got) == {"dca1/01"} and np.abs(got["dca1/01"] - probs["dca1/01"]).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(FileNotFoundError, match="lack 1 image"):
+        fvu.load_priors(tmp_path, {"dca1/01": "k1", "dca1/09": "k1"})
+    fvu._prior_file(tmp_path, "k2").write_bytes(b"not an npz")  # damaged: reported as holding nothing, so remade
+    assert fvu.prior_names(tmp_path, "k2") == set() and fvu.prior_names(tmp_path, "absent") == set()
+
+
+def test_prior_channel_moves_with_the_image():
+    """+p: the prior takes every spatial step of its image (crop, dihedral, affine) and no intensity step."""
+    images, masks = _bar_site(width=8, size=256)
+    aug = fvu.GPUAugment(images, masks, crop=64, seed=3, pos_prob=0.5, znorm=True, priors=[masks[0].clone()])
+    x, y = aug(np.zeros(64, dtype=int))
+    assert x.shape == (64, 2, 64, 64) and y.shape == (64, 1, 64, 64)
+    prior = (x[:, 1:] + 1) / 2  # the prior rides as 2 p - 1
+    assert float(prior.min()) >= -1e-6 and float(prior.max()) <= 1 + 1e-6  # not z-scored, not gamma'd
+    # the prior here is the mask itself: after the same spatial steps it agrees with the label (nearest vs bilinear
+    # resampling differ only on edge pixels)
+    assert float(((prior > 0.5).float() == y).float().mean()) > 0.98
+    torch.testing.assert_close(x[:, :1].mean((2, 3)), torch.zeros(64, 1), atol=1e-4, rtol=0)  # the image is z-scored
+    net, info = fvu.build_model("flow-s+np:off", profile_dim=8)
+    assert info["prior"] and info["aug"] == {"znorm": True} and not net.image_norm  # z-scored outside, prior kept
+    assert net.conv_in.conv.in_channels == 3
+    unet, uinfo = fvu.build_model("unet+p", profile_dim=8)
+    assert uinfo["prior"] and unet.conv_0.conv_0.conv.in_channels == 2

@@ -86,3 +86,32 @@ def test_flow_vs_unet_smoke(tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     again = json.loads((tmp_path / "again" / "summary.json").read_text())["summary"]
     assert again == summary
+
+
+def test_flow_vs_unet_prior_jobs_run_first_and_are_reused(tmp_path):
+    """+p (issue 14 item 5) end to end on CPU: the prior UNets run before the job that needs them, their maps are
+    stored once, and a second run reuses them instead of training again."""
+    import pytest
+    from shared_data import DCA1
+
+    if not (DCA1 / "datalist.json").is_file():
+        pytest.skip("needs the shared DCA1 data")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "flow_vs_unet.py"), "--smoke", "--plan", "dca1_cv=flow-s+p:off",
+           "--folds", "0", "--max-train", "8", "--data", str(DCA1.parent), "--out", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "jobs.jsonl").read_text().splitlines()]
+    priors, flows = [r for r in rows if r["setting"] == "prior"], [r for r in rows if r["setting"] == "dca1_cv"]
+    assert len(flows) == 1 and rows[-1] is flows[0] and not any("error" in r for r in rows)  # the +p job ran last
+    flow = flows[0]
+    assert flow["info"]["prior"] and flow["n_train"] == 8 and len(flow["records"]) == 2
+    assert sorted(flow["prior_keys"]) == sorted(r["prior_key"] for r in priors) and "records" not in priors[0]
+    # one UNet per training fold present plus the one for the test images, each map stored
+    assert sum(r["n_pred"] for r in priors) == 8 + 2
+    stored = {p.name for p in (tmp_path / "run" / "priors").iterdir()}
+    assert stored == {f"prior_{r['prior_key']}.npz" for r in priors}
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 UNet(s) to train" in again.stdout, again.stdout[-2000:]
+    rows2 = [json.loads(line) for line in (tmp_path / "run" / "jobs.jsonl").read_text().splitlines()]
+    assert len(rows2) == len(rows) + 1 and rows2[-1]["prior_keys"] == flow["prior_keys"]
