@@ -29,7 +29,9 @@ profile of the same site: the mixed-site control that keeps site information) or
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
 0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
-condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate; cross-site jobs also
+condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate, ``+p`` a plain
+UNet's probability map as an extra input channel (nested out-of-fold for the training images; the UNets run first as
+``prior`` jobs, kept in ``--prior-dir`` and reused: see :func:`prior_jobs`); cross-site jobs also
 record the diagnostics ``dice_tscale`` (test image resized to the training site's vessel width) and ``dice_tnorm``
 (its intensity statistics mapped to the training images'); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
