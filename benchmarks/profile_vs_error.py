@@ -43,10 +43,16 @@ TERCILE_PAIRS = (
     # the 0.6.0 network (image_norm) trained on both sites at once: FiLM on - off / - profiles permuted within a site
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:sshuffle"),
+    # ... against the UNet trained the same way (the shipped model's own setting), and without the difficulty gate
+    ("mixed:flow-m-ep1+n", "mixed:unet"),
+    ("mixed:flow-m-ep1+ng", "mixed:flow-m-ep1+n"),
     # the 0.6.0 network trained on one site
     ("flow-m-ep1+n", "flow-m-ep1+n:off"),
     ("flow-m-ep1+n", "unet"),
     ("flow-m-ep1+n:off", "unet"),
+    # a UNet's out-of-fold map as an extra input (issue 14 item 5; folds 0-2 of DCA1, 0-1 of XCAD)
+    ("flow-m-ep1+np:off", "unet"),
+    ("flow-m-ep1+np:off", "flow-m-ep1+n:off"),
 )
 
 
