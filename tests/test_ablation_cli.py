@@ -87,8 +87,9 @@ def test_variants_calibration_and_profile_norm(tmp_path):
         cmd = jobs[name].steps[0].cmd
         return cmd[cmd.index(f"--{key}") + 1] if f"--{key}" in cmd else None
 
-    # plain modes: no normalisation, the base store; the variant's bundle override only on its own jobs
-    assert arg("on_seed0", "profile_norm") is None and arg("on_seed0", "network_def#use_difficulty_gate") is None
+    # plain modes: no normalisation, said outright since the bundle's default normalises by the training split; the
+    # base store; the variant's bundle override only on its own jobs
+    assert arg("on_seed0", "profile_norm") == "None" and arg("on_seed0", "network_def#use_difficulty_gate") is None
     assert arg("on.cal+nogate_seed0", "network_def#use_difficulty_gate") == "False"
     assert arg("oracle.lr_seed0", "learning_rate") == "0.01" and arg("oracle.lr_seed0", "profiler") == "oracle"
     assert arg("on.norm_seed0", "profile_cache_dir") == arg("on_seed0", "profile_cache_dir")

@@ -212,7 +212,11 @@ def test_switch_in_parsed_config(data, tmp_path):
     while e is not None:
         chain.append(str(e))
         e = e.__cause__ or e.__context__
-    assert any("use_vlm_film must be true or false, got 'maybe'" in m for m in chain), chain
+    # the network's own check, or (profile_norm's default reads the switch first) MONAI's str2bool inside the
+    # expression that names the key: either way the user is told which switch got which value
+    assert any("use_vlm_film must be true or false, got 'maybe'" in m for m in chain) or (
+        any("use_vlm_film" in m for m in chain) and any('Got "maybe", expected a value from' in m for m in chain)
+    ), chain
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -231,7 +235,7 @@ def test_train_off(run_off):
     assert "progress: finished epoch 1/1" in run_off["log"]  # the progress / ETA line (console only by design)
 
 
-def test_train_on_overlay(run_on):
+def test_train_on_overlay(run_on, data):
     sd = torch.load(run_on["root"] / "models" / "model.pt", weights_only=True)
     assert any(k.startswith("film_heads.") for k in sd) and any(k.startswith("profile_encoder.") for k in sd)
     scalars = tensorboard_scalars(run_on["root"])
@@ -239,6 +243,18 @@ def test_train_on_overlay(run_on):
     # every profile came from the precomputed cache (same image content + heuristic fingerprint)
     assert scalars["film/cache_hit_rate"] == [1.0]
     assert scalars["film/fallback_rate"] == [0.0]
+    # the default profile_norm: the training split's statistics, as `profiles stats --norm-out` computes them from
+    # the same cache, kept in the checkpoint (the shipped model.pt was trained with such statistics too)
+    from monai_vlmfilm.data.datalist import load_split
+    from monai_vlmfilm.profiles import HeuristicProfiler, ProfileStore
+    from monai_vlmfilm.profiles.normalization import compute_profile_norm
+
+    store, fp = ProfileStore(data["cache"], read_only=True), HeuristicProfiler().fingerprint
+    items = load_split(data["datalist"], "training")
+    expected = compute_profile_norm([store.lookup(d["image"], fp).profile.to_vector() for d in items])
+    torch.testing.assert_close(sd["profile_encoder.feature_mean"], torch.tensor(expected["mean"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sd["profile_encoder.feature_std"], torch.tensor(expected["std"]), atol=1e-5, rtol=0)
+    assert float(sd["profile_encoder.feature_std"][:-1].min()) < 1.0  # not the identity the encoder starts from
 
 
 def test_resume(data, run_off, tmp_path):

@@ -390,3 +390,33 @@ def test_profile_dropout_replaces_profiles_by_the_training_mean_in_training_only
     assert 0.35 < share < 0.65, share
     with pytest.raises(ValueError, match="profile_dropout"):
         FiLMFlowUNet(profile_dropout=1.5, **kw)
+
+
+def test_training_profile_norm_follows_the_transforms_to_the_profile():
+    """train.yaml's default profile_norm: each item through the transforms until one attaches the profile; None
+    when none does (FiLM off), an error for an empty training split."""
+    import numpy as np
+    import pytest
+
+    from monai_vlmfilm.profiles.normalization import compute_profile_norm, training_profile_norm
+
+    seen = []
+
+    def load(d):
+        return {**d, "pixels": np.full((4, 4), d["v"], np.float32)}
+
+    def attach(d):
+        return {**d, "vlm_profile": np.array([d["v"], 2 * d["v"], 0.5, 0.1, 0.2, 0.3, 0.0], np.float32)}
+
+    def after(d):  # never reached: the profile is what training attaches before its crops and augmentation
+        seen.append(d)
+        return d
+
+    items = [{"v": v} for v in (0.1, 0.4, 0.7)]
+    got = training_profile_norm(items, [load, None, attach, after])
+    want = compute_profile_norm([attach(load(d))["vlm_profile"] for d in items])
+    assert got["mean"] == want["mean"] and got["std"] == want["std"] and not seen
+    assert got["source"] == "profiles of 3 training images"
+    assert training_profile_norm(items, [load, None]) is None
+    with pytest.raises(ValueError, match="at least one training item"):
+        training_profile_norm([], [load, attach])

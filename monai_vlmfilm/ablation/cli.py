@@ -641,8 +641,8 @@ class Ablation:
             # the ablation evaluates the final checkpoint itself: no validation or interim checkpoints in training
             ov[K["val_interval"]] = NEVER
             ov[K["ckpt_interval"]] = NEVER
-        if norm_file is not None:
-            ov[K["profile_norm"]] = str(norm_file)
+        # always said: the bundle's own default (statistics of the training split) is not what "none" means
+        ov[K["profile_norm"]] = str(norm_file) if norm_file is not None else "None"
         for kv in a.override:
             k, v = kv.split("=", 1)
             ov[k] = v

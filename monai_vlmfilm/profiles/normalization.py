@@ -22,9 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from .schema import FALLBACK_INDEX, PROFILE_DIM, VECTOR_FIELDS
+from .schema import FALLBACK_INDEX, PROFILE_DIM, PROFILE_KEY, VECTOR_FIELDS
 
-__all__ = ["DEFAULT_MIN_STD", "compute_profile_norm", "save_profile_norm", "load_profile_norm", "norm_vectors"]
+__all__ = [
+    "DEFAULT_MIN_STD",
+    "compute_profile_norm",
+    "save_profile_norm",
+    "load_profile_norm",
+    "norm_vectors",
+    "training_profile_norm",
+]
 
 #: floor of the standard deviation: a feature that is (nearly) constant on the training set is scaled by at
 #: most 1 / 0.02 = 50, so noise in a flat feature cannot dominate the encoder's input
@@ -110,3 +117,44 @@ def norm_vectors(vectors: Sequence[Sequence[float]] | np.ndarray, norm: Mapping[
     """``(v - mean) / std`` with numpy (what the encoder does before its clip), for reports and tests."""
     mean, std = load_profile_norm(norm)
     return (np.asarray(vectors, dtype=np.float64) - np.asarray(mean)) / np.asarray(std)
+
+
+def training_profile_norm(
+    items: Sequence[Mapping[str, Any]],
+    transforms: Sequence[Any],
+    profile_key: str = PROFILE_KEY,
+    min_std: float = DEFAULT_MIN_STD,
+) -> dict[str, Any] | None:
+    """:func:`compute_profile_norm` of the training images' profiles, got the way training gets them.
+
+    Each item goes through ``transforms`` (the bundle's ``train#deterministic_transforms``; ``None`` entries, the
+    disabled ones, are skipped) until one of them has attached ``profile_key``, so the profiles are those of the
+    unaugmented images that training sees, and the profile transform's cache serves them again to the dataset.
+    This is ``train.yaml``'s default ``profile_norm``; the checkpoint keeps the statistics, so inference needs none.
+
+    Args:
+        items: datalist entries of the training split (``{"image": path, ...}``).
+        transforms: the transforms that load an image and attach its profile, in order.
+        profile_key: where the profile transform puts the profile vector.
+        min_std: floor of each standard deviation (:func:`compute_profile_norm`).
+
+    Returns:
+        The statistics, or ``None`` when no transform attaches a profile (FiLM off: nothing to normalise).
+
+    Raises:
+        ValueError: no training items, or the statistics cannot be computed (:func:`compute_profile_norm`).
+    """
+    chain = [t for t in transforms if t is not None]
+    if not items:
+        raise ValueError("training_profile_norm needs at least one training item")
+    vectors = []
+    for item in items:
+        d: Any = dict(item)
+        for t in chain:
+            d = t(d)
+            if profile_key in d:
+                break
+        else:
+            return None  # no transform attaches a profile
+        vectors.append(np.asarray(d[profile_key], dtype=np.float64).reshape(-1))
+    return {**compute_profile_norm(vectors, min_std=min_std), "source": f"profiles of {len(items)} training images"}
