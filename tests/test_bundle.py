@@ -219,6 +219,31 @@ def test_switch_in_parsed_config(data, tmp_path):
     ), chain
 
 
+def test_profile_norm_follows_the_training_items(data, tmp_path):
+    """train.yaml's default profile_norm is over the images training uses (``train#dataset#data``), so an override of
+    those items (MONAI Label's, or a subset) changes the statistics with them; FiLM off: none."""
+    from monai.bundle import ConfigParser
+
+    from monai_vlmfilm.data.datalist import load_split
+    from monai_vlmfilm.profiles import HeuristicProfiler, ProfileStore
+    from monai_vlmfilm.profiles.normalization import compute_profile_norm
+
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "train.yaml"))
+    p.update({"use_vlm_film": True, "datalist": str(data["datalist"]), "bundle_root": str(tmp_path),
+              "profile_cache_dir": str(data["cache"]), "cache_rate": 0,
+              "train#dataset#data": "$monai_vlmfilm.data.datalist.load_split(@datalist, 'training')[:3]"})  # fmt: skip
+    norm = p.get_parsed_content("profile_norm")
+    store, fp = ProfileStore(data["cache"], read_only=True), HeuristicProfiler().fingerprint
+    first3 = load_split(data["datalist"], "training")[:3]
+    expected = compute_profile_norm([store.lookup(d["image"], fp).profile.to_vector() for d in first3])
+    assert norm["images"] == 3 and norm["source"] == "profiles of 3 training images"
+    np.testing.assert_allclose(norm["mean"], expected["mean"], atol=1e-6)
+    np.testing.assert_allclose(norm["std"], expected["std"], atol=1e-6)
+    p["use_vlm_film"] = "false"
+    assert p.get_parsed_content("profile_norm", lazy=False) is None
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_train_off(run_off):
     models = run_off["root"] / "models"
