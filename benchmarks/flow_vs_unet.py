@@ -564,7 +564,7 @@ class Predictor:
         from monai_vlmfilm.inferers import FlowSegInferer, dihedral_transforms, pad_to_multiple
 
         self.net, self.info, self.device, self.amp = net, info, device, amp
-        self.prior: np.ndarray | None = None  # a +p model's prior of the image predicted next, unless one is given
+        self.prior: np.ndarray | None = None  # a +p model's prior of the image predicted next
         self._tta, self._pad = dihedral_transforms, pad_to_multiple
         self._make = lambda tta, steps, samples, unc: FlowSegInferer(
             num_steps=steps,
@@ -584,18 +584,16 @@ class Predictor:
         steps: int = 1,
         samples: int = 1,
         uncertainty: bool = False,
-        prior: np.ndarray | None = None,
     ) -> Any:
         """Foreground probability ``HxW``; with ``uncertainty`` the pair (probability, per-pixel std over the TTA
-        copies x noise samples). ``prior``: the ``+p`` models' UNet probability map of the image."""
+        copies x noise samples). A ``+p`` model reads the image's UNet probability map from ``self.prior``."""
         x = torch.as_tensor(image, device=self.device)[None, None]
         if self.info.get("aug", {}).get("znorm"):
             x = zscore_channels(x)
         if self.info.get("prior"):  # the TTA moves it with the image: it is one more image channel
-            prior = self.prior if prior is None else prior
-            if prior is None:
-                raise ValueError("a +p model needs the image's prior")
-            x = torch.cat([x, 2 * torch.as_tensor(prior, device=self.device, dtype=x.dtype)[None, None] - 1], 1)
+            if self.prior is None:
+                raise ValueError("a +p model needs the image's prior (Predictor.prior)")
+            x = torch.cat([x, 2 * torch.as_tensor(self.prior, device=self.device, dtype=x.dtype)[None, None] - 1], 1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
@@ -720,7 +718,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
     predict = Predictor(model, info, device, amp)
     if is_prior_job:  # the maps, written before anything else can fail; no metrics (the test set is not one)
         save_prior(prior_dir, job["prior_key"], {d["name"]: predict(d["image"], None, "dihedral") for d in test})
-        out = {k: v for k, v in job.items() if k not in ("train", "test")}
+        out = job_row(job)
         return {**out, "n_train": len(train), "n_pred": len(test), "info": info, "iterations": iters,
                 "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - t0, 1), "gpu": gpu}  # fmt: skip
 
@@ -766,7 +764,7 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         if job["setting"] == "ship":
             rec.update(uncertainty_metrics(predict, d["image"], prof, d["mask"].astype(bool), thr))
         records.append(rec)
-    out = {k: v for k, v in job.items() if k not in ("train", "test", "priors")}
+    out = job_row(job)
     if pri:
         out["prior_keys"] = sorted(set(job["priors"].values()))
     out.update(
@@ -849,6 +847,11 @@ def uncertainty_metrics(predict: Any, image: np.ndarray, prof: Any, gt: np.ndarr
     return out
 
 
+def job_row(job: dict) -> dict:
+    """A job's identity for its result row: everything but the image lists (``train``, ``test``, ``priors``)."""
+    return {k: v for k, v in job.items() if k not in ("train", "test", "priors")}
+
+
 def _worker_init(gpu_queue: Any) -> None:
     os.environ["JOB_GPU"] = str(gpu_queue.get())
 
@@ -858,7 +861,7 @@ def _safe_job(job: dict, root: str, args: dict) -> dict:
         return run_job(job, root, args)
     except Exception:  # one failed job must not take the others with it
         return {
-            **{k: v for k, v in job.items() if k not in ("train", "test", "priors")},
+            **job_row(job),
             "error": traceback.format_exc(),
         }
 
@@ -1158,11 +1161,28 @@ def main(argv: list[str] | None = None) -> int:
         j["train"] = j["train"][: a.max_train or None]
         j["test"] = j["test"][: a.max_test or None]
     prior_dir = Path(a.prior_dir) if a.prior_dir else out / "priors"
-    recipe = {"iterations": a.iterations, "batch": a.batch, "crop": a.crop, "lr": a.lr, "ema": a.ema}
+    args = {
+        "iterations": a.iterations,
+        "batch": a.batch,
+        "crop": a.crop,
+        "lr": a.lr,
+        "ema": a.ema,
+        "endpoint": a.endpoint,
+        "objective": a.objective,
+        "cldice": a.cldice,
+        "min_size": a.min_size,
+        "thr_images": a.thr_images,
+        "max_test": a.max_test,
+        "log_every": a.log_every,
+        "threads": a.threads,
+        "profile_dim": PROFILE_DIM,
+        "out": str(out),
+        "prior_dir": str(prior_dir),
+    }
     # the UNets behind "+p" priors run first; a stored prior that holds every image it must is reused
     pjobs = [
         p
-        for p in prior_jobs(jobs, fold_index(data), recipe)
+        for p in prior_jobs(jobs, fold_index(data), args)
         if not set(p["test"]) <= prior_names(prior_dir, p["prior_key"])
     ]
     if any(uses_prior(j["model"]) for j in jobs):
@@ -1189,24 +1209,6 @@ def main(argv: list[str] | None = None) -> int:
         (out / "latency.json").write_text(json.dumps({**meta, "rows": lat}, indent=1))
         if a.latency_only:
             return 0
-    args = {
-        "iterations": a.iterations,
-        "batch": a.batch,
-        "crop": a.crop,
-        "lr": a.lr,
-        "ema": a.ema,
-        "endpoint": a.endpoint,
-        "objective": a.objective,
-        "cldice": a.cldice,
-        "min_size": a.min_size,
-        "thr_images": a.thr_images,
-        "max_test": a.max_test,
-        "log_every": a.log_every,
-        "threads": a.threads,
-        "profile_dim": PROFILE_DIM,
-        "out": str(out),
-        "prior_dir": str(prior_dir),
-    }
     ctx = mp.get_context("spawn")
     gpu_q = ctx.Queue()
     n_workers = a.workers * max(n_gpu, 1)
@@ -1242,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
                     for j in [j for j in waiting if key in j["priors"].values()]:
                         if "error" in r:  # its dependants cannot run: recorded as failed, with the reason
                             waiting.remove(j)
-                            err = {k: v for k, v in j.items() if k not in ("train", "test", "priors")}
+                            err = job_row(j)
                             results.append({**err, "error": f"prior {key} failed:\n{r['error']}"})
                             fh.write(json.dumps(results[-1]) + "\n")
                     if "error" not in r:
