@@ -158,7 +158,7 @@ def folds(n: int, k: int = 5, seed: int = 0) -> list[np.ndarray]:
 
 
 def plan_jobs(data: dict[str, list], settings: list[str], models: list[str], seeds: list[int]) -> list[dict]:
-    """``[{setting, fold, seed, model, train: [names], test: [names]}]``, longest-first."""
+    """``[{setting, fold, seed, model, train: [names], test: [names]}]`` in plan order (see :func:`order_jobs`)."""
     jobs = []
     for setting in settings:
         splits: list[tuple[int, list[str], list[str]]] = []
@@ -194,6 +194,25 @@ def plan_jobs(data: dict[str, list], settings: list[str], models: list[str], see
                         {"setting": setting, "fold": fold, "seed": seed, "model": model, "train": train, "test": test}
                     )
     return jobs
+
+
+def order_jobs(jobs: list[dict], seeds: list[int], max_jobs: int = 0) -> list[dict]:
+    """The jobs one call runs, in the order they start.
+
+    Seed-major: a call that cannot finish the whole plan completes whole replicates (``--seeds 1,2`` runs every job
+    of seed 1 before any of seed 2), and ``--skip-done`` picks up the rest in the next call. ``max_jobs`` keeps the
+    first jobs of that order. Within the call the flows start before the UNets: they take about three times as long,
+    so each worker gets one flow first (the GPUs share them evenly) and a deadline costs at most a few cheap UNets.
+
+    Args:
+        jobs: from :func:`plan_jobs`, in plan order.
+        seeds: the ``--seeds`` order.
+        max_jobs: keep at most this many (0: all).
+    """
+    jobs = sorted(jobs, key=lambda j: seeds.index(j["seed"]))  # stable: plan order within a seed
+    if max_jobs:
+        jobs = jobs[:max_jobs]
+    return sorted(jobs, key=lambda j: j["model"].startswith("unet"))
 
 
 def fold_index(data: dict[str, list]) -> dict[str, int]:
@@ -1155,8 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
             if "records" in r
         }
         jobs = [j for j in jobs if (j["setting"], j["fold"], j["seed"], j["model"]) not in done]
-    if a.max_jobs:
-        jobs = jobs[: a.max_jobs]
+    jobs = order_jobs(jobs, seeds, a.max_jobs)
     for j in jobs:  # smaller jobs for tests (before the priors are planned: they serve exactly these images)
         j["train"] = j["train"][: a.max_train or None]
         j["test"] = j["test"][: a.max_test or None]

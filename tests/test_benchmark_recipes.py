@@ -154,6 +154,24 @@ def test_priors_are_nested_out_of_fold_and_shared(setting):
     assert not fvu.uses_prior("unet")
 
 
+def test_calls_complete_whole_seeds_and_start_flows_first():
+    """A call that cannot finish a plan completes seed 1 before starting seed 2, and starts its flows before its
+    UNets; ``--skip-done`` resumes with exactly the jobs left."""
+    data = _cv_data()
+    seeds = [1, 2]
+    plan = fvu.plan_jobs(data, ["dca1_to_xcad", "dca1_cv"], ["flow-m-ep1+n:off", "unet"], seeds)
+    first = fvu.order_jobs(plan, seeds, max_jobs=10)
+    assert len(first) == 10 and {j["seed"] for j in first} == {1}
+    kinds = [j["model"].startswith("unet") for j in first]
+    assert kinds == sorted(kinds) and sum(kinds) == 5
+    key = lambda j: (j["setting"], j["fold"], j["seed"], j["model"])  # noqa: E731
+    left = [j for j in plan if key(j) not in set(map(key, first))]
+    rest = fvu.order_jobs(left, seeds)
+    assert sorted(map(key, first + rest)) == sorted(map(key, plan)) and len(rest) == 14
+    # the next call finishes seed 1 (dca1_cv fold 4) before any job of seed 2
+    assert {(j["fold"], j["seed"]) for j in fvu.order_jobs(left, seeds, max_jobs=2)} == {(4, 1)}
+
+
 def test_prior_store_round_trip_and_damaged_files_are_not_trusted(tmp_path):
     probs = {"dca1/01": np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), "xcad/02": np.zeros((5, 5), np.float32)}
     fvu.save_prior(tmp_path, "k1", probs)
