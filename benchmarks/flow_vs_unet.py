@@ -128,6 +128,12 @@ def data_root(arg: str | None) -> Path:
     raise FileNotFoundError("no data root with dca1/datalist.json: pass --data (e.g. ../shared/data)")
 
 
+def centre_crop(a: np.ndarray, side: int) -> np.ndarray:
+    """The central ``side`` x ``side`` window of a 2-D array (a side shorter than ``side`` is kept whole)."""
+    y, x = (max(0, (n - side) // 2) for n in a.shape[:2])
+    return a[y : y + side, x : x + side]
+
+
 def load_site(root: Path, site: str, names: set[str] | None = None) -> list[dict[str, Any]]:
     """Every image of a site (or those in ``names``): ``{"name", "site", "split", "image" (float32 HxW in [0, 1]),
     "mask" (uint8 HxW)}``."""
@@ -230,6 +236,8 @@ def prior_key(train: list[str], seed: int, args: dict) -> str:
     """The name of a prior UNet: a hash of everything that makes it (its training images, seed and recipe)."""
     spec = {"model": PRIOR_MODEL, "train": sorted(train), "seed": seed}
     spec.update({k: args[k] for k in ("iterations", "batch", "crop", "lr", "ema")})
+    if args.get("image_side"):  # (only when set: the keys of full-size priors stay what they were)
+        spec["image_side"] = args["image_side"]
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -649,6 +657,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     root = Path(data_root_)
     items = {d["name"]: d for s in SITES for d in load_site(root, s, set(job["train"]) | set(job["test"]))}
+    if args.get("image_side"):  # --smoke: centre crops, so CPU tests evaluate 128² instead of 300²-512² images
+        for d in items.values():
+            d["image"], d["mask"] = (centre_crop(d[k], args["image_side"]) for k in ("image", "mask"))
     train = [items[n] for n in job["train"]]
     is_prior_job = job["setting"] == "prior"  # a UNet whose product is the maps of job["test"], not metrics
     test = [items[n] for n in job["test"]][: None if is_prior_job else (args.get("max_test") or None)]
@@ -1126,6 +1137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-jobs", type=int, default=0)
     ap.add_argument("--skip-done", nargs="*", default=None, metavar="JOBS_JSONL", help="skip jobs finished there")
     ap.add_argument("--max-train", type=int, default=0, help="train on at most this many images per job (0: all)")
+    ap.add_argument(
+        "--image-side", type=int, default=0, help="centre-crop every image to this side (0: whole images; --smoke: 128)"
+    )
     ap.add_argument("--max-test", type=int, default=0, help="evaluate at most this many test images per job (0: all)")
     ap.add_argument(
         "--smoke",
@@ -1157,6 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.smoke:
         a.iterations, a.batch, a.crop, a.thr_images, a.workers, a.max_test = 10, 2, 64, 2, 1, 2
+        a.image_side = a.image_side or 128
         a.max_jobs = a.max_jobs or 2
         a.models = "unet,flow-s"
     data = {s: load_site(root, s) for s in SITES}
@@ -1191,6 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_size": a.min_size,
         "thr_images": a.thr_images,
         "max_test": a.max_test,
+        "image_side": a.image_side,
         "log_every": a.log_every,
         "threads": a.threads,
         "profile_dim": PROFILE_DIM,
