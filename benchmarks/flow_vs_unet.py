@@ -1028,6 +1028,8 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
         rs = [r for r in ok if r["setting"] == setting]
         for site in sorted({x["site"] for r in rs for x in r["records"]}):
             per_model: dict[str, dict[str, dict[str, float]]] = {}
+            # model -> image -> seed -> metric: pairs are compared over the seeds both models ran
+            by_seed: dict[str, dict[str, dict[int, dict[str, list[float]]]]] = {}
             for model in sorted({r["model"] for r in rs}):
                 acc: dict[str, dict[str, list[float]]] = {}
                 for r in rs:
@@ -1037,8 +1039,12 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                         if x["site"] == site:
                             for m in metrics + tuple(k for k in x if k in EXTRA_METRICS):
                                 acc.setdefault(x["image"], {}).setdefault(m, []).append(float(x[m]))
+                            per_seed = by_seed.setdefault(model, {}).setdefault(x["image"], {})
+                            for m in PAIR_METRICS:  # (a job run twice counts as the mean of its runs)
+                                per_seed.setdefault(r["seed"], {}).setdefault(m, []).append(float(x[m]))
                 per_model[model] = {img: {m: float(np.nanmean(v)) for m, v in d.items()} for img, d in acc.items()}
                 n_jobs = sum(1 for r in rs if r["model"] == model)
+                seeds = sorted({r["seed"] for r in rs if r["model"] == model})
                 means = {m: float(np.nanmean([d[m] for d in per_model[model].values()])) for m in metrics}
                 for m in EXTRA_METRICS:
                     vals = [d[m] for d in per_model[model].values() if m in d]
@@ -1051,6 +1057,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 summary.setdefault(setting, {}).setdefault(site, {})[model] = {
                     "n_images": len(per_model[model]),
                     "jobs": n_jobs,
+                    "seeds": seeds,
                     **means,
                 }
                 lines.append(
@@ -1076,26 +1083,40 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
             if pairs:
                 for model, ref in pairs:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))
-                    diffs = {}
+                    # per image, the mean over the seeds both models ran (a 3-seed UNet against a 1-seed flow
+                    # is compared on seed 0 only), then paired over images
+                    both = sorted(set.intersection(*(set(by_seed[k][i]) for k in (model, ref) for i in common)))
+                    diffs: dict[str, Any] = {}
                     for m in PAIR_METRICS:
                         scale = 100 if "dice" in m else 1
-                        pdiff = paired_difference(
-                            [scale * (per_model[model][i][m] - per_model[ref][i][m]) for i in common]
-                        )
-                        diffs[m] = pdiff.to_dict()
+                        delta = {
+                            i: [
+                                scale * (np.mean(by_seed[model][i][sd][m]) - np.mean(by_seed[ref][i][sd][m]))
+                                for sd in both
+                            ]
+                            for i in common
+                        }
+                        diffs[m] = paired_difference([float(np.nanmean(v)) for v in delta.values()]).to_dict()
+                        diffs[m]["per_seed"] = {
+                            str(sd): float(np.nanmean([v[k] for v in delta.values()])) for k, sd in enumerate(both)
+                        }
+                    diffs["seeds"] = both
                     summary[setting][site][f"{model} - {ref}"] = diffs
     diff_lines = [
         "",
-        "| setting | site | comparison | Δ Dice [95 % CI] | Δ clDice [95 % CI] | Δ Betti-0 err [95 % CI] | "
-        "Δ Betti-0 err, small parts removed (as the bundle does) | Δ Betti-1 err |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | site | comparison | seeds | Δ Dice [95 % CI] | Δ Dice per seed | Δ clDice [95 % CI] | "
+        "Δ Betti-0 err [95 % CI] | Δ Betti-0 err, small parts removed (as the bundle does) | Δ Betti-1 err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, sites in summary.items():
         for site, d in sites.items():
             for k, v in d.items():
                 if " - " in k:
                     cells = [f"{v[m]['mean']:+.2f} [{v[m]['ci_lo']:+.2f}, {v[m]['ci_hi']:+.2f}]" for m in PAIR_METRICS]
-                    diff_lines.append(f"| {setting} | {site} | {k} | " + " | ".join(cells) + " |")
+                    per_seed = " / ".join(f"{x:+.2f}" for x in v["dice"]["per_seed"].values())
+                    seeds = ",".join(map(str, v["seeds"]))
+                    cells = [cells[0], per_seed if len(v["seeds"]) > 1 else "", *cells[1:]]
+                    diff_lines.append(f"| {setting} | {site} | {k} | {seeds} | " + " | ".join(cells) + " |")
     return summary, "\n".join(lines + diff_lines + (extra_lines if len(extra_lines) > 3 else []))
 
 

@@ -77,7 +77,14 @@ def test_flow_vs_unet_smoke(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["summary"]
     assert set(summary["dca1_cv"]["dca1"]) == {"flow-s", "unet", "flow-s - unet"}
     # topology is compared as users get it too: Betti-0 after the bundle's small-component removal, and Betti-1
-    assert set(summary["dca1_cv"]["dca1"]["flow-s - unet"]) == {"dice", "cldice", "b0_err", "b0_err_cc", "b1_err"}
+    assert set(summary["dca1_cv"]["dca1"]["flow-s - unet"]) == {
+        "dice",
+        "cldice",
+        "b0_err",
+        "b0_err_cc",
+        "b1_err",
+        "seeds",
+    }
     rebuilt = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "flow_vs_unet.py"), "--summarise",
          str(tmp_path / "run" / "jobs.jsonl"), "--out", str(tmp_path / "again")],
