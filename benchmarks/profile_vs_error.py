@@ -98,10 +98,10 @@ def candidate_features(image: np.ndarray) -> dict[str, float]:
     }
 
 
-def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(site, model): {image: Dice}}`` of every model in the cross-validation jobs (repeats averaged); models of
-    the two-site cross-validation (``mixed_cv``) are named ``mixed:<model>``."""
-    acc: dict[tuple[str, str], dict[str, list[float]]] = {}
+def oof_dice_by_seed(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """``{(site, model): {image: {seed: Dice}}}`` of every model in the cross-validation jobs (a job run twice: the
+    mean of its runs); models of the two-site cross-validation (``mixed_cv``) are named ``mixed:<model>``."""
+    acc: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     for f in jobs_files:
         for line in Path(f).read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
@@ -109,8 +109,14 @@ def oof_dice(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, float]]:
                 continue
             model = f"mixed:{r['model']}" if r["setting"] == "mixed_cv" else r["model"]
             for x in r["records"]:
-                acc.setdefault((x["site"], model), {}).setdefault(x["image"], []).append(x["dice"])
-    return {k: {img: float(np.mean(v)) for img, v in d.items()} for k, d in acc.items()}
+                per_image = acc.setdefault((x["site"], model), {}).setdefault(x["image"], {})
+                per_image.setdefault(int(r.get("seed", 0)), []).append(x["dice"])
+    return {k: {img: {sd: float(np.mean(v)) for sd, v in d.items()} for img, d in m.items()} for k, m in acc.items()}
+
+
+def oof_dice(by_seed: dict[tuple[str, str], dict[str, dict[int, float]]]) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(site, model): {image: Dice}}``, the mean over every seed run (for the error correlations)."""
+    return {k: {img: float(np.mean(list(d.values()))) for img, d in m.items()} for k, m in by_seed.items()}
 
 
 def oof_errors(dice: dict[tuple[str, str], dict[str, float]]) -> dict[tuple[str, str], dict[str, float]]:
@@ -120,7 +126,8 @@ def oof_errors(dice: dict[tuple[str, str], dict[str, float]]) -> dict[tuple[str,
 
 def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[dict]:
     """Paired Dice differences (points, bootstrap 95 % CI) of ``TERCILE_PAIRS`` per site, overall and per tercile of
-    the heuristic profile's difficulty (terciles over the images both models have)."""
+    the heuristic profile's difficulty (terciles over the images both models have); ``dice`` is
+    :func:`oof_dice_by_seed`'s."""
     from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
 
     rows = []
@@ -130,8 +137,10 @@ def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[di
             names = sorted(set(da) & set(db) & set(difficulty.get(site, {})))
             if len(names) < 15:
                 continue
+            # over the seeds both models ran on every image (as flow_vs_unet.md pairs them)
+            seeds = sorted(set.intersection(*(set(d[n]) for d in (da, db) for n in names)))
             terc = difficulty_terciles([difficulty[site][n] for n in names])
-            diffs = np.array([100 * (da[n] - db[n]) for n in names])
+            diffs = np.array([100 * np.mean([da[n][sd] - db[n][sd] for sd in seeds]) for n in names])
             for t, label in ((None, "all"), (0, "easiest"), (1, "middle"), (2, "hardest")):
                 sel = diffs if t is None else diffs[terc == t]
                 d = paired_difference(list(sel)).to_dict()
@@ -164,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from monai_vlmfilm.data.datalist import read_array
     from monai_vlmfilm.profiles.heuristic import FEATURES, HeuristicProfiler, image_features
 
-    dice = oof_dice(a.jobs)
+    dice_seeds = oof_dice_by_seed(a.jobs)
+    dice = oof_dice(dice_seeds)
     errors = oof_errors(dice)
     prof = HeuristicProfiler()
     fields = ("difficulty", "confidence", "boundary", "thin_structure", "small_objects", "clutter")
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                              "ci_lo": lo, "ci_hi": hi})  # fmt: skip
     meta = {"date": datetime.date.today().isoformat(), "machine": "CPU", "command": " ".join(sys.argv), "jobs": a.jobs}
     difficulty = {site: {n: v["profile:difficulty"] for n, v in feats.items()} for site, feats in per_site.items()}
-    terciles = tercile_rows(dice, difficulty)
+    terciles = tercile_rows(dice_seeds, difficulty)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_vs_error.json").write_text(json.dumps({**meta, "rows": rows, "terciles": terciles}, indent=1))
