@@ -3,6 +3,7 @@
     python benchmarks/seg_inference_profile.py --out benchmarks/results            # CPU (the 2-core machine)
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --out "$OUT"    # GPU (bf16 autocast)
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --compile --out "$OUT"  # + CUDA graphs, end to end
+    bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --compile --sizes 512 --models flow-on,unet --out "$OUT"
 
 For each model and image size (304², 512²), batch 1, the bundle's inferer defaults (whole image, 1 Euler step,
 1 noise sample, no TTA): seconds per image (median of repeats after warm-up), for the eager network, the network in
@@ -83,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile mode of --compile (default: reduce-overhead, i.e. CUDA graphs, on a GPU; default on a CPU)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument(
+        "--models",
+        default="flow-on,flow-off,unet",
+        help="which of flow-on, flow-off, unet to time (flow-on is always loaded: the trace is of it)",
+    )
     a = ap.parse_args(argv)
+    wanted = set(a.models.split(","))
+    if wanted - {"flow-on", "flow-off", "unet"}:
+        ap.error(f"--models: unknown {sorted(wanted - {'flow-on', 'flow-off', 'unet'})}")
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
@@ -121,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    models = {
-        "flow, FiLM on": (shipped_flow(True, device), flow_fn),
-        "flow, FiLM off": (shipped_flow(False, device), flow_fn),
-    }
-    models["BasicUNet"] = (unet, unet_fn)
+    flow_on = (shipped_flow(True, device), flow_fn)
+    models = {"flow, FiLM on": flow_on} if "flow-on" in wanted else {}
+    if "flow-off" in wanted:
+        models["flow, FiLM off"] = (shipped_flow(False, device), flow_fn)
+    if "unet" in wanted:
+        models["BasicUNet"] = (unet, unet_fn)
     rows: list[dict] = []
 
     def timed(fn, x) -> float:
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    net, make = models["flow, FiLM on"]
+    net, make = flow_on
     fn = make(net)
     x = torch.rand(1, 1, 512, 512).to(device)
     fn(x)
