@@ -113,6 +113,46 @@ def test_film_stages_and_shapes():
         on(torch.randn(2, 2, 32, 32), torch.tensor([1, 2]), profile=torch.rand(3, PROFILE_DIM))
 
 
+def test_encoder_film_stages():
+    """Issue 16 "where FiLM acts": FiLM on encoder blocks too. Fresh heads are the identity, the decoder heads keep
+    the weights they have without encoder stages, trained heads change the output through the path down and the
+    skips, an OFF checkpoint still warm-starts it, and an OFF network builds nothing for them."""
+    dec = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
+    enc = build(FiLMFlowUNet, use_vlm_film=True, film_encoder_stages=[0, 2], **FILM, **KW2)
+    off = build(FiLMFlowUNet, film_encoder_stages=[0, 2], **KW2)
+    assert set(off.state_dict()) == set(build(FiLMFlowUNet, **KW2).state_dict())  # OFF: exactly the plain network
+    sd_enc = enc.state_dict()
+    assert all(torch.equal(v, sd_enc[k]) for k, v in dec.state_dict().items())  # decoder heads and UNet unchanged
+    extra = set(sd_enc) - set(dec.state_dict())
+    assert extra and all(k.startswith("film_encoder_heads.") for k in extra)
+    assert sorted(enc.film_encoder_heads.keys()) == ["0", "2"]
+    randomise_output_conv(dec, enc, off)
+    x, t, p = torch.randn(2, 2, 32, 32), torch.tensor([10, 900]), profiles(2)
+    with torch.no_grad():
+        ref = off(x, t)
+        assert torch.equal(enc(x, t, profile=p), ref)  # zero-initialised: identity
+        g = torch.Generator().manual_seed(3)
+        for name, q in enc.named_parameters():
+            if name.startswith("film_encoder_heads"):
+                q.data.copy_(torch.randn(q.shape, generator=g) * 0.3)
+        seen = {}
+        for i in (0, 2):
+            enc.film_encoder_heads[str(i)].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o))
+        out = enc(x, t, profile=p)
+        assert not torch.equal(out, ref) and torch.equal(enc(x, t), ref)  # the null profile is still OFF
+        assert seen[0][0].shape == (2, 8, 1, 1) and seen[2][0].shape == (2, 16, 1, 1)  # the blocks' own widths
+        assert not torch.equal(enc(x, t, profile=profiles(2).flip(0)), out)  # it reads the profile
+        # the skips block 0 hands to the decoder are modulated, not only its path down (a later hook sees the result)
+        skips = []
+        enc.down_blocks[0].register_forward_hook(lambda m, a, o: skips.append(o[1]))
+        enc(x, t, profile=p), enc(x, t)
+        assert len(skips[0]) == len(skips[1]) > 0
+        assert all(not torch.equal(a, b) for a, b in zip(skips[0], skips[1]))
+    assert set(load_off_checkpoint(enc, off.state_dict())) == set(sd_enc) - set(off.state_dict())
+    with pytest.raises(ValueError, match="film_encoder_stages"):
+        FiLMFlowUNet(use_vlm_film=True, film_encoder_stages=[3], **KW2)
+
+
 def test_single_profile_broadcasts():
     on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
     randomise_output_conv(on)

@@ -28,7 +28,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: state_dict key prefixes of the modules that exist only when FiLM is on.
-FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.")
+FILM_KEY_PREFIXES: tuple[str, ...] = ("profile_encoder.", "film_heads.", "film_encoder_heads.")
 
 
 class CheckpointError(RuntimeError):

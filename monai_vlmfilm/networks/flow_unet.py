@@ -70,6 +70,11 @@ class FiLMFlowUNet(DiffusionModelUNet):
         gate_index: the profile element that drives the gate (default: the difficulty scalar).
         film_stages: decoder (up) block indices to modulate, 0 being the deepest (lowest resolution) block;
             ``None`` or ``"all"`` means every up block.
+        film_encoder_stages: encoder (down) block indices to modulate as well, 0 being the first (full
+            resolution) block; ``None`` (default) or ``[]`` modulates no encoder block. A modulated down block's
+            output and every skip connection it hands to the decoder become ``h * (1 + gamma) + beta`` (own heads,
+            zero-initialised like the decoder's, in the state dict under ``film_encoder_heads``; the FiLM-off
+            network has none). Issue 16's "where FiLM acts" measurement; the bundle modulates the decoder only.
         profile_norm: per-feature normalisation of the profile before the encoder: ``None`` (identity),
             ``(mean, std)`` or a mapping with ``mean`` / ``std``; a bundle config loads the JSON of
             ``python -m monai_vlmfilm.profiles stats --norm-out`` with
@@ -109,6 +114,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         use_difficulty_gate: bool = True,
         gate_index: int = DIFFICULTY_INDEX,
         film_stages: str | Sequence[int] | None = None,
+        film_encoder_stages: Sequence[int] | None = None,
         profile_norm: Any = None,
         image_encoder_channels: Sequence[int] | None = None,
         image_norm: bool | str = False,
@@ -156,8 +162,17 @@ class FiLMFlowUNet(DiffusionModelUNet):
             if not stages or any(s < 0 or s >= n_up for s in stages):
                 raise ValueError(f"film_stages {list(film_stages)} must be non-empty indices in [0, {n_up - 1}].")
         self.film_stages: tuple[int, ...] = tuple(stages)
-        # gamma / beta of the forward pass in progress, read by the up-block hooks and cleared when it returns
+        n_down = len(self.down_blocks)
+        enc = sorted({int(s) for s in (film_encoder_stages or [])})
+        if isinstance(film_encoder_stages, str) or any(s < 0 or s >= n_down for s in enc):
+            raise ValueError(
+                f"film_encoder_stages must be a list of down-block indices in [0, {n_down - 1}], "
+                f"got {film_encoder_stages!r}."
+            )
+        self.film_encoder_stages: tuple[int, ...] = tuple(enc)
+        # gamma / beta of the forward pass in progress, read by the block hooks and cleared when it returns
         self._film_now: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._film_enc_now: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if self.use_vlm_film:
             stage_channels = list(reversed(self.block_out_channels))
             self.profile_encoder = ProfileEncoder(profile_dim, cond_dim, film_hidden_dim, norm=profile_norm)
@@ -171,6 +186,17 @@ class FiLMFlowUNet(DiffusionModelUNet):
             )
             for i in self.film_stages:
                 self.up_blocks[i].register_forward_hook(functools.partial(self._modulate_up_block, i))
+            if self.film_encoder_stages:  # built last: the decoder heads keep the random numbers they had without
+                self.film_encoder_heads = nn.ModuleDict(
+                    {
+                        str(i): AdaptiveFiLMHead(
+                            cond_dim, self.block_out_channels[i], film_hidden_dim, use_difficulty_gate, spatial_dims
+                        )
+                        for i in self.film_encoder_stages
+                    }
+                )
+                for i in self.film_encoder_stages:
+                    self.down_blocks[i].register_forward_hook(functools.partial(self._modulate_down_block, i))
 
     def film_parameters(self, profile: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``{stage: (gamma, beta, gate)}`` for a ``[B, profile_dim]`` profile batch (ON networks only)."""
@@ -179,6 +205,23 @@ class FiLMFlowUNet(DiffusionModelUNet):
         cond = self.profile_encoder(profile)
         gate_input = profile[:, self.gate_index]
         return {i: self.film_heads[str(i)](cond, gate_input) for i in self.film_stages}
+
+    def film_encoder_parameters(
+        self, profile: torch.Tensor
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``{down block: (gamma, beta, gate)}`` of ``film_encoder_stages`` (empty when there are none)."""
+        if not self.use_vlm_film or not self.film_encoder_stages:
+            return {}
+        cond = self.profile_encoder(profile)
+        gate_input = profile[:, self.gate_index]
+        return {i: self.film_encoder_heads[str(i)](cond, gate_input) for i in self.film_encoder_stages}
+
+    def _modulate_down_block(self, stage: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
+        film = self._film_enc_now.get(stage)
+        if film is None:
+            return None
+        h, res_samples = output  # the path down and the skips to the decoder, all with the block's channels
+        return film_modulate(h, film[0], film[1]), [film_modulate(r, film[0], film[1]) for r in res_samples]
 
     def _modulate_up_block(
         self, stage: int, module: nn.Module, args: tuple, output: torch.Tensor
@@ -221,7 +264,8 @@ class FiLMFlowUNet(DiffusionModelUNet):
             drop = torch.rand(p.shape[0], device=p.device) < self.profile_dropout
             p = torch.where(drop[:, None], self.profile_encoder.feature_mean.to(p.dtype), p)
         self._film_now = self.film_parameters(p)
+        self._film_enc_now = self.film_encoder_parameters(p)
         try:
             return super().forward(*args)
         finally:
-            self._film_now = {}
+            self._film_now, self._film_enc_now = {}, {}
