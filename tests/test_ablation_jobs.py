@@ -55,3 +55,26 @@ def test_gpu_slots_and_deadline(tmp_path):
     late = [_job(tmp_path, "late", "pass")]
     assert run_jobs(late, slots, progress=False, deadline=time.time() - 1)[0].status == "not_run"
     assert not (tmp_path / "late").exists()
+
+
+def test_changed_settings_move_earlier_outputs_aside_and_keep_them(tmp_path, capsys):
+    """A job folder whose command changed runs again, but what it had computed is kept under superseded/<n>/."""
+    from monai_vlmfilm.ablation.cli import _invalidate_if_changed
+
+    wd = tmp_path / "on_seed0"
+    _invalidate_if_changed(wd, {"train": ["a"]})
+    (wd / "result.json").write_text('{"dice": 0.8}')
+    (wd / "train.done").write_text("ok")
+    (wd / "train").mkdir()
+    (wd / "train" / "model.pt").write_bytes(b"weights")
+    _invalidate_if_changed(wd, {"train": ["a"]})  # the same command: resumed as it is
+    assert (wd / "result.json").is_file() and not (wd / "superseded").exists()
+    _invalidate_if_changed(wd, {"train": ["b"]})
+    old = wd / "superseded" / "1"
+    assert (old / "result.json").read_text() == '{"dice": 0.8}' and (old / "train" / "model.pt").is_file()
+    assert '"a"' in (old / "spec.json").read_text() and '"b"' in (wd / "spec.json").read_text()
+    assert sorted(p.name for p in wd.iterdir()) == ["spec.json", "superseded"]  # nothing done: it runs again
+    assert "moved to" in capsys.readouterr().err
+    (wd / "result.json").write_text("{}")
+    _invalidate_if_changed(wd, {"train": ["c"]})
+    assert (wd / "superseded" / "2" / "result.json").read_text() == "{}" and (old / "result.json").is_file()

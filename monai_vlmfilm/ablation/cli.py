@@ -876,13 +876,25 @@ def bundle_root_of(given: str | None) -> Path:
 
 
 def _invalidate_if_changed(workdir: Path, spec: Mapping[str, Any]) -> None:
-    """Resume only what the same commands produced: a job folder from other settings is run again."""
+    """Resume only what the same commands produced: a job folder from other settings is run again.
+
+    Its earlier outputs are moved, not deleted, to ``superseded/<n>/`` inside the folder (with their ``spec.json``):
+    a resumed command that differs by mistake, or only in how it spells a setting, costs no finished result.
+    """
     path = workdir / "spec.json"
     text = json.dumps(spec, indent=1)
     if path.is_file() and path.read_text() != text:
-        print(f"[ablation] {workdir.name}: settings changed since the last run; running it again", file=sys.stderr)
-        for f in [*workdir.glob("*.done"), workdir / "result.json"]:
-            f.unlink(missing_ok=True)
+        keep = workdir / "superseded"
+        dest = keep / str(1 + sum(1 for _ in keep.iterdir()) if keep.is_dir() else 1)
+        dest.mkdir(parents=True)
+        for entry in workdir.iterdir():
+            if entry != keep:
+                entry.rename(dest / entry.name)
+        print(
+            f"[ablation] {workdir.name}: settings changed since the last run; its outputs moved to {dest}, "
+            "running it again",
+            file=sys.stderr,
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
