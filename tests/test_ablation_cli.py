@@ -160,9 +160,13 @@ def test_variant_specs_are_checked():
     base = ["--datalist", "d.json", "--out", "o"]
     for extra in (["--variant", "a:b=1", "--variant", "a:c=2"], ["--variant", "a:b=1", "--variant-modes", "sideways"],
                   ["--modes", "off", "--variant", "a:b=1"], ["--variant", "a@sideways:b=1"],
-                  ["--modes", "off,on", "--variant", "a@oracle:b=1"]):  # fmt: skip
+                  ["--modes", "off,on", "--variant", "a@oracle:b=1"],
+                  ["--modes", "off,on", "--compare", "on.x:on"], ["--modes", "off,on", "--compare", "on"],
+                  ["--modes", "off,on", "--compare", "on:on"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(base + extra)
+    ok = parse_args(base + ["--modes", "off,on", "--variant", "x@on:b=1", "--compare", "on.x:on"])
+    assert ok.compare_pairs == [["on.x", "on"]]
 
 
 def test_bundle_root_from_the_option_or_the_working_directory(tmp_path, monkeypatch):

@@ -168,3 +168,20 @@ def test_variant_modes_get_their_own_comparisons_and_verdicts():
     assert any(n.startswith("on.v − off Dice") for n in names)
     assert any(n.startswith("shuffle.v within noise") for n in names)
     assert any("on.v − shuffle.v" in n for n in names)
+
+
+def test_extra_comparisons_between_variants_are_reported_not_judged():
+    """``--compare on.enc:on.norm``: a variant against another variant, paired over the same seeds and images; it is
+    tabulated, and no on − shuffle verdict is drawn from it."""
+    recs = []
+    for r in _records(0.045):
+        if r["mode"] == "on":
+            recs += [{**r, "mode": "on.norm"}, {**r, "mode": "on.enc", "dice": r["dice"] + 0.01}]
+        recs.append(r)
+    modes = ["off", "on", "shuffle", "on.norm", "on.enc"]
+    an = analyse(recs, modes, n_boot=1000, compare=[["on.enc", "on.norm"], ["on.enc", "missing"]])
+    assert "on.enc-vs-on.norm" in an["paired"] and not any("missing" in k for k in an["paired"])
+    d = an["paired"]["on.enc-vs-on.norm"]["overall"]["dice"]
+    assert d["mean"] == pytest.approx(0.01) and d["ci_lo"] == pytest.approx(0.01)
+    names = [x["name"] for x in verdicts(an)]
+    assert any("on − shuffle" in n for n in names) and not any("on.enc − on.norm" in n for n in names)

@@ -200,6 +200,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default="on,oracle",
         help="conditioned modes each --variant runs in (subset of on,shuffle,oracle that is also in --modes)",
     )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="MODE:BASE",
+        help="an extra paired comparison for the report, MODE − BASE over the same seeds and images (repeatable), "
+        "e.g. 'on.enc:on.norm' (every mode is always compared with off, on with shuffle)",
+    )
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle derangement")
     p.add_argument("--job-timeout", type=float, default=None, help="kill a job step after this many seconds")
     p.add_argument(
@@ -260,6 +268,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         a.variant_modes_of[name] = [m for m in modes if m in a.mode_list]
         if not a.variant_modes_of[name]:
             p.error(f"--variant {spec!r} runs in none of --modes")
+    every = list(a.mode_list) + [f"{m}.{v}" for v in a.variants for m in a.variant_modes_of[v]]
+    a.compare_pairs = []
+    for spec in a.compare:
+        mode, colon, base = (x.strip() for x in spec.partition(":"))
+        if not colon or mode not in every or base not in every or mode == base:
+            p.error(f"--compare {spec!r}: expected MODE:BASE, two different modes of this run ({', '.join(every)})")
+        a.compare_pairs.append([mode, base])
     return a
 
 
@@ -789,6 +804,7 @@ class Ablation:
             "wall_time_s": wall,
             "modes": self.all_modes(),
             "variants": a.variants,
+            "compare": a.compare_pairs,
             "calibration": a.calibration,
             "profile_norm": a.profile_norm,
             "seeds": a.seeds,

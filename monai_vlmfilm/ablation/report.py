@@ -550,10 +550,13 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, n_boot: in
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = results.get("compare") or ()
     if "analysis" not in results:
-        results["analysis"] = analyse(results.get("records", []), results["modes"], n_boot=n_boot)
+        results["analysis"] = analyse(results.get("records", []), results["modes"], n_boot=n_boot, compare=extra)
     if "sites" not in results["analysis"] and len(sites_of(results.get("records", []))) >= 2:
-        results["analysis"]["sites"] = analyse_by_site(results.get("records", []), results["modes"], n_boot=n_boot)
+        results["analysis"]["sites"] = analyse_by_site(
+            results.get("records", []), results["modes"], n_boot=n_boot, compare=extra
+        )
     if "verdicts" not in results:
         results["verdicts"] = verdicts(results["analysis"])
     plots = make_plots(results, out)

@@ -274,8 +274,12 @@ def analyse(
     n_boot: int = 10000,
     alpha: float = 0.05,
     seed: int = 0,
+    compare: Sequence[Sequence[str]] = (),
 ) -> dict[str, Any]:
     """Everything the report tabulates.
+
+    ``compare`` adds ``(mode, base)`` pairs beyond the standard ones (``"on.enc-vs-on.norm"``: a variant against
+    another, over the same seeds and images).
 
     Returns:
         ``{"summary": {mode: {metric: mode_summary}}, "tercile_of": {image: t}, "tercile_bounds": [...],
@@ -299,6 +303,7 @@ def analyse(
         base, dot, variant = m.partition(".")
         if base == "on" and f"shuffle{dot}{variant}" in modes:
             comparisons.append((m, f"shuffle{dot}{variant}"))
+    comparisons += [(m, b) for m, b in compare if m in modes and b in modes and (m, b) not in comparisons]
     paired: dict[str, Any] = {}
     for mode, base in comparisons:
         name = mode if base == ref else f"{mode}-vs-{base}"
@@ -400,7 +405,10 @@ def verdicts(
         met = None if p.n == 0 else bool(p.ci_lo <= 0 <= p.ci_hi or (-m <= p.ci_lo and p.ci_hi <= m))
         name = f"{sh} within noise of off (Dice CI contains 0 or lies within ±{shuffle_margin:.1f} point)"
         add(name, met, _fmt_ci(p, 100, " pt"))
-    for cmp in [m for m in paired if "-vs-" in m and m.partition(".")[0] == "on"]:
+    # on − shuffle only (a --compare pair such as on.enc − on.norm is reported, not judged)
+    for cmp in [
+        m for m in paired if "-vs-" in m and [x.partition(".")[0] for x in m.split("-vs-")] == ["on", "shuffle"]
+    ]:
         on, sh = cmp.split("-vs-")
         p = _pd(paired[cmp]["overall"]["dice"])
         met = None if p.n == 0 else bool(p.ci_lo > 0)
