@@ -89,7 +89,7 @@ def test_variants_calibration_and_profile_norm(tmp_path):
 
     # plain modes: no normalisation, said outright since the bundle's default normalises by the training split; the
     # base store; the variant's bundle override only on its own jobs
-    assert arg("on_seed0", "profile_norm") == "None" and arg("on_seed0", "network_def#use_difficulty_gate") is None
+    assert arg("on_seed0", "profile_norm") == "none" and arg("on_seed0", "network_def#use_difficulty_gate") is None
     assert arg("on.cal+nogate_seed0", "network_def#use_difficulty_gate") == "False"
     assert arg("oracle.lr_seed0", "learning_rate") == "0.01" and arg("oracle.lr_seed0", "profiler") == "oracle"
     assert arg("on.norm_seed0", "profile_cache_dir") == arg("on_seed0", "profile_cache_dir")

@@ -244,6 +244,35 @@ def test_profile_norm_follows_the_training_items(data, tmp_path):
     assert p.get_parsed_content("profile_norm", lazy=False) is None
 
 
+def test_profile_norm_can_be_turned_off_from_the_command_line(data, tmp_path):
+    """`--profile_norm none` (or false) gives a FiLM network without normalisation. `--profile_norm None` cannot:
+    MONAI's bundle command line passes its overrides through update_kwargs, which drops None values, so the
+    config's default (training-set statistics) stays; 0.6.1 documented None, and the ablation passed it."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    assert update_kwargs({}, profile_norm=None) == {}  # why "none": what `--profile_norm None` reaches the config as
+
+    def encoder_buffers(**override):
+        p = ConfigParser()
+        p.read_config(str(CONFIGS / "train.yaml"))
+        p.update({"use_vlm_film": True, "datalist": str(data["datalist"]), "bundle_root": str(tmp_path),
+                  "profile_cache_dir": str(data["cache"]), "cache_rate": 0,
+                  "train#dataset#data": "$monai_vlmfilm.data.datalist.load_split(@datalist, 'training')[:3]"})  # fmt: skip
+        p.update(update_kwargs({}, **override))
+        enc = p.get_parsed_content("network_def").profile_encoder
+        return enc.feature_mean, enc.feature_std
+
+    mean, std = encoder_buffers()  # the default: the training images' statistics
+    assert float(std.min()) < 1.0 or float(mean.abs().max()) > 0
+    for off in ("none", "None ", "false", False, "null"):
+        mean, std = encoder_buffers(profile_norm=off)
+        assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(std, torch.ones_like(std)), off
+    with pytest.raises(Exception) as err:  # MONAI wraps the expression's error; the cause names the file
+        encoder_buffers(profile_norm=str(tmp_path / "missing.json"))
+    assert "missing.json" in str(err.value.__cause__) and "not readable JSON" in str(err.value.__cause__)
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_train_off(run_off):
     models = run_off["root"] / "models"

@@ -657,7 +657,9 @@ class Ablation:
             ov[K["val_interval"]] = NEVER
             ov[K["ckpt_interval"]] = NEVER
         # always said: the bundle's own default (statistics of the training split) is not what "none" means
-        ov[K["profile_norm"]] = str(norm_file) if norm_file is not None else "None"
+        # "none", not "None": MONAI's command line drops None overrides, which kept train.yaml's default (training-set
+        # statistics) in every "none" job of 0.6.1 (resolve_profile_norm reads "none" as no normalisation)
+        ov[K["profile_norm"]] = str(norm_file) if norm_file is not None else "none"
         for kv in a.override:
             k, v = kv.split("=", 1)
             ov[k] = v

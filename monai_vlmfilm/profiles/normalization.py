@@ -80,6 +80,25 @@ def save_profile_norm(path: str | os.PathLike, norm: Mapping[str, Any], **extra:
     return p
 
 
+#: values of the bundle key ``profile_norm`` that mean "no normalisation". MONAI's bundle command line drops
+#: overrides whose value is ``None`` (``monai.bundle.scripts.update_kwargs(ignore_none=True)``), so
+#: ``--profile_norm None`` would silently keep the config's default: ``--profile_norm none`` is the way to say it.
+NO_PROFILE_NORM: tuple[str, ...] = ("", "none", "null", "false", "off", "no")
+
+
+def resolve_profile_norm(spec: Any) -> tuple[list[float], list[float]] | None:
+    """The network's ``profile_norm`` from the bundle key of that name: ``None`` (no normalisation) for ``None``,
+    ``False`` or a string in :data:`NO_PROFILE_NORM` (any case), else :func:`load_profile_norm` of it (a JSON file
+    or a mapping with ``mean`` / ``std``, such as :func:`training_profile_norm`'s).
+
+    Raises:
+        ValueError: as :func:`load_profile_norm`, naming the file.
+    """
+    if spec is None or spec is False or (isinstance(spec, str) and spec.strip().lower() in NO_PROFILE_NORM):
+        return None
+    return load_profile_norm(spec)
+
+
 def load_profile_norm(spec: str | os.PathLike | Mapping[str, Any]) -> tuple[list[float], list[float]]:
     """``(mean, std)`` from a JSON file written by :func:`save_profile_norm` or from such a mapping.
 
