@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     wanted = set(a.models.split(","))
-    if wanted - {"flow-on", "flow-off", "unet"}:
-        ap.error(f"--models: unknown {sorted(wanted - {'flow-on', 'flow-off', 'unet'})}")
+    if unknown := wanted - {"flow-on", "flow-off", "unet"}:
+        ap.error(f"--models: unknown {sorted(unknown)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()

@@ -138,7 +138,11 @@ def test_encoder_film_stages():
         seen = {}
         for i in (0, 2):
             enc.film_encoder_heads[str(i)].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o))
+        calls = []
+        hook = enc.profile_encoder.register_forward_hook(lambda *a: calls.append(1))
         out = enc(x, t, profile=p)
+        hook.remove()
+        assert calls == [1]  # one pass of the profile encoder serves the encoder and decoder heads
         assert not torch.equal(out, ref) and torch.equal(enc(x, t), ref)  # the null profile is still OFF
         assert seen[0][0].shape == (2, 8, 1, 1) and seen[2][0].shape == (2, 16, 1, 1)  # the blocks' own widths
         assert not torch.equal(enc(x, t, profile=profiles(2).flip(0)), out)  # it reads the profile

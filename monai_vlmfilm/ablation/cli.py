@@ -656,9 +656,8 @@ class Ablation:
             # the ablation evaluates the final checkpoint itself: no validation or interim checkpoints in training
             ov[K["val_interval"]] = NEVER
             ov[K["ckpt_interval"]] = NEVER
-        # always said: the bundle's own default (statistics of the training split) is not what "none" means
-        # "none", not "None": MONAI's command line drops None overrides, which kept train.yaml's default (training-set
-        # statistics) in every "none" job of 0.6.1 (resolve_profile_norm reads "none" as no normalisation)
+        # always said, as "none": the bundle's default (the training split's statistics) is not what "none" means,
+        # and MONAI's command line drops a None override, which kept that default in every "none" job of 0.6.1
         ov[K["profile_norm"]] = str(norm_file) if norm_file is not None else "none"
         for kv in a.override:
             k, v = kv.split("=", 1)

@@ -202,19 +202,16 @@ class FiLMFlowUNet(DiffusionModelUNet):
         """``{stage: (gamma, beta, gate)}`` for a ``[B, profile_dim]`` profile batch (ON networks only)."""
         if not self.use_vlm_film:
             raise RuntimeError("film_parameters() needs a network built with use_vlm_film=True.")
-        cond = self.profile_encoder(profile)
-        gate_input = profile[:, self.gate_index]
-        return {i: self.film_heads[str(i)](cond, gate_input) for i in self.film_stages}
+        return self._film(profile, encoder=False)[0]
 
-    def film_encoder_parameters(
-        self, profile: torch.Tensor
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``{down block: (gamma, beta, gate)}`` of ``film_encoder_stages`` (empty when there are none)."""
-        if not self.use_vlm_film or not self.film_encoder_stages:
-            return {}
+    def _film(self, profile: torch.Tensor, encoder: bool) -> tuple[dict, dict]:
+        """Decoder and (with ``encoder``) encoder ``{stage: (gamma, beta, gate)}`` from one pass of the profile
+        encoder."""
         cond = self.profile_encoder(profile)
         gate_input = profile[:, self.gate_index]
-        return {i: self.film_encoder_heads[str(i)](cond, gate_input) for i in self.film_encoder_stages}
+        dec = {i: self.film_heads[str(i)](cond, gate_input) for i in self.film_stages}
+        stages = self.film_encoder_stages if encoder else ()
+        return dec, {i: self.film_encoder_heads[str(i)](cond, gate_input) for i in stages}
 
     def _modulate_down_block(self, stage: int, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
         film = self._film_enc_now.get(stage)
@@ -263,8 +260,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         if self.training and self.profile_dropout > 0:
             drop = torch.rand(p.shape[0], device=p.device) < self.profile_dropout
             p = torch.where(drop[:, None], self.profile_encoder.feature_mean.to(p.dtype), p)
-        self._film_now = self.film_parameters(p)
-        self._film_enc_now = self.film_encoder_parameters(p)
+        self._film_now, self._film_enc_now = self._film(p, encoder=True)
         try:
             return super().forward(*args)
         finally:

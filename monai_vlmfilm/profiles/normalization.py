@@ -29,6 +29,8 @@ __all__ = [
     "compute_profile_norm",
     "save_profile_norm",
     "load_profile_norm",
+    "NO_PROFILE_NORM",
+    "resolve_profile_norm",
     "norm_vectors",
     "training_profile_norm",
 ]
