@@ -31,7 +31,9 @@ as on; each test image gets a random training image's profile: in-distribution v
 0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
 condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate, ``+p`` a plain
 UNet's probability map as an extra input channel (nested out-of-fold for the training images; the UNets run first as
-``prior`` jobs, kept in ``--prior-dir`` and reused: see :func:`prior_jobs`); cross-site jobs also
+``prior`` jobs, kept in ``--prior-dir`` and reused: see :func:`prior_jobs`; a ``+p`` flow also records
+``dice_start0.7`` / ``0.5`` / ``0.3``: one Euler step from its prior at that fraction of T, with noise of that time,
+``FlowSegInferer(start_time=s)``, meant for flows trained at intermediate times, not ``-ep1``); cross-site jobs also
 record the diagnostics ``dice_tscale`` (test image resized to the training site's vessel width) and ``dice_tnorm``
 (its intensity statistics mapped to the training images'); ``--plan`` gives each group of settings its own models, ``--folds`` keeps some CV folds only.
 A call on ``nvidia-h200-x2`` trains about 58 flow-m iterations/s summed over all jobs: keep a plan under about
@@ -109,10 +111,11 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     "p": {"prior": True},
 }
 PRIOR_MODEL = "unet"  # the recipe of the UNets behind "+p" priors: the bar itself
-# per-image figures only some jobs have: two Euler steps (flow), uncertainty maps (ship jobs)
-EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(
-    f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean")
-)
+# per-image figures only some jobs have: two Euler steps (flow), prior starts (+p flows), uncertainty maps (ship jobs)
+# a +p flow also starts from its prior at these fractions of T (FlowSegInferer(start_time=s), issue 14 item 5)
+PRIOR_START_TIMES = (0.7, 0.5, 0.3)
+EXTRA_METRICS = ("dice_2step", "dice_tscale", "dice_tnorm") + tuple(f"dice_start{s:.1f}" for s in PRIOR_START_TIMES)
+EXTRA_METRICS += tuple(f"unc_{m}_{u}" for u in ("samples", "tta", "pq") for m in ("auroc", "dice_keep95", "mean"))
 THRESHOLDS = [round(0.2 + 0.05 * i, 2) for i in range(15)]  # 0.20 .. 0.90 (the UNet chose 0.75, the old top, on XCAD)
 
 
@@ -593,13 +596,14 @@ class Predictor:
         self.net, self.info, self.device, self.amp = net, info, device, amp
         self.prior: np.ndarray | None = None  # a +p model's prior of the image predicted next
         self._tta, self._pad = dihedral_transforms, pad_to_multiple
-        self._make = lambda tta, steps, samples, unc: FlowSegInferer(
+        self._make = lambda tta, steps, samples, unc, start: FlowSegInferer(
             num_steps=steps,
             num_samples=samples,
             tta=tta,
             divisible_by=info["divisible_by"],
             seed=0,
             return_uncertainty=unc,
+            start_time=start,
         )
 
     @torch.no_grad()
@@ -611,9 +615,11 @@ class Predictor:
         steps: int = 1,
         samples: int = 1,
         uncertainty: bool = False,
+        start: float = 1.0,
     ) -> Any:
         """Foreground probability ``HxW``; with ``uncertainty`` the pair (probability, per-pixel std over the TTA
-        copies x noise samples). A ``+p`` model reads the image's UNet probability map from ``self.prior``."""
+        copies x noise samples). A ``+p`` model reads the image's UNet probability map from ``self.prior``; with
+        ``start`` < 1 a flow starts from that map at ``t = start * T`` instead of from noise at ``T``."""
         x = torch.as_tensor(image, device=self.device)[None, None]
         if self.info.get("aug", {}).get("znorm"):
             x = zscore_channels(x)
@@ -624,7 +630,12 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
-                out = self._make(tta, steps, samples, uncertainty)(x, self.net, profile=p).float()
+                init = None
+                if start < 1:
+                    if self.prior is None:
+                        raise ValueError("starting from a prior needs the image's prior (Predictor.prior)")
+                    init = torch.as_tensor(self.prior, device=self.device, dtype=torch.float32)[None, None]
+                out = self._make(tta, steps, samples, uncertainty, start)(x, self.net, profile=p, init=init).float()
                 prob, std = out[:, :1], out[:, 1:]
             else:
                 outs = []
@@ -786,6 +797,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         if info["kind"] == "flow":  # two Euler steps (t = T, T/2), no TTA: does the multi-step regime add anything?
             prob2 = predict(d["image"], prof, "none", steps=2)
             rec["dice_2step"] = dice(prob2 >= thr, d["mask"].astype(bool))
+            for st in PRIOR_START_TIMES if pri else ():  # one Euler step from the prior at t = st * T, TTA as above
+                prob_s = predict(d["image"], prof, "dihedral", start=st)
+                rec[f"dice_start{st:.1f}"] = dice(prob_s >= thr, d["mask"].astype(bool))
         if cross:
             rec["dice_tscale"] = dice(rescaled_prob(predict, d["image"], prof, zoom) >= thr, d["mask"].astype(bool))
             im = d["image"]

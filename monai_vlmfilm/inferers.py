@@ -224,6 +224,11 @@ class FlowSegInferer(Inferer):
             there, 30 s for a tiny network on the 2-core CPU), so it pays for batch jobs and long-running servers, not
             for one image; it needs the C++ compiler (CPU) or Triton (GPU) that ``torch.compile`` needs. The
             compiled module shares the network's weights; one is kept per network while the network lives.
+        start_time: the fraction of ``T`` the integration starts from (``0 < start_time <= 1``). Below 1 the call
+            needs ``init``, a prior foreground probability map, and starts from the flow state of that time,
+            ``x = (1 - s) * (2 * init - 1) + s * noise`` (SDEdit-style: a supervised model's map refined by the
+            flow, issue 14 item 5). Meant for a network trained at such times too (``endpoint_fraction < 1``); a
+            network trained at ``t = T`` only has never seen a state that holds signal.
     """
 
     def __init__(
@@ -248,6 +253,7 @@ class FlowSegInferer(Inferer):
         cpu_bf16: bool = False,
         check_profile_range: bool = True,
         compile_mode: str | None = None,
+        start_time: float = 1.0,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -257,6 +263,9 @@ class FlowSegInferer(Inferer):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}.")
+        if not 0.0 < float(start_time) <= 1.0:
+            raise ValueError(f"start_time must lie in (0, 1], got {start_time}.")
+        self.start_time = float(start_time)
         self.tta = tta
         self.divisible_by = None if divisible_by is None else int(divisible_by)
         self.num_steps = num_steps
@@ -302,14 +311,15 @@ class FlowSegInferer(Inferer):
         return compiled
 
     def timesteps(self) -> list[float]:
-        """``[T, ..., 0]``: the ``num_steps + 1`` integration times."""
-        n, t_max = self.num_steps, float(self.num_train_timesteps)
+        """``[start_time * T, ..., 0]``: the ``num_steps + 1`` integration times."""
+        n, t_max = self.num_steps, float(self.num_train_timesteps) * self.start_time
         return [t_max * (1.0 - i / n) for i in range(n + 1)]
 
     def integrate(
         self, network: Callable, image: torch.Tensor, noise: torch.Tensor, profile: torch.Tensor | None, **kwargs: Any
     ) -> torch.Tensor:
-        """Run the ODE from ``noise`` conditioned on ``image``; returns the final mask estimate in flow space."""
+        """Run the ODE from ``noise`` (the state at the first of :meth:`timesteps`) conditioned on ``image``;
+        returns the final mask estimate in flow space."""
         x = noise.float()
         ts = self.timesteps()
         extra = dict(kwargs)
@@ -346,17 +356,30 @@ class FlowSegInferer(Inferer):
         return profile_from_inputs(inputs, profile)
 
     def __call__(  # type: ignore[override]
-        self, inputs: torch.Tensor, network: Callable, profile: Any = None, *args: Any, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        network: Callable,
+        profile: Any = None,
+        *args: Any,
+        init: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """
         Args:
             inputs: image batch ``[B, C_img, *spatial]`` (the network's conditioning image).
             network: velocity network called as ``network(cat([x_t, image], 1), timesteps=t, profile=p, **kwargs)``.
             profile: ``[B, P]`` / ``[P]`` profile, or None (see the class docstring).
+            init: with ``start_time < 1``, the prior foreground probability ``[B, C_mask, *spatial]`` in [0, 1] the
+                flow starts from; it takes every test-time augmentation step with the image.
             kwargs: further keyword arguments for the network.
         """
         if args:
             raise TypeError(f"FlowSegInferer passes no positional arguments to the network, got {len(args)}.")
+        if (init is None) != (self.start_time == 1.0):
+            raise ValueError(
+                "start_time < 1 needs init (a prior probability map to start from), and init needs start_time < 1; "
+                f"got start_time={self.start_time} and init {'missing' if init is None else 'given'}."
+            )
         p = self._profile_from(inputs, profile)
         image = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         net = unwrap(network)
@@ -396,12 +419,24 @@ class FlowSegInferer(Inferer):
             prob = ((x0 + 1) / 2).clamp(0, 1)
             return prob.reshape(n, s * c_m, *prob.shape[2:])
 
+        if init is not None:
+            init = torch.as_tensor(init, device=image.device, dtype=torch.float32)
+            if tuple(init.shape) != (b, c_m, *spatial):
+                raise ValueError(f"init must have shape {(b, c_m, *spatial)} (batch, mask channels, image size), "
+                                 f"got {tuple(init.shape)}.")  # fmt: skip
+            # the image and its prior travel together through TTA and padding: split again in segment()
+            image = torch.cat([image, init.to(image.dtype)], dim=1)
+
         def segment(img: torch.Tensor) -> torch.Tensor:
             """``[B, s * c_m, *spatial]`` sample probabilities of one (possibly transformed) image batch."""
             crop = None
             if self.roi_size is None:  # whole image: padded to the network's multiple, cropped back below
                 img, crop = pad_to_multiple(img, multiple)
             nz = torch.randn((b, s * c_m, *img.shape[2:]), generator=gen, device=img.device, dtype=torch.float32)
+            if init is not None:  # the state at start_time: the prior (in [-1, 1]) with that time's share of noise
+                img, prior = img[:, :c_img], img[:, c_img:].float()
+                st = self.start_time
+                nz = (1 - st) * (2 * prior.repeat(1, s, *[1] * (prior.ndim - 2)) - 1) + st * nz
             if crop is not None:
                 return predict(list(range(b)), img, nz.to(img.dtype))[tuple(crop)]
 

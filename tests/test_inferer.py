@@ -374,3 +374,45 @@ def test_profiles_beyond_the_training_range_are_named_in_a_warning(net, caplog):
     with caplog.at_level(logging.WARNING, logger="monai_vlmfilm.inferers"), torch.no_grad():
         FlowSegInferer(num_steps=1, seed=0)(image, film, profile)
     assert [r.getMessage()[:12] for r in caplog.records if r.name == "monai_vlmfilm.inferers"] == ["batch item 1"]
+
+
+def test_start_from_a_prior_at_an_intermediate_time():
+    """``start_time`` < 1 starts the ODE from ``(1 - s) * (2 * init - 1) + s * noise`` at ``t = s * T``."""
+    g = torch.Generator().manual_seed(7)
+    image, init = torch.rand(2, 1, 8, 12, generator=g), torch.rand(2, 1, 8, 12, generator=g)
+    seen = []
+
+    def still(x, timesteps):  # v = 0: the output is the start state itself
+        seen.append(float(timesteps[0]))
+        return torch.zeros_like(x[:, :1])
+
+    inf = FlowSegInferer(num_steps=2, start_time=0.4, mask_channels=1, divisible_by=1, seed=3, num_samples=2)
+    assert inf.timesteps() == [400.0, 200.0, 0.0]
+    out = inf(image, still, init=init)
+    assert seen == [400.0, 200.0]
+    noise = torch.randn(2, 2, 8, 12, generator=torch.Generator().manual_seed(3)).reshape(2, 2, 1, 8, 12)
+    expected = ((0.6 * (2 * init[:, None] - 1) + 0.4 * noise + 1) / 2).clamp(0, 1).mean(1)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("tta", ["none", "dihedral"])
+def test_prior_start_moves_with_the_image_under_tta_and_padding(tta):
+    """The prior is flipped / rotated and padded with its image: an almost-clean start returns the prior itself."""
+    g = torch.Generator().manual_seed(8)
+    image, init = torch.rand(1, 1, 10, 14, generator=g), torch.rand(1, 1, 10, 14, generator=g)
+    inf = FlowSegInferer(num_steps=1, start_time=1e-6, mask_channels=1, divisible_by=8, tta=tta, seed=0)
+    out = inf(image, lambda x, timesteps: torch.zeros_like(x[:, :1]), init=init)
+    assert out.shape == init.shape and torch.allclose(out, init, atol=1e-5)
+
+
+def test_prior_start_checks_its_arguments():
+    image = torch.rand(1, 1, 8, 8)
+    still = lambda x, timesteps: torch.zeros_like(x[:, :1])  # noqa: E731
+    with pytest.raises(ValueError, match="start_time"):
+        FlowSegInferer(start_time=0.0)
+    with pytest.raises(ValueError, match="needs init"):
+        FlowSegInferer(start_time=0.5, mask_channels=1)(image, still)
+    with pytest.raises(ValueError, match="needs init"):
+        FlowSegInferer(mask_channels=1)(image, still, init=torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="init must have shape"):
+        FlowSegInferer(start_time=0.5, mask_channels=1)(image, still, init=torch.rand(1, 1, 4, 8))
