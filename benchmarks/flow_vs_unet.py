@@ -29,7 +29,8 @@ profile of the same site: the mixed-site control that keeps site information) or
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
 0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
-condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate, ``+p`` a plain
+condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate, ``+u`` (flow
+only) profiles not normalised, ``+e`` (flow only) FiLM on the encoder blocks too, ``+p`` a plain
 UNet's probability map as an extra input channel (nested out-of-fold for the training images; the UNets run first as
 ``prior`` jobs, kept in ``--prior-dir`` and reused: see :func:`prior_jobs`; a ``+p`` flow also records
 ``dice_start0.7`` / ``0.5`` / ``0.3``: one Euler step from its prior at that fraction of T, with noise of that time,
@@ -109,7 +110,14 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     # for every training image (nested: its UNet never saw that image nor the job's test images), from a UNet trained
     # on all the job's training images for the test images; the UNets run as "prior" jobs first (see prior_jobs)
     "p": {"prior": True},
+    # u = unnormalised profiles: the FiLM encoder sees the raw features, not z-scores of the training images' (issue 16:
+    # every real-site run before had them normalised; on synthetic images normalising gained +0.53, synthetic_06_recipe)
+    "u": {"raw_profiles": True},
+    # e = FiLM on every encoder block too (FiLMFlowUNet(film_encoder_stages=all)); synthetic: -0.32 Dice against the
+    # bundle's decoder-only FiLM, with fewer specks (ablation/synthetic_06_where)
+    "e": {"film_encoder": True},
 }
+PROFILE_ONLY_MODIFIERS = ("profile_dropout", "no_gate", "raw_profiles", "film_encoder")  # nothing to act on in a UNet
 PRIOR_MODEL = "unet"  # the recipe of the UNets behind "+p" priors: the bar itself
 # per-image figures only some jobs have: two Euler steps (flow), prior starts (+p flows), uncertainty maps (ship jobs)
 # a +p flow also starts from its prior at these fractions of T (FlowSegInferer(start_time=s), issue 14 item 5)
@@ -465,8 +473,8 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     aug = {k: v for m in "".join(mods) for k, v in AUG_MODIFIERS[m].items()}
     prior = bool(aug.pop("prior", False))  # one more input channel; the prior itself is never augmented in intensity
     if name == "unet":
-        if "profile_dropout" in aug or "no_gate" in aug:
-            raise ValueError(f"{model!r}: the UNet has no profile, so no condition dropout or gate")
+        if set(PROFILE_ONLY_MODIFIERS) & set(aug):
+            raise ValueError(f"{model!r}: the UNet has no profile, so no condition dropout, gate or FiLM modifiers")
         net = BasicUNet(spatial_dims=2, in_channels=1 + prior, out_channels=1)
         return net, {"kind": "unet", "divisible_by": 16, "aug": aug, "prior": prior}
     cfg = dict(FLOW_CONFIGS[name])
@@ -477,6 +485,9 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     if "profile_dropout" in aug:  # a network argument, not an augmentation
         cfg["profile_dropout"] = aug.pop("profile_dropout")
     gate = not aug.pop("no_gate", False)  # likewise
+    if aug.pop("film_encoder", False):
+        cfg["film_encoder_stages"] = list(range(len(cfg["channels"])))
+    raw_profiles = bool(aug.pop("raw_profiles", False))  # read by profile_normalization
     recipe = {k: cfg.pop(k) for k in ("endpoint",) if k in cfg}  # training settings, not network arguments
     net = FiLMFlowUNet(
         spatial_dims=2,
@@ -496,11 +507,20 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
         "mode": mode or "on",
         "divisible_by": 2 ** (len(cfg["channels"]) - 1),
         "use_difficulty_gate": gate,
+        "raw_profiles": raw_profiles,
         "aug": aug,
         "prior": prior,
         **cfg,
         **recipe,
     }
+
+
+def profile_normalization(info: dict, p_train: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (mean, std) the FiLM encoder z-scores profiles with: the training images' statistics, as the bundle's
+    ``train.yaml`` does since 0.6.1; None (raw features) for a ``+u`` model."""
+    if info.get("raw_profiles"):
+        return None
+    return p_train.mean(0), np.maximum(p_train.std(0), 1e-3)
 
 
 def modifier_refs(model: str) -> list[str]:
@@ -690,8 +710,9 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         p_train, p_test = within_site_permutation(p_train, train, rng), within_site_permutation(p_test, test, rng)
     if use_profile and info["mode"] == "trainprof":  # trained as "on"; each test image gets a training image's profile
         p_test = p_train[np.random.default_rng(2000 + job["seed"]).integers(0, len(p_train), len(p_test))]
-    if use_profile:
-        net.profile_encoder.set_normalization(p_train.mean(0), np.maximum(p_train.std(0), 1e-3))
+    norm = profile_normalization(info, p_train) if use_profile else None
+    if norm is not None:
+        net.profile_encoder.set_normalization(*norm)
 
     aug = GPUAugment(
         [torch.as_tensor(d["image"], device=device) for d in train],

@@ -77,6 +77,22 @@ def test_model_names_carry_recipe_modifiers():
     assert set(ungated.state_dict()) < set(gated.state_dict())  # a proper subset: only the gate's entries go
     with pytest.raises(ValueError, match="no profile"):
         fvu.build_model("unet+g", profile_dim=8)
+    # u: raw profile features (the training images' z-scoring is skipped); e: FiLM on every encoder block as well
+    _, info = fvu.build_model("flow-s+n", profile_dim=8)
+    raw, info_u = fvu.build_model("flow-s+nu", profile_dim=8)
+    p_train = np.arange(24, dtype=np.float32).reshape(3, 8)
+    mean, std = fvu.profile_normalization(info, p_train)
+    np.testing.assert_allclose(mean, p_train.mean(0))
+    np.testing.assert_allclose(std, p_train.std(0))
+    assert fvu.profile_normalization(info_u, p_train) is None and info_u["aug"] == {} and raw.image_norm
+    enc, info_e = fvu.build_model("flow-s+ne", profile_dim=8)
+    assert enc.film_encoder_stages == (0, 1, 2) and info_e["film_encoder_stages"] == [0, 1, 2]
+    assert set(gated.state_dict()) < set(enc.state_dict())  # the decoder's FiLM stays; encoder heads are added
+    off_enc = fvu.build_model("flow-s+ne:off", profile_dim=8)[0]
+    assert not any(k.startswith("film_encoder_heads") for k in off_enc.state_dict())  # off: no FiLM anywhere
+    for mod in ("u", "e"):
+        with pytest.raises(ValueError, match="no profile"):
+            fvu.build_model(f"unet+{mod}", profile_dim=8)
     # each modifier of a combination is compared with the combination without it
     assert fvu.modifier_refs("flow-m-ep1+nd:off") == ["flow-m-ep1+d:off", "flow-m-ep1+n:off"]
     assert fvu.modifier_refs("flow-m-ep1+nd") == ["flow-m-ep1+d", "flow-m-ep1+n"]
