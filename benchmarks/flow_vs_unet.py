@@ -1121,6 +1121,8 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                     # per image, the mean over the seeds both models ran (a 3-seed UNet against a 1-seed flow
                     # is compared on seed 0 only), then paired over images
                     both = sorted(set.intersection(*(set(by_seed[k][i]) for k in (model, ref) for i in common)))
+                    if not both:  # no seed that both models ran on every shared image: nothing to pair
+                        continue
                     diffs: dict[str, Any] = {}
                     for m in PAIR_METRICS:
                         scale = 100 if "dice" in m else 1
@@ -1184,7 +1186,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-compile", action="store_true", help="--latency also times torch.compile'd models")
     ap.add_argument("--latency-models", default="", help="--latency also times these models (comma-separated)")
     ap.add_argument("--latency-only", action="store_true", help="--latency, then stop (no training)")
-    ap.add_argument("--folds", default=None, help="run only these folds of the CV settings, e.g. 0,1,2")
+    ap.add_argument(
+        "--folds",
+        default=None,
+        help="run (or with --summarise: summarise) only these folds of the CV settings, e.g. 0,1,2",
+    )
     ap.add_argument("--data", default=None)
     ap.add_argument(
         "--prior-dir", default=None, help="where +p jobs' prior maps are kept and reused (default: OUT/priors)"
@@ -1213,6 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if a.summarise:
         results = [json.loads(line) for f in a.summarise for line in Path(f).read_text().splitlines() if line.strip()]
+        if a.folds is not None:  # CV rows of these folds only (cross-site rows have no folds and stay)
+            keep = {int(f) for f in a.folds.split(",")}
+            results = [r for r in results if not r.get("setting", "").endswith("_cv") or r.get("fold") in keep]
         summary, table = summarise(results)
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "summary.json").write_text(json.dumps({"sources": a.summarise, "summary": summary}, indent=1))

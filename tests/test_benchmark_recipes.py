@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -217,3 +218,31 @@ def test_prior_channel_moves_with_the_image():
     assert net.conv_in.conv.in_channels == 3
     unet, uinfo = fvu.build_model("unet+p", profile_dim=8)
     assert uinfo["prior"] and unet.conv_0.conv_0.conv.in_channels == 2
+
+
+def _rows(model: str, seed: int, fold: int, images: list[str], dice: float) -> dict:
+    metrics = dict.fromkeys(("cldice", "b0_err", "b1_err", "dice_cc", "b0_err_cc", "dice_notta"), 0.5)
+    recs = [{"image": i, "site": "dca1", **metrics, "dice": dice} for i in images]
+    return {"setting": "dca1_cv", "fold": fold, "seed": seed, "model": model, "records": recs}
+
+
+def test_summary_pairs_over_common_seeds_and_folds_filter(tmp_path):
+    """Pairs use the seeds both models ran on every shared image; a pair with none is left out (it printed nan);
+    ``--summarise --folds`` keeps those CV folds only, so a seed run on some folds can be paired there."""
+    a, b = ["a1", "a2", "a3"], ["b1", "b2", "b3"]
+    rows = [_rows("unet", 0, 0, a, 0.70), _rows("unet", 0, 1, b, 0.70), _rows("unet", 1, 0, a, 0.74)]
+    rows += [_rows("flow-m", 0, 0, a, 0.72), _rows("flow-m", 0, 1, b, 0.72), _rows("flow-m", 1, 0, a, 0.78)]
+    rows += [_rows("flow-m+u", 1, 0, a, 0.80)]  # seed 1 on fold 0 only: paired on those images and that seed
+    summary, _ = fvu.summarise(rows)
+    site = summary["dca1_cv"]["dca1"]
+    assert site["flow-m - unet"]["seeds"] == [0]  # seed 1 lacks fold 1: not a complete seed
+    assert site["flow-m - unet"]["dice"]["mean"] == pytest.approx(2.0)
+    assert site["flow-m+u - flow-m"]["seeds"] == [1] and "flow-m+u - unet" in site
+    rows.append(_rows("flow-m:off", 2, 1, b, 0.75))  # shares no seed with the UNet on its images
+    assert "flow-m:off - unet" not in fvu.summarise(rows)[0]["dca1_cv"]["dca1"]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert fvu.main(["--summarise", str(jobs), "--folds", "0", "--out", str(tmp_path / "f0")]) == 0
+    fold0 = json.loads((tmp_path / "f0" / "summary.json").read_text())["summary"]["dca1_cv"]["dca1"]
+    assert fold0["flow-m - unet"]["seeds"] == [0, 1] and fold0["flow-m"]["n_images"] == 3
+    assert fold0["flow-m - unet"]["dice"]["mean"] == pytest.approx(3.0)  # (2 + 4) / 2 over the two seeds
