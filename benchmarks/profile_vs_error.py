@@ -22,6 +22,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ TERCILE_PAIRS = (
 
 
 CANDIDATE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FIT_MODEL = "flow-m-ep1+n:off"  # the model users train on one site (the docs' recommendation), 3 seeds
 
 
 def candidate_features(image: np.ndarray) -> dict[str, float]:
@@ -124,6 +126,25 @@ def oof_errors(dice: dict[tuple[str, str], dict[str, float]]) -> dict[tuple[str,
     return {k: {img: 1.0 - v for img, v in d.items()} for k, d in dice.items() if k[1] in MODELS}
 
 
+def fitted_rows(errors: dict, per_site: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """:func:`fitted_difficulty` on ``FIT_MODEL``'s errors of both sites, with Spearman CIs per site for the fitted
+    scores and for the heuristic profile's difficulty on the same images."""
+    names = [(s, n) for s in SITES for n in sorted(set(errors.get((s, FIT_MODEL), {})) & set(per_site.get(s, {})))]
+    keys = sorted(k for k in per_site[names[0][0]][names[0][1]] if k.startswith(("feature:", "candidate:")))
+    x = np.array([[per_site[s][n][k] for k in keys] for s, n in names])
+    y = np.array([errors[(s, FIT_MODEL)][n] for s, n in names])
+    site = np.array([s for s, _ in names])
+    scores, w = fitted_difficulty(x, y, site)
+    out: dict[str, Any] = {"model": FIT_MODEL, "weights": dict(zip(keys, map(float, w))), "sites": []}
+    for s in SITES:
+        m = site == s
+        v1 = np.array([per_site[s][n]["profile:difficulty"] for (ss, n) in names if ss == s])
+        out["sites"].append(
+            {"site": s, "n": int(m.sum()), "v1": spearman_ci(v1, y[m]), "fitted": spearman_ci(scores[m], y[m])}
+        )
+    return out
+
+
 def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[dict]:
     """Paired Dice differences (points, bootstrap 95 % CI) of ``TERCILE_PAIRS`` per site, overall and per tercile of
     the heuristic profile's difficulty (terciles over the images both models have); ``dice`` is
@@ -146,6 +167,35 @@ def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[di
                 d = paired_difference(list(sel)).to_dict()
                 rows.append({"site": site, "comparison": f"{a} - {b}", "tercile": label, "n": int(len(sel)), **d})
     return rows
+
+
+def fitted_difficulty(
+    x: np.ndarray, y: np.ndarray, site: np.ndarray, k: int = 5, alpha: float = 10.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-sample difficulty scores from a ridge regression of the error ``y`` on the image features ``x``.
+
+    Nested honestly: the images are split into ``k`` folds (stratified by ``site``); each fold's scores come from a
+    model fitted (z-scoring included) on the other folds only, so a score never saw its own image's error. Returns
+    (``[n]`` held-out scores, ``[d]`` weights on z-scored features of the model fitted on every image: what a
+    heuristic would ship).
+    """
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=int)
+    for s in np.unique(site):
+        idx = np.flatnonzero(site == s)
+        fold[rng.permutation(idx)] = np.arange(len(idx)) % k
+
+    def fit(xt: np.ndarray, yt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        mu, sd = xt.mean(0), np.maximum(xt.std(0), 1e-9)
+        z = (xt - mu) / sd
+        w = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (yt - yt.mean()))
+        return mu, sd, w, float(yt.mean())
+
+    scores = np.empty(len(y))
+    for f in range(k):
+        mu, sd, w, b = fit(x[fold != f], y[fold != f])
+        scores[fold == f] = (x[fold == f] - mu) / sd @ w + b
+    return scores, fit(x, y)[2]
 
 
 def spearman_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -208,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "machine": "CPU", "command": " ".join(sys.argv), "jobs": a.jobs}
     difficulty = {site: {n: v["profile:difficulty"] for n, v in feats.items()} for site, feats in per_site.items()}
     terciles = tercile_rows(dice_seeds, difficulty)
+    fitted = fitted_rows(errors, per_site)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_vs_error.json").write_text(json.dumps({**meta, "rows": rows, "terciles": terciles}, indent=1))
+    (out / "profile_vs_error.json").write_text(
+        json.dumps({**meta, "rows": rows, "terciles": terciles, "fitted_difficulty": fitted}, indent=1)
+    )
     lines = [
         f"{meta['date']}, `{meta['command']}`",
         "",
@@ -246,6 +299,25 @@ def main(argv: list[str] | None = None) -> int:
                 for t in ("all", "easiest", "middle", "hardest")
             ]
             lines.append(f"| {site} | {comp} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"A difficulty fitted to the error (issue 16 item 2): ridge regression of `{FIT_MODEL}`'s out-of-fold error "
+        "on the image-only features above (`feature:*` and `candidate:*`), both sites pooled, scored out of sample "
+        "(5 folds stratified by site: an image's score comes from a fit that never saw its error). Spearman rho with "
+        "the error, against the heuristic profile's difficulty on the same images:",
+        "",
+        "| site | images | heuristic difficulty (v1) | fitted, out of sample |",
+        "|---|---:|---|---|",
+    ]
+    for r in fitted["sites"]:
+        v1, fit_ = r["v1"], r["fitted"]
+        lines.append(
+            f"| {r['site']} | {r['n']} | {v1[0]:+.2f} [{v1[1]:+.2f}, {v1[2]:+.2f}] | "
+            f"{fit_[0]:+.2f} [{fit_[1]:+.2f}, {fit_[2]:+.2f}] |"
+        )
+    weights = sorted(fitted["weights"].items(), key=lambda kv: -abs(kv[1]))
+    lines += ["", "Weights of the fit on every image (per z-scored feature; + = harder): " + ", ".join(
+        f"{k} {v:+.3f}" for k, v in weights) + "."]  # fmt: skip
     (out / "profile_vs_error.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

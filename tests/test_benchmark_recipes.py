@@ -246,3 +246,21 @@ def test_summary_pairs_over_common_seeds_and_folds_filter(tmp_path):
     fold0 = json.loads((tmp_path / "f0" / "summary.json").read_text())["summary"]["dca1_cv"]["dca1"]
     assert fold0["flow-m - unet"]["seeds"] == [0, 1] and fold0["flow-m"]["n_images"] == 3
     assert fold0["flow-m - unet"]["dice"]["mean"] == pytest.approx(3.0)  # (2 + 4) / 2 over the two seeds
+
+
+def test_fitted_difficulty_is_scored_out_of_sample():
+    """profile_vs_error's fitted difficulty: a feature that drives the error is found, and no image's score depends on
+    its own error (each fold is scored by a fit on the other folds)."""
+    import profile_vs_error as pve
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    y = 0.2 + 0.05 * x[:, 1] + 0.01 * rng.normal(size=60)
+    site = np.array(["dca1"] * 30 + ["xcad"] * 30)
+    scores, w = pve.fitted_difficulty(x, y, site)
+    assert spearmanr(scores, y).statistic > 0.8 and int(np.argmax(np.abs(w))) == 1 and w[1] > 0
+    y2 = y.copy()
+    y2[0] += 5.0  # one image's error changed: its own score must not move, the others' may
+    scores2, _ = pve.fitted_difficulty(x, y2, site)
+    assert scores2[0] == pytest.approx(scores[0]) and not np.allclose(scores2[1:], scores[1:])
