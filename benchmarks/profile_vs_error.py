@@ -1,7 +1,7 @@
 """Does the heuristic profile track how hard an image is to segment? Per-image out-of-fold errors against the profile.
 
     python benchmarks/profile_vs_error.py --jobs benchmarks/results/flow_vs_unet_jobs.jsonl \\
-        --data ../shared/data --out benchmarks/results           # CPU, about a minute
+        --data ../shared/data --out benchmarks/results           # CPU, about 3 minutes
 
 For every image of the DCA1 and XCAD 5-fold cross-validations in ``flow_vs_unet_jobs.jsonl``, and of the two-site
 cross-validation (``mixed_cv``, models named ``mixed:<model>``; each image scored by a model that never trained on
@@ -11,7 +11,8 @@ fields (difficulty, confidence, boundary, thin_structure, small_objects, clutter
 profile does not have (``candidate_features``: vessel width, wide-structure share, vessel density, black frame,
 shading).
 Spearman rank correlations per site with a bootstrap 95 % CI over images; a feature that tracks difficulty has
-|rho| well above 0 on both sites. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
+|rho| well above 0 on both sites. Then a difficulty fitted to ``FIT_MODEL``'s error from all the image-only
+statistics (:func:`fitted_difficulty`, scored out of sample) against the profile's own difficulty. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
 the profile's difficulty, and of the best-tracking raw feature, against the error).
 """
 
