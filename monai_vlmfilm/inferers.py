@@ -420,6 +420,7 @@ class FlowSegInferer(Inferer):
             return prob.reshape(n, s * c_m, *prob.shape[2:])
 
         if init is not None:
+            init = init.as_tensor() if isinstance(init, MetaTensor) else init  # (a LoadImaged map, say)
             init = torch.as_tensor(init, device=image.device, dtype=torch.float32)
             if tuple(init.shape) != (b, c_m, *spatial):
                 raise ValueError(f"init must have shape {(b, c_m, *spatial)} (batch, mask channels, image size), "

@@ -403,6 +403,11 @@ def test_prior_start_moves_with_the_image_under_tta_and_padding(tta):
     inf = FlowSegInferer(num_steps=1, start_time=1e-6, mask_channels=1, divisible_by=8, tta=tta, seed=0)
     out = inf(image, lambda x, timesteps: torch.zeros_like(x[:, :1]), init=init)
     assert out.shape == init.shape and torch.allclose(out, init, atol=1e-5)
+    # MONAI inputs: a MetaTensor image keeps its meta data, a MetaTensor prior is read as plain data
+    out_m = inf(
+        MetaTensor(image, meta={"note": "x"}), lambda x, timesteps: torch.zeros_like(x[:, :1]), init=MetaTensor(init)
+    )
+    assert isinstance(out_m, MetaTensor) and out_m.meta["note"] == "x" and torch.allclose(out_m.as_tensor(), out)
 
 
 def test_prior_start_checks_its_arguments():
