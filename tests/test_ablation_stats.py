@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -185,3 +186,43 @@ def test_extra_comparisons_between_variants_are_reported_not_judged():
     assert d["mean"] == pytest.approx(0.01) and d["ci_lo"] == pytest.approx(0.01)
     names = [x["name"] for x in verdicts(an)]
     assert any("on − shuffle" in n for n in names) and not any("on.enc − on.norm" in n for n in names)
+
+
+def _run(gain: float, shift: float = 0.0, difficulty_offset: float = 0.0) -> dict:
+    """An ablation results.json: 4 images x 2 seeds, on = off + gain (+ 0.01 * image index on seed 1)."""
+    recs = []
+    for sd in (0, 1):
+        for i in range(4):
+            base = {"seed": sd, "fold": None, "image": f"img{i}", "difficulty": 1.0 + i + difficulty_offset}
+            off = 0.5 + 0.05 * i + shift
+            recs.append({**base, "mode": "off", "dice": off, "betti0_error": 1.0})
+            recs.append({**base, "mode": "on", "dice": off + gain + 0.01 * i * sd, "betti0_error": 2.0})
+    return {"records": recs}
+
+
+def test_compare_runs_differences_of_differences(tmp_path):
+    from monai_vlmfilm.ablation.compare_runs import compare_runs, main
+
+    a, b = _run(0.03), _run(0.01, shift=0.2)
+    rows = compare_runs(a, b, [("on", "off")], ["dice", "betti0_error"])
+    dice = next(r for r in rows if r["metric"] == "dice")
+    # run a: +3 points, and 1 point per image index more on seed 1 (halved by the seed average)
+    expected_a = np.mean([100 * (0.03 + 0.01 * i * 0.5) for i in range(4)])
+    assert dice["a"]["mean"] == pytest.approx(expected_a) and dice["b"]["mean"] == pytest.approx(expected_a - 2.0)
+    assert dice["a_minus_b"]["mean"] == pytest.approx(2.0) and dice["a_minus_b"]["n"] == 4
+    assert dice["a"]["per_seed"] == pytest.approx({"0": 3.0, "1": 3.0 + 1.5})
+    assert next(r for r in rows if r["metric"] == "betti0_error")["a_minus_b"]["mean"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="different difficulties"):
+        compare_runs(a, _run(0.01, difficulty_offset=0.5), [("on", "off")])
+    with pytest.raises(ValueError, match="no \\['shuffle'\\] records"):
+        compare_runs(a, b, [("on", "shuffle")])
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    out = tmp_path / "cmp.md"
+    assert main([str(pa), str(pb), "--labels", "32 px,64 px", "--metrics", "dice", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| on - off | dice | 4 |" in text and "32 px − 64 px" in text and "+2.00" in text
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["a_minus_b"]["mean"] == pytest.approx(2.0)
+    with pytest.raises(SystemExit):
+        main([str(pa), str(tmp_path / "missing.json")])
