@@ -226,3 +226,6 @@ def test_compare_runs_differences_of_differences(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["a_minus_b"]["mean"] == pytest.approx(2.0)
     with pytest.raises(SystemExit):
         main([str(pa), str(tmp_path / "missing.json")])
+    # --seeds keeps those seeds of both runs: seed 1 alone has run a's per-image extra gain
+    assert main([str(pa), str(pb), "--metrics", "dice", "--seeds", "1", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["a"]["mean"] == pytest.approx(4.5)

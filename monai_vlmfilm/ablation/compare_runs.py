@@ -2,7 +2,7 @@
 window, the data, anything that applies to ``off`` too, which ``--variant`` does not) change FiLM's gain?
 
     python -m monai_vlmfilm.ablation.compare_runs RUN_A/results.json RUN_B/results.json \\
-        --labels "32 px,64 px" --pairs on:off,on:shuffle --out RUN_A/compare.md
+        --labels "32 px,64 px" --pairs on:off,on:shuffle --seeds 0,1 --out RUN_A/compare.md
 
 For each pair ``MODE:REF`` and metric: ``MODE - REF`` in each run (per image, seeds averaged, paired bootstrap 95 %
 CI over images, and per seed), and the difference of the two differences, paired over the images both runs evaluated
@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pairs", default="on:off", help="MODE:REF pairs, comma-separated (e.g. on:off,on:shuffle)")
     p.add_argument("--metrics", default=",".join(METRICS))
     p.add_argument("--labels", default="a,b", help="names of the two runs in the table, comma-separated")
+    p.add_argument("--seeds", default=None, help="compare only these training seeds of both runs, e.g. 0,1")
     p.add_argument("--out", default=None, help="write the table here (and its rows as JSON beside it)")
     a = p.parse_args(argv)
     pairs = []
@@ -127,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as e:
             p.error(f"cannot read ablation results {path}: {e}")
+    if a.seeds is not None:  # the same seeds on both sides (a run cut short, or one with more seeds)
+        keep = {s.strip() for s in a.seeds.split(",")}
+        for run in runs:
+            run["records"] = [r for r in run["records"] if str(r.get("seed")) in keep]
     try:
         rows = compare_runs(runs[0], runs[1], pairs, [m.strip() for m in a.metrics.split(",") if m.strip()])
     except ValueError as e:
