@@ -515,6 +515,12 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     }
 
 
+def in_folds(row: dict, folds: str) -> bool:
+    """Whether a job or result row is kept by ``--folds`` (``"0,1"``): CV rows of those folds, and every row of a
+    setting without folds."""
+    return not row.get("setting", "").endswith("_cv") or row.get("fold") in {int(f) for f in folds.split(",")}
+
+
 def profile_normalization(info: dict, p_train: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The (mean, std) the FiLM encoder z-scores profiles with: the training images' statistics, as the bundle's
     ``train.yaml`` does since 0.6.1; None (raw features) for a ``+u`` model."""
@@ -818,9 +824,8 @@ def run_job(job: dict, data_root_: str, args: dict) -> dict:
         if info["kind"] == "flow":  # two Euler steps (t = T, T/2), no TTA: does the multi-step regime add anything?
             prob2 = predict(d["image"], prof, "none", steps=2)
             rec["dice_2step"] = dice(prob2 >= thr, d["mask"].astype(bool))
-            for st in (
-                args.get("start_times", PRIOR_START_TIMES) if pri else ()
-            ):  # one Euler step from the prior at t = st * T, TTA as above
+            starts = args.get("start_times", PRIOR_START_TIMES) if pri else ()
+            for st in starts:  # one Euler step from the prior at t = st * T, TTA as above
                 prob_s = predict(d["image"], prof, "dihedral", start=st)
                 rec[f"dice_start{st:.1f}"] = dice(prob_s >= thr, d["mask"].astype(bool))
         if cross:
@@ -1221,9 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if a.summarise:
         results = [json.loads(line) for f in a.summarise for line in Path(f).read_text().splitlines() if line.strip()]
-        if a.folds is not None:  # CV rows of these folds only (cross-site rows have no folds and stay)
-            keep = {int(f) for f in a.folds.split(",")}
-            results = [r for r in results if not r.get("setting", "").endswith("_cv") or r.get("fold") in keep]
+        if a.folds:  # CV rows of these folds only (cross-site rows have no folds and stay)
+            results = [r for r in results if in_folds(r, a.folds)]
         summary, table = summarise(results)
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "summary.json").write_text(json.dumps({"sources": a.summarise, "summary": summary}, indent=1))
@@ -1246,8 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g.split("=") for g in a.plan.split(";")] if a.plan else [(a.settings, a.models)]
     jobs = [j for st, md in groups for j in plan_jobs(data, st.split(","), md.split(","), seeds)]
     if a.folds:
-        keep = {int(f) for f in a.folds.split(",")}
-        jobs = [j for j in jobs if j["fold"] in keep or not j["setting"].endswith("_cv")]
+        jobs = [j for j in jobs if in_folds(j, a.folds)]
     if a.skip_done:  # resume: jobs already finished in earlier runs are not repeated
         done = {
             (r["setting"], r["fold"], r["seed"], r["model"])
