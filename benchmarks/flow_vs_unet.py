@@ -1055,7 +1055,7 @@ PAIR_METRICS = ("dice", "cldice", "b0_err", "b0_err_cc", "b1_err")
 
 
 def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
-    from monai_vlmfilm.ablation.stats import paired_difference
+    from monai_vlmfilm.ablation.stats import paired_difference, seeds_in_common
 
     ok = [r for r in results if "records" in r]
     summary: dict[str, Any] = {}
@@ -1127,7 +1127,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))
                     # per image, the mean over the seeds both models ran (a 3-seed UNet against a 1-seed flow
                     # is compared on seed 0 only), then paired over images
-                    both = sorted(set.intersection(*(set(by_seed[k][i]) for k in (model, ref) for i in common)))
+                    both = seeds_in_common(*({i: by_seed[k][i] for i in common} for k in (model, ref)))
                     if not both:  # no seed that both models ran on every shared image: nothing to pair
                         continue
                     diffs: dict[str, Any] = {}

@@ -150,7 +150,7 @@ def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[di
     """Paired Dice differences (points, bootstrap 95 % CI) of ``TERCILE_PAIRS`` per site, overall and per tercile of
     the heuristic profile's difficulty (terciles over the images both models have); ``dice`` is
     :func:`oof_dice_by_seed`'s."""
-    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
+    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference, seeds_in_common
 
     rows = []
     for site in SITES:
@@ -160,7 +160,7 @@ def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[di
             if len(names) < 15:
                 continue
             # over the seeds both models ran on every image (as flow_vs_unet.md pairs them)
-            seeds = sorted(set.intersection(*(set(d[n]) for d in (da, db) for n in names)))
+            seeds = seeds_in_common({n: da[n] for n in names}, {n: db[n] for n in names})
             terc = difficulty_terciles([difficulty[site][n] for n in names])
             diffs = np.array([100 * np.mean([da[n][sd] - db[n][sd] for sd in seeds]) for n in names])
             for t, label in ((None, "all"), (0, "easiest"), (1, "middle"), (2, "hardest")):

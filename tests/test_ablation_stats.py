@@ -229,3 +229,15 @@ def test_compare_runs_differences_of_differences(tmp_path):
     # --seeds keeps those seeds of both runs: seed 1 alone has run a's per-image extra gain
     assert main([str(pa), str(pb), "--metrics", "dice", "--seeds", "1", "--out", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["a"]["mean"] == pytest.approx(4.5)
+
+
+def test_seeds_in_common_pairs_only_the_seeds_both_models_ran_on_every_shared_image():
+    from monai_vlmfilm.ablation.stats import seeds_in_common
+
+    three = {"a": {0: 0.7, 1: 0.8, 2: 0.9}, "b": {0: 0.6, 1: 0.5, 2: 0.4}, "only_here": {5: 0.1}}
+    one = {"a": {0: 0.7}, "b": [0, 2]}  # any container of seeds
+    assert seeds_in_common(three, one) == [0]  # "b" has 0 and 2 here, "a" only 0; "only_here" is not shared
+    assert seeds_in_common(three, {"a": [2, 1], "b": {1: 0, 2: 0}}) == [1, 2]
+    assert seeds_in_common(three, {"x": [0]}) == []  # no image in common: nothing to pair
+    assert seeds_in_common(three, {"a": [3]}) == []
+    assert seeds_in_common() == []

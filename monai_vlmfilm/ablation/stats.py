@@ -38,6 +38,7 @@ __all__ = [
     "t_interval",
     "paired_difference",
     "difficulty_terciles",
+    "seeds_in_common",
     "per_image_means",
     "mode_summary",
     "paired_by_image",
@@ -158,6 +159,27 @@ def paired_difference(
     if d.size >= 2 and np.ptp(d) > 0:
         p = float(sps.ttest_1samp(d, 0.0).pvalue)
     return PairedDifference(float(d.mean()), int(d.size), lo, hi, t_lo, t_hi, p)
+
+
+def seeds_in_common(*per_image_seeds: Mapping[str, Iterable[Any]]) -> list[Any]:
+    """The seeds that every given model ran on every image they share, sorted.
+
+    A paired comparison of two models averages each image over these seeds only, so a model run with three seeds is
+    not set against one run with a single seed (the other seeds would add training noise to one side only).
+
+    Args:
+        per_image_seeds: one mapping per model, image -> the seeds it has for that image (any container of seeds,
+            e.g. ``{seed: metrics}``).
+
+    Returns:
+        the seeds every model has for every image that all of them have; ``[]`` when they share no image or no seed.
+    """
+    if not per_image_seeds:
+        return []
+    images = set.intersection(*(set(m) for m in per_image_seeds))
+    if not images:
+        return []
+    return sorted(set.intersection(*(set(m[i]) for m in per_image_seeds for i in images)))
 
 
 def difficulty_terciles(difficulty: Sequence[float] | np.ndarray) -> np.ndarray:
