@@ -649,18 +649,15 @@ class Predictor:
         x = torch.as_tensor(image, device=self.device)[None, None]
         if self.info.get("aug", {}).get("znorm"):
             x = zscore_channels(x)
+        if (self.info.get("prior") or start < 1) and self.prior is None:
+            raise ValueError("a +p model, and a start from the prior, need the image's prior (Predictor.prior)")
+        prior = None if self.prior is None else torch.as_tensor(self.prior, device=self.device)[None, None].float()
         if self.info.get("prior"):  # the TTA moves it with the image: it is one more image channel
-            if self.prior is None:
-                raise ValueError("a +p model needs the image's prior (Predictor.prior)")
-            x = torch.cat([x, 2 * torch.as_tensor(self.prior, device=self.device, dtype=x.dtype)[None, None] - 1], 1)
+            x = torch.cat([x, 2 * prior.to(x.dtype) - 1], 1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.info["kind"] == "flow":
                 p = None if profile is None else torch.as_tensor(profile, device=self.device)[None]
-                init = None
-                if start < 1:
-                    if self.prior is None:
-                        raise ValueError("starting from a prior needs the image's prior (Predictor.prior)")
-                    init = torch.as_tensor(self.prior, device=self.device, dtype=torch.float32)[None, None]
+                init = prior if start < 1 else None
                 out = self._make(tta, steps, samples, uncertainty, start)(x, self.net, profile=p, init=init).float()
                 prob, std = out[:, :1], out[:, 1:]
             else:
