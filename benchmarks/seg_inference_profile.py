@@ -4,6 +4,7 @@
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --out "$OUT"    # GPU (bf16 autocast)
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --compile --out "$OUT"  # + CUDA graphs, end to end
     bash benchmarks/run_gpu.sh benchmarks/seg_inference_profile.py --compile --sizes 512 --models flow-on,unet --out "$OUT"
+    python benchmarks/seg_inference_profile.py --sizes 512 --models flow-on,unet --head-channels 64 --out DIR  # head width
 
 For each model and image size (304², 512²), batch 1, the bundle's inferer defaults (whole image, 1 Euler step,
 1 noise sample, no TTA): seconds per image (median of repeats after warm-up), for the eager network, the network in
@@ -54,13 +55,17 @@ def op_class(name: str) -> str:
     return "other"
 
 
-def shipped_flow(use_vlm_film: bool, device: torch.device) -> torch.nn.Module:
+def shipped_flow(use_vlm_film: bool, device: torch.device, head_channels: int = 0) -> torch.nn.Module:
+    """The bundle's network with ``models/model.pt``; ``head_channels`` > 0 regroups its mid-block attention into
+    heads of that many channels (the weights fit unchanged, but it is another function: for timing only)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundle" / "configs" / "inference.yaml"))
     parser["bundle_root"] = str(ROOT / "bundle")
     parser["use_vlm_film"] = use_vlm_film
+    if head_channels:
+        parser["network_def#num_head_channels"] = head_channels
     net = parser.get_parsed_content("network_def")
     sd = torch.load(ROOT / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(sd, strict=use_vlm_film)
@@ -88,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         "--models",
         default="flow-on,flow-off,unet",
         help="which of flow-on, flow-off, unet to time (flow-on is always loaded: the trace is of it)",
+    )
+    ap.add_argument(
+        "--head-channels",
+        type=int,
+        default=0,
+        help="also time the FiLM-on network with its mid-block attention in heads of this many channels (the "
+        "shipped model has DiffusionModelUNet's default 8; the weights fit any width, the masks differ: timing only)",
     )
     a = ap.parse_args(argv)
     wanted = set(a.models.split(","))
@@ -134,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     models = {"flow, FiLM on": flow_on} if "flow-on" in wanted else {}
     if "flow-off" in wanted:
         models["flow, FiLM off"] = (shipped_flow(False, device), flow_fn)
+    if a.head_channels:
+        models[f"flow, FiLM on, {a.head_channels}-channel heads (timing only)"] = (
+            shipped_flow(True, device, a.head_channels),
+            flow_fn,
+        )
     if "unet" in wanted:
         models["BasicUNet"] = (unet, unet_fn)
     rows: list[dict] = []

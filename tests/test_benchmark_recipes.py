@@ -299,3 +299,22 @@ def test_fitted_difficulty_is_scored_out_of_sample():
     y2[0] += 5.0  # one image's error changed: its own score must not move, the others' may
     scores2, _ = pve.fitted_difficulty(x, y2, site)
     assert scores2[0] == pytest.approx(scores[0]) and not np.allclose(scores2[1:], scores[1:])
+
+
+def test_head_width_timing_network_keeps_the_shipped_weights_in_wider_heads():
+    """seg_inference_profile --head-channels: the shipped weights regrouped into wider attention heads (same
+    parameters, another function), for timing what a retraining with wider heads would cost."""
+    import seg_inference_profile as sip
+
+    shipped = sip.shipped_flow(True, torch.device("cpu"))
+    wide = sip.shipped_flow(True, torch.device("cpu"), head_channels=64)
+    assert shipped.middle_block.attention.attn.num_heads == 32  # DiffusionModelUNet's default 8 channels per head
+    assert wide.middle_block.attention.attn.num_heads == 4  # 256 channels / 64
+    a, b = shipped.state_dict(), wide.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t = torch.rand(1, 2, 64, 64), torch.full((1,), 500.0)
+    from monai_vlmfilm.profiles import DEFAULT_PROFILE
+
+    profile = torch.as_tensor(DEFAULT_PROFILE.to_vector())[None]
+    with torch.no_grad():
+        assert not torch.allclose(shipped(x, t, profile=profile), wide(x, t, profile=profile))
