@@ -1124,7 +1124,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                     common = sorted(set(per_model[model]) & set(per_model[ref]))
                     # per image, the mean over the seeds both models ran (a 3-seed UNet against a 1-seed flow
                     # is compared on seed 0 only), then paired over images
-                    both = seeds_in_common(*({i: by_seed[k][i] for i in common} for k in (model, ref)))
+                    both = seeds_in_common(by_seed[model], by_seed[ref])  # (over their shared images, `common`)
                     if not both:  # no seed that both models ran on every shared image: nothing to pair
                         continue
                     diffs: dict[str, Any] = {}
