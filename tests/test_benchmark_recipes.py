@@ -223,30 +223,30 @@ def test_prior_channel_moves_with_the_image():
 def test_predictor_feeds_the_prior_as_a_channel_and_as_the_start_state():
     """Predictor: a +p flow gets its prior as an input channel and, with start < 1, as the ODE's start; without a
     prior it refuses both instead of predicting from a missing channel."""
+
+    def randomised(model: str) -> tuple[torch.nn.Module, dict]:
+        net, info = fvu.build_model(model, profile_dim=8)
+        with torch.no_grad():  # a new network's output layer is zero: give every weight a value so inputs matter
+            for p in net.parameters():
+                p.normal_(0, 0.05)
+        return net.eval(), info
+
     torch.manual_seed(0)
-    net, info = fvu.build_model("flow-s+p:off", profile_dim=8)
-    with torch.no_grad():  # a new network's output layer is zero: give every weight a value so inputs matter
-        for p in net.parameters():
-            p.normal_(0, 0.05)
-    pred = fvu.Predictor(net.eval(), info, torch.device("cpu"), amp=False)
+    net, info = randomised("flow-s+p:off")
+    pred = fvu.Predictor(net, info, torch.device("cpu"), amp=False)
     image = np.random.default_rng(0).random((32, 32), dtype=np.float32)
     with pytest.raises(ValueError, match="prior"):
         pred(image, None, tta="none")
-    plain, _ = fvu.build_model("flow-s:off", profile_dim=8)
+    plain, _ = randomised("flow-s:off")
+    start = fvu.Predictor(plain, {**info, "prior": False}, torch.device("cpu"), amp=False)
     with pytest.raises(ValueError, match="prior"):
-        fvu.Predictor(plain.eval(), {**info, "prior": False}, torch.device("cpu"), amp=False)(
-            image, None, tta="none", start=0.5
-        )
+        start(image, None, tta="none", start=0.5)
     pred.prior = np.zeros((32, 32), dtype=np.float32)
     empty = pred(image, None, tta="none")
     pred.prior = np.ones((32, 32), dtype=np.float32)
     full = pred(image, None, tta="none")
     assert empty.shape == (32, 32) and not np.allclose(empty, full)  # the prior channel reaches the network
     # a flow without the prior channel: the prior reaches it only as the start state at 0.5 T (deterministic noise)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.normal_(0, 0.05)
-    start = fvu.Predictor(plain.eval(), {**info, "prior": False}, torch.device("cpu"), amp=False)
     start.prior = np.ones((32, 32), dtype=np.float32)
     from_full = start(image, None, tta="none", start=0.5)
     np.testing.assert_array_equal(from_full, start(image, None, tta="none", start=0.5))
