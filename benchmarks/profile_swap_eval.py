@@ -11,6 +11,11 @@ The shipped ``bundle/models/model.pt`` (FiLM on, trained on DCA1 + XCAD) segment
 - ``mean-site``: the mean profile of the site's validation images (site information, no per-image information);
 - ``null``: no profile (FiLM off at inference; the FiLM parameters are ignored).
 
+With ``--per-feature`` (about 20 minutes on 2 CPU cores) it also asks which of the profile's values the network reads:
+for each value of the vector (difficulty, confidence, the four focus values), the image's own profile with only that
+value taken from the ``other-site`` profile (``<value> from other-site``: does this value carry the site?) and from
+the ``same-site`` profile (``<value> from same-site``: does the network read this value per image?).
+
 No retraining: this asks what the trained network uses, not whether a profile helps training (the ablation does that).
 If ``same-site`` and ``mean-site`` score like ``own`` while ``other-site`` and ``null`` fall, the network reads the
 profile as a site indicator rather than as a description of the image. Paired differences against ``own`` with
@@ -36,6 +41,28 @@ SITES = ("dca1", "xcad")
 MODES = ("own", "same-site", "other-site", "mean-site", "null")
 
 
+def feature_modes() -> tuple[str, ...]:
+    """The ``--per-feature`` modes: ``"<value> from other-site"`` and ``"<value> from same-site"`` for each value of
+    the profile vector but ``is_fallback`` (0 for every heuristic profile)."""
+    from monai_vlmfilm.profiles import VECTOR_FIELDS
+
+    return tuple(f"{f} from {src}" for src in ("other-site", "same-site") for f in VECTOR_FIELDS if f != "is_fallback")
+
+
+def one_value_swaps(own: np.ndarray, other_site: np.ndarray, same_site: np.ndarray) -> dict[str, np.ndarray]:
+    """``own`` with one value replaced by the other-site (or same-site) profile's, for each of :func:`feature_modes`."""
+    from monai_vlmfilm.profiles import VECTOR_FIELDS
+
+    out = {}
+    for mode in feature_modes():
+        field, _, src = mode.partition(" from ")
+        p = own.copy()
+        k = VECTOR_FIELDS.index(field)
+        p[k] = (other_site if src == "other-site" else same_site)[k]
+        out[mode] = p
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -51,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--max-images", type=int, default=0, help="per site (0: all validation images)")
+    ap.add_argument("--per-feature", action="store_true", help="also swap one profile value at a time")
     a = ap.parse_args(argv)
+    modes = MODES + (feature_modes() if a.per_feature else ())
     net = shipped_flow(True, torch.device("cpu"))
     inferer = FlowSegInferer(num_steps=1, num_samples=1, divisible_by=8, seed=0, channels_last=True)
     val = {s: [d for d in load_site(Path(a.data), s) if d["split"] == "validation"] for s in SITES}
     if a.max_images:
         val = {s: v[: a.max_images] for s, v in val.items()}
     prof = {s: profiles_of(v) for s, v in val.items()}
-    per: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in MODES} for s in SITES}
+    per: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in modes} for s in SITES}
     for site in SITES:
         other = SITES[1 - SITES.index(site)]
         n, n_other = len(val[site]), len(val[other])
@@ -70,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mean-site": prof[site].mean(0),
                 "null": None,
             }
+            if a.per_feature:
+                choices.update(one_value_swaps(choices["own"], choices["other-site"], choices["same-site"]))
             x = torch.as_tensor(d["image"])[None, None]
             gt = d["mask"].astype(bool)
             for mode, p in choices.items():
@@ -81,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for site in SITES:
         own = per[site]["own"]
-        for mode in MODES:
+        for mode in modes:
             recs = per[site][mode]
             row = {
                 "site": site,

@@ -318,3 +318,22 @@ def test_head_width_timing_network_keeps_the_shipped_weights_in_wider_heads():
     profile = torch.as_tensor(DEFAULT_PROFILE.to_vector())[None]
     with torch.no_grad():
         assert not torch.allclose(shipped(x, t, profile=profile), wide(x, t, profile=profile))
+
+
+def test_profile_swap_per_feature_replaces_exactly_one_value_from_the_named_source():
+    """profile_swap_eval --per-feature: each mode is the image's own profile with one value (and only that one) taken
+    from the other-site or the same-site profile; is_fallback is never swapped."""
+    import profile_swap_eval as pse
+
+    from monai_vlmfilm.profiles import PROFILE_DIM, VECTOR_FIELDS
+
+    own, other, same = (np.full(PROFILE_DIM, v, np.float32) for v in (0.1, 0.7, 0.4))
+    swaps = pse.one_value_swaps(own, other, same)
+    assert list(swaps) == list(pse.feature_modes())
+    assert len(swaps) == 2 * (PROFILE_DIM - 1) and not any(m.startswith("is_fallback") for m in swaps)
+    for mode, p in swaps.items():
+        field, _, src = mode.partition(" from ")
+        k = VECTOR_FIELDS.index(field)
+        assert p[k] == pytest.approx(0.7 if src == "other-site" else 0.4)
+        assert np.array_equal(np.delete(p, k), np.delete(own, k))
+    assert np.all(own == np.float32(0.1))  # the image's own profile is not changed in place
