@@ -12,7 +12,9 @@ profile does not have (``candidate_features``: vessel width, wide-structure shar
 shading).
 Spearman rank correlations per site with a bootstrap 95 % CI over images; a feature that tracks difficulty has
 |rho| well above 0 on both sites. Then a difficulty fitted to ``FIT_MODEL``'s error from all the image-only
-statistics (:func:`fitted_difficulty`, scored out of sample) against the profile's own difficulty. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
+statistics (:func:`fitted_difficulty`, scored out of sample) against the profile's own difficulty. Then where
+FiLM's gain goes (``GAIN_PAIRS``): FiLM on - off and on - site-shuffled per tercile of a real difficulty (the same
+setting's UNet error), and the per-image gain's rank correlation with every variable. Writes ``profile_vs_error.{json,md}`` and ``profile_vs_error.png`` (a scatter of
 the profile's difficulty, and of the best-tracking raw feature, against the error).
 """
 
@@ -22,6 +24,7 @@ import argparse
 import datetime
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,14 @@ TERCILE_PAIRS = (
 
 
 CANDIDATE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# where does FiLM's gain go? Per-image gains of these pairs against every variable, and per tercile of a real
+# difficulty: the out-of-fold error of the UNet trained in the same setting (independent of both flow models'
+# training noise, unlike the off model's own error, whose noise would enter on - off with the opposite sign)
+GAIN_PAIRS = (
+    ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:sshuffle"),
+    ("flow-m-ep1+n", "flow-m-ep1+n:off"),
+)
 FIT_MODEL = "flow-m-ep1+n:off"  # the model users train on one site (the docs' recommendation), 3 seeds
 
 
@@ -146,27 +157,74 @@ def fitted_rows(errors: dict, per_site: dict[str, dict[str, dict[str, float]]]) 
     return out
 
 
-def tercile_rows(dice: dict, difficulty: dict[str, dict[str, float]]) -> list[dict]:
-    """Paired Dice differences (points, bootstrap 95 % CI) of ``TERCILE_PAIRS`` per site, overall and per tercile of
-    the heuristic profile's difficulty (terciles over the images both models have); ``dice`` is
-    :func:`oof_dice_by_seed`'s."""
-    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference, seeds_in_common
+def paired_gains(dice: dict, site: str, a: str, b: str, names: set[str] | None = None) -> dict[str, float]:
+    """``{image: Dice(a) - Dice(b)}`` in points, the mean over the seeds both models ran on every image (as
+    flow_vs_unet.md pairs them), over the images both have (and in ``names``, when given); ``dice`` is
+    :func:`oof_dice_by_seed`'s. Empty when no seed is shared."""
+    from monai_vlmfilm.ablation.stats import seeds_in_common
+
+    da, db = dice.get((site, a), {}), dice.get((site, b), {})
+    common = sorted(set(da) & set(db) & (set(da) if names is None else set(names)))
+    seeds = seeds_in_common({n: da[n] for n in common}, {n: db[n] for n in common})
+    if not seeds:
+        return {}
+    return {n: float(100 * np.mean([da[n][sd] - db[n][sd] for sd in seeds])) for n in common}
+
+
+def unet_error(dice: dict, site: str, model: str) -> dict[str, float]:
+    """Out-of-fold ``1 - Dice`` of the UNet trained in ``model``'s setting (``mixed:unet`` for the two-site models),
+    the mean over its seeds: a difficulty measured by a network that shares no training noise with ``model``."""
+    key = (site, "mixed:unet" if model.startswith("mixed:") else "unet")
+    return {n: 1.0 - float(np.mean(list(d.values()))) for n, d in dice.get(key, {}).items()}
+
+
+def tercile_rows(
+    dice: dict,
+    difficulty: dict[str, dict[str, float]] | Callable[[str, str], dict[str, float]],
+    pairs: Sequence[tuple[str, str]] = TERCILE_PAIRS,
+) -> list[dict]:
+    """Paired Dice differences (points, bootstrap 95 % CI) of ``pairs`` per site, overall and per tercile of
+    ``difficulty`` (``{site: {image: value}}``, terciles over the images both models have, or a callable
+    ``(site, model) -> {image: value}``); ``dice`` is :func:`oof_dice_by_seed`'s."""
+    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
 
     rows = []
     for site in SITES:
-        for a, b in TERCILE_PAIRS:
-            da, db = dice.get((site, a), {}), dice.get((site, b), {})
-            names = sorted(set(da) & set(db) & set(difficulty.get(site, {})))
+        for a, b in pairs:
+            diff_of = difficulty(site, a) if callable(difficulty) else difficulty.get(site, {})
+            gains = paired_gains(dice, site, a, b, set(diff_of))
+            names = sorted(gains)
             if len(names) < 15:
                 continue
-            # over the seeds both models ran on every image (as flow_vs_unet.md pairs them)
-            seeds = seeds_in_common({n: da[n] for n in names}, {n: db[n] for n in names})
-            terc = difficulty_terciles([difficulty[site][n] for n in names])
-            diffs = np.array([100 * np.mean([da[n][sd] - db[n][sd] for sd in seeds]) for n in names])
+            terc = difficulty_terciles([diff_of[n] for n in names])
+            diffs = np.array([gains[n] for n in names])
             for t, label in ((None, "all"), (0, "easiest"), (1, "middle"), (2, "hardest")):
                 sel = diffs if t is None else diffs[terc == t]
                 d = paired_difference(list(sel)).to_dict()
                 rows.append({"site": site, "comparison": f"{a} - {b}", "tercile": label, "n": int(len(sel)), **d})
+    return rows
+
+
+def gain_rows(dice: dict, per_site: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
+    """Spearman rho [bootstrap 95 % CI] of each ``GAIN_PAIRS`` per-image gain (:func:`paired_gains`) with each image
+    variable of ``per_site`` and with the same setting's UNet error (``error:unet``, :func:`unet_error`): does FiLM's
+    gain go to the images the profile marks, or to the images that are hard?"""
+    rows = []
+    for site in SITES:
+        for a, b in GAIN_PAIRS:
+            gains = paired_gains(dice, site, a, b, set(per_site.get(site, {})))
+            if len(gains) < 15:
+                continue
+            ue = unet_error(dice, site, a)
+            for var in [*next(iter(per_site[site].values())), "error:unet"]:
+                src = ue if var == "error:unet" else {n: v[var] for n, v in per_site[site].items()}
+                names = sorted(set(gains) & set(src))
+                v, g = np.array([src[n] for n in names]), np.array([gains[n] for n in names])
+                if len(names) < 15 or v.std() == 0:
+                    continue
+                rho, lo, hi = spearman_ci(v, g)
+                rows.append({"site": site, "comparison": f"{a} - {b}", "variable": var, "n": len(names), "rho": rho,
+                             "ci_lo": lo, "ci_hi": hi})  # fmt: skip
     return rows
 
 
@@ -197,6 +255,23 @@ def fitted_difficulty(
         mu, sd, w, b = fit(x[fold != f], y[fold != f])
         scores[fold == f] = (x[fold == f] - mu) / sd @ w + b
     return scores, fit(x, y)[2]
+
+
+def tercile_table(terciles: list[dict]) -> list[str]:
+    """Markdown rows ``| site | comparison | all | easiest | middle | hardest |`` of :func:`tercile_rows`' rows."""
+    lines = []
+    for site in SITES:
+        for comp in dict.fromkeys(r["comparison"] for r in terciles if r["site"] == site):
+            cells = [
+                next(
+                    f"{r['mean']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}] (n {r['n']})"
+                    for r in terciles
+                    if r["site"] == site and r["comparison"] == comp and r["tercile"] == t
+                )
+                for t in ("all", "easiest", "middle", "hardest")
+            ]
+            lines.append(f"| {site} | {comp} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def spearman_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -259,11 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "machine": "CPU", "command": " ".join(sys.argv), "jobs": a.jobs}
     difficulty = {site: {n: v["profile:difficulty"] for n, v in feats.items()} for site, feats in per_site.items()}
     terciles = tercile_rows(dice_seeds, difficulty)
+    terciles_unet = tercile_rows(dice_seeds, lambda site, model: unet_error(dice_seeds, site, model), GAIN_PAIRS)
+    gains = gain_rows(dice_seeds, per_site)
     fitted = fitted_rows(errors, per_site)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_vs_error.json").write_text(
-        json.dumps({**meta, "rows": rows, "terciles": terciles, "fitted_difficulty": fitted}, indent=1)
+        json.dumps(
+            {
+                **meta,
+                "rows": rows,
+                "terciles": terciles,
+                "terciles_by_unet_error": terciles_unet,
+                "gain_correlations": gains,
+                "fitted_difficulty": fitted,
+            },
+            indent=1,
+        )  # fmt: skip
     )
     lines = [
         f"{meta['date']}, `{meta['command']}`",
@@ -289,17 +376,35 @@ def main(argv: list[str] | None = None) -> int:
         "| site | comparison | all | easiest third | middle third | hardest third |",
         "|---|---|---|---|---|---|",
     ]
-    for site in SITES:
-        for comp in dict.fromkeys(r["comparison"] for r in terciles if r["site"] == site):
-            cells = [
-                next(
-                    f"{r['mean']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}] (n {r['n']})"
-                    for r in terciles
-                    if r["site"] == site and r["comparison"] == comp and r["tercile"] == t
-                )
-                for t in ("all", "easiest", "middle", "hardest")
-            ]
-            lines.append(f"| {site} | {comp} | " + " | ".join(cells) + " |")
+    lines += tercile_table(terciles)
+    lines += [
+        "",
+        "The same comparisons of FiLM per tercile of a real difficulty instead: the out-of-fold error of the UNet "
+        "trained in the same setting (`mixed:unet` for the two-site models; the UNet's seeds averaged). The UNet "
+        "shares no training noise with either flow model, so unlike the off model's own error this grouping does "
+        "not favour on - off in the hardest third by regression to the mean:",
+        "",
+        "| site | comparison | all | easiest third | middle third | hardest third |",
+        "|---|---|---|---|---|---|",
+        *tercile_table(terciles_unet),
+        "",
+        "Where does FiLM's gain go? Spearman rho [95 % bootstrap CI] of the per-image gain (Dice points, seeds both "
+        "models ran) with each variable; positive = the gain is larger where the variable is larger. `error:unet` is "
+        "the UNet error above. A profile that tells the decoder how to segment this image would show its gain "
+        "tracking the profile's fields.",
+        "",
+        "| variable | "
+        + " | ".join(f"{s} {c}" for s, c in dict.fromkeys((r["site"], r["comparison"]) for r in gains))
+        + " |",
+        "|---|" + "---|" * len(dict.fromkeys((r["site"], r["comparison"]) for r in gains)),
+    ]
+    cols = list(dict.fromkeys((r["site"], r["comparison"]) for r in gains))
+    for var in dict.fromkeys(r["variable"] for r in gains):
+        cells = []
+        for s_, c in cols:
+            r = next((r for r in gains if r["variable"] == var and r["site"] == s_ and r["comparison"] == c), None)
+            cells.append("–" if r is None else f"{r['rho']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]")
+        lines.append(f"| {var} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"A difficulty fitted to the error (issue 16 item 2): ridge regression of `{FIT_MODEL}`'s out-of-fold error "

@@ -337,3 +337,40 @@ def test_profile_swap_per_feature_replaces_exactly_one_value_from_the_named_sour
         assert p[k] == pytest.approx(0.7 if src == "other-site" else 0.4)
         assert np.array_equal(np.delete(p, k), np.delete(own, k))
     assert np.all(own == np.float32(0.1))  # the image's own profile is not changed in place
+
+
+def test_film_gain_is_paired_over_shared_seeds_and_set_against_variables_and_the_unet_error():
+    """profile_vs_error's "where does FiLM's gain go": per-image gains over the seeds both models ran on every image,
+    their rank correlation with an image variable, and terciles by the same setting's UNet error."""
+    import profile_vs_error as pve
+
+    rng = np.random.default_rng(0)
+    names = [f"dca1/{i:02d}" for i in range(30)]
+    x = rng.permutation(30).astype(float)  # the gain grows with x
+    unet_err = rng.permutation(30) / 100.0
+    dice = {
+        ("dca1", "mixed:flow-m-ep1+n"): {n: {0: 0.7 + x[i] / 1000, 1: 0.7 + x[i] / 1000} for i, n in enumerate(names)},
+        ("dca1", "mixed:flow-m-ep1+n:off"): {n: {0: 0.7, 1: 0.7} for n in names},
+        ("dca1", "mixed:unet"): {n: {0: 1.0 - unet_err[i]} for i, n in enumerate(names)},
+    }
+    # a seed only one image has: left out of every image's pairing, not mixed into that image's mean
+    dice[("dca1", "mixed:flow-m-ep1+n:off")][names[0]][2] = 0.0
+    dice[("dca1", "mixed:flow-m-ep1+n")][names[0]][2] = 0.9
+    gains = pve.paired_gains(dice, "dca1", "mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off")
+    assert gains[names[0]] == pytest.approx(x[0] / 10) and gains[names[5]] == pytest.approx(x[5] / 10)
+    assert pve.unet_error(dice, "dca1", "mixed:flow-m-ep1+n")[names[3]] == pytest.approx(unet_err[3])
+
+    per_site = {"dca1": {n: {"feature:x": x[i], "feature:noise": rng.normal()} for i, n in enumerate(names)}}
+    rows = {r["variable"]: r for r in pve.gain_rows(dice, per_site) if r["comparison"].endswith(":off")}
+    assert rows["feature:x"]["rho"] == pytest.approx(1.0) and rows["feature:x"]["n"] == 30
+    assert (
+        abs(rows["feature:noise"]["rho"]) < 0.5 and rows["feature:noise"]["ci_lo"] < 0 < rows["feature:noise"]["ci_hi"]
+    )
+    assert "error:unet" in rows
+
+    pairs = (("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),)
+    terc = pve.tercile_rows(dice, lambda site, model: pve.unet_error(dice, site, model), pairs)
+    by = {r["tercile"]: r for r in terc}
+    hard = [i for i in np.argsort(unet_err, kind="stable")[20:]]  # the 10 images the UNet does worst on
+    assert by["hardest"]["n"] == 10 and by["hardest"]["mean"] == pytest.approx(np.mean(x[hard] / 10))
+    assert by["all"]["mean"] == pytest.approx(np.mean(x / 10))
