@@ -140,6 +140,26 @@ def test_one_network_def_for_training_and_inference():
     assert train["network_def"]["_target_"] == "monai_vlmfilm.networks.FiLMFlowUNet"
 
 
+def test_encoder_film_is_one_switch_in_both_configs():
+    """``--film_encoder_stages "[0,1,2,3]"`` builds FiLM heads on the encoder blocks in training and inference alike
+    (MONAI Label builds inference.yaml's network); the default is the shipped model's decoder-only FiLM."""
+    from monai.bundle import ConfigParser
+
+    for name in ("train.yaml", "inference.yaml"):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        parser["profile_norm"] = None  # train.yaml's default reads the training images' profiles
+        for k, v in {"channels": [8, 16, 16, 16], "norm_num_groups": 8, "cond_dim": 16, "film_hidden_dim": 16}.items():
+            parser[f"network_def#{k}"] = v
+        assert parser["film_encoder_stages"] == []
+        assert not hasattr(parser.get_parsed_content("network_def", lazy=False), "film_encoder_heads")
+        parser["film_encoder_stages"] = [0, 1, 2, 3]
+        net = parser.get_parsed_content("network_def", lazy=False)
+        assert net.film_encoder_stages == (0, 1, 2, 3) and sorted(net.film_encoder_heads) == ["0", "1", "2", "3"]
+        parser["use_vlm_film"] = False  # off is still exactly the plain network
+        assert not hasattr(parser.get_parsed_content("network_def", lazy=False), "film_encoder_heads")
+
+
 @pytest.mark.parametrize(
     "device, expected",
     [("cpu", True), ("cuda:0", False), ("$torch.device('cpu')", True), ("$torch.device('cuda:0')", False)],

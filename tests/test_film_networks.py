@@ -235,6 +235,39 @@ def test_off_checkpoint_rejects_other_mismatches():
         load_off_checkpoint(on, other.state_dict())
 
 
+def test_checkpoints_across_the_encoder_film_option(tmp_path, caplog):
+    """A decoder-only FiLM checkpoint (the shipped model.pt) loads into an encoder-FiLM network at identity, with a
+    warning that names the switch; an encoder-FiLM checkpoint refuses a network built without those stages and says
+    which value of film_encoder_stages it needs."""
+    import logging
+
+    from monai_vlmfilm.networks.checkpoint import load_network_weights
+
+    dec = build(FiLMFlowUNet, seed=1, use_vlm_film=True, **FILM, **KW2)
+    randomise_output_conv(dec)
+    enc = build(FiLMFlowUNet, seed=2, use_vlm_film=True, film_encoder_stages=[0, 2], **FILM, **KW2)
+    torch.save(dec.state_dict(), tmp_path / "dec.pt")
+    with caplog.at_level(logging.WARNING):
+        result = load_network_weights(enc, tmp_path / "dec.pt")
+    assert result["missing"] and all(k.startswith("film_encoder_heads.") for k in result["missing"])
+    assert "no encoder FiLM heads" in caplog.text and "encoder stages [0, 2]" in caplog.text
+    assert "FiLM-off checkpoint" not in caplog.text  # the decoder heads did load
+    text = describe_missing_keys(result["missing"], [])
+    assert "encoder FiLM parameters" in text and "decoder-only FiLM network" in text and "FiLM-off" not in text
+    x, t, p = torch.randn(2, 2, 32, 32), torch.tensor([10, 900]), profiles(2)
+    with torch.no_grad():
+        dec.film_heads["0"].mlp[-1].weight.data.normal_(0, 0.3)  # a trained decoder head: visible in the output
+        torch.save(dec.state_dict(), tmp_path / "dec.pt")
+        load_network_weights(enc, tmp_path / "dec.pt")
+        assert torch.equal(enc(x, t, profile=p), dec(x, t, profile=p))
+    torch.save(enc.state_dict(), tmp_path / "enc.pt")
+    with pytest.raises(RuntimeError, match=r"set film_encoder_stages \[0, 2\]") as err:
+        load_network_weights(build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2), tmp_path / "enc.pt")
+    assert "enc.pt" in str(err.value)
+    off = build(FiLMFlowUNet, **KW2)  # FiLM off ignores every FiLM parameter, the encoder heads included
+    assert any(k.startswith("film_encoder_heads.") for k in load_network_weights(off, tmp_path / "enc.pt")["ignored"])
+
+
 def test_no_gradient_reaches_profile_source():
     on = build(FiLMFlowUNet, use_vlm_film=True, **FILM, **KW2)
     randomise_output_conv(on)

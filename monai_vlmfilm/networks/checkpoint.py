@@ -268,7 +268,16 @@ def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], 
             missing = load_off_checkpoint(net, sd)
         except RuntimeError as e:
             raise RuntimeError(f"{source}: {e}") from e
-        if missing:
+        encoder_only = [k for k in missing if k.startswith(ENCODER_FILM_PREFIX)]
+        if missing and len(encoder_only) == len(missing):
+            stages = sorted({int(k.split(".")[1]) for k in encoder_only})
+            logger.warning(
+                f"{source}: the checkpoint has no encoder FiLM heads (trained with film_encoder_stages []); the "
+                f"network's heads for encoder stages {stages} ({len(missing)} parameters) keep their identity "
+                "initialisation, so it behaves exactly as the checkpoint's decoder-only FiLM network (set "
+                "film_encoder_stages [] to match the checkpoint)."
+            )
+        elif missing:
             logger.warning(
                 f"{source}: FiLM-off checkpoint loaded into a FiLM-on network; {len(missing)} FiLM parameters keep "
                 "their identity initialisation (the network behaves exactly as the FiLM-off one)."
@@ -280,6 +289,7 @@ def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], 
 
 
 IMAGE_NORM_KEY = "image_norm_flag"
+ENCODER_FILM_PREFIX = "film_encoder_heads."
 
 
 def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
@@ -300,7 +310,15 @@ def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> 
             "built without it: set image_norm true (network_def#image_norm) to use this checkpoint."
         )
         unexpected = [k for k in unexpected if k != IMAGE_NORM_KEY]
-    if film:
+    enc_missing = [k for k in film if k.startswith(ENCODER_FILM_PREFIX)]
+    if enc_missing and len(enc_missing) == len(film):  # a decoder-only FiLM checkpoint in an encoder-FiLM network
+        stages = sorted({int(k.split(".")[1]) for k in enc_missing})
+        lines.append(
+            f"{len(film)} encoder FiLM parameters (film_encoder_heads for encoder stages {stages}) are not in the "
+            "checkpoint; they keep their initialisation (zero last layer), so the network starts exactly as the "
+            "checkpoint's decoder-only FiLM network."
+        )
+    elif film:
         heads = sorted({k.split(".")[1] for k in film if k.startswith("film_heads.")}, key=int)
         lines.append(
             f"{len(film)} FiLM parameters are not in the checkpoint (profile_encoder, film_heads for decoder stages "
@@ -309,6 +327,14 @@ def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> 
         )
     if other:
         lines.append(f"{len(other)} non-FiLM parameters are missing from the checkpoint: {other[:10]}")
+    enc = [k for k in unexpected if k.startswith(ENCODER_FILM_PREFIX)]
+    if enc:  # name the switch rather than the heads: the checkpoint was trained with FiLM on encoder blocks too
+        stages = sorted({int(k.split(".")[1]) for k in enc})
+        lines.append(
+            f"the checkpoint was trained with FiLM on encoder stages {stages} and the network is built without them: "
+            f"set film_encoder_stages {stages} (network_def#film_encoder_stages) to use this checkpoint."
+        )
+        unexpected = [k for k in unexpected if not k.startswith(ENCODER_FILM_PREFIX)]
     if unexpected:
         lines.append(f"{len(unexpected)} checkpoint entries do not belong to this network: {list(unexpected)[:10]}")
     if not lines:
