@@ -50,10 +50,10 @@ def run_cli(args: list[str], timeout: int = 300) -> str:
     return out
 
 
-def random_network(use_vlm_film: bool, seed: int = 0, image_norm: bool = False) -> FiLMFlowUNet:
+def random_network(use_vlm_film: bool, seed: int = 0, image_norm: bool = False, **kw) -> FiLMFlowUNet:
     """A tiny network with every weight random (a fresh one has a zero output layer and zero FiLM heads)."""
     torch.manual_seed(seed)
-    net = FiLMFlowUNet(use_vlm_film=use_vlm_film, image_norm=image_norm, **NET_KW)
+    net = FiLMFlowUNet(use_vlm_film=use_vlm_film, image_norm=image_norm, **NET_KW, **kw)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.15)
@@ -115,6 +115,19 @@ def test_scripted_segmenter_equals_flow_inferer(film, ode, tmp_path, one_thread)
         torch.testing.assert_close(loaded(image, profile[0]), inferer(image, net, profile[0]), rtol=0, atol=1e-6)
     if film:  # the profile matters (the check above is not vacuous)
         assert not torch.allclose(loaded(image, profile), loaded(image))
+
+
+def test_scripted_segmenter_with_encoder_film(one_thread):
+    """A network trained with ``--film_encoder_stages`` scripts too, and its encoder heads act in the module."""
+    net = random_network(True, film_encoder_stages=[0, 1, 2, 3])
+    scripted = torch.jit.script(FlowODESegmenter(net, seed=5, num_steps=1))
+    image, profile = torch.rand(2, 1, 30, 45), torch.rand(2, 7)
+    with torch.no_grad():
+        got = scripted(image, profile)
+        torch.testing.assert_close(got, FlowSegInferer(seed=5, num_steps=1)(image, net, profile))
+        for head in net.film_encoder_heads.values():  # identity encoder heads (the scripted module shares them)
+            head.mlp[-1].weight.zero_(), head.mlp[-1].bias.zero_()
+        assert not torch.allclose(scripted(image, profile), got)
 
 
 def test_scripted_segmenter_keeps_image_norm(tmp_path, one_thread):
