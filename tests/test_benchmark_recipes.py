@@ -374,3 +374,74 @@ def test_film_gain_is_paired_over_shared_seeds_and_set_against_variables_and_the
     hard = [i for i in np.argsort(unet_err, kind="stable")[20:]]  # the 10 images the UNet does worst on
     assert by["hardest"]["n"] == 10 and by["hardest"]["mean"] == pytest.approx(np.mean(x[hard] / 10))
     assert by["all"]["mean"] == pytest.approx(np.mean(x / 10))
+
+
+def test_profile_worth_pairs_the_shipped_recipe_and_reads_synthetic_reports(tmp_path):
+    """benchmarks/profile_worth.py: FiLM on − off and encoder − off (through the renamed off twin) are the per-image
+    paired differences of the rows it is given; synthetic reports become points; a missing comparison is named."""
+    import profile_worth as pw
+
+    rng = np.random.default_rng(0)
+    images = [f"xcad/{i}" for i in range(12)]
+    base = rng.uniform(0.6, 0.8, len(images))
+    shift = {"flow-m-ep1+n": 0.02, "flow-m-ep1+n:off": 0.0, "flow-m-ep1+ne": 0.03}
+    rows = []
+    for model, s in shift.items():
+        for seed in (0, 1):
+            noise = rng.normal(0, 0.002, len(images))
+            recs = [
+                {
+                    "image": n,
+                    "site": "xcad",
+                    "dice": b + s + e,
+                    "cldice": b + 2 * s,
+                    "b0_err": 1,
+                    "b1_err": 0,
+                    "dice_cc": b + s + e,
+                    "b0_err_cc": 1,
+                    "dice_notta": b,
+                }
+                for n, b, e in zip(images, base, noise)
+            ]
+            rows.append({"setting": "mixed_cv", "fold": 0, "seed": seed, "model": model, "records": recs})
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def overall(dice, cldice):  # an ablation report's paired comparison (fractions), as results.json holds it
+        return {
+            "overall": {
+                m: dict(zip(("mean", "ci_lo", "ci_hi"), v), n=240) for m, v in zip(("dice", "cldice"), (dice, cldice))
+            }
+        }
+
+    paired_modes = {"on.norm": overall((0.0132, 0.0068, 0.0204), (0.0156, 0.0088, 0.0231)),
+                    "oracle.norm": overall((0.0159, 0.009, 0.0234), (0.0188, 0.0114, 0.0266))}  # fmt: skip
+    report = {"seeds": [0, 1, 2], "analysis": {"paired": paired_modes}}
+    syn = tmp_path / "synthetic.json"
+    syn.write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert pw.main(["--jobs", str(jobs), "--out", str(out)]) == 0
+    table = (out / "profile_worth.md").read_text()
+    assert (out / "profile_worth.png").stat().st_size > 10_000
+    got = {r.split(" | ")[1]: r for r in table.splitlines() if r.startswith("| two-site CV, XCAD images")}
+    assert set(got) == {"FiLM on − off", "encoder FiLM − decoder FiLM", "encoder FiLM − off"}  # no shuffle rows ran
+
+    def paired(a, b):  # per-image seed means, then the mean difference, in points
+        mean = {
+            m: np.mean([[x["dice"] for x in r["records"]] for r in rows if r["model"] == m], axis=0) for m in (a, b)
+        }
+        return 100 * float(np.mean(mean[a] - mean[b]))
+
+    assert f"| 0, 1 | 12 | {paired('flow-m-ep1+n', 'flow-m-ep1+n:off'):+.2f} [" in got["FiLM on − off"]
+    assert f"| {paired('flow-m-ep1+ne', 'flow-m-ep1+n:off'):+.2f} [" in got["encoder FiLM − off"]
+    assert "+4.00 [+4.00, +4.00]" in got["FiLM on − off"].split(" | ")[-1]  # clDice: 2 x 2 points, no noise
+    assert pw.main(["--jobs", str(jobs), "--synthetic", str(syn), "--out", str(out)]) == 0
+    assert (
+        "| synthetic | FiLM on − off | 0, 1, 2 | 240 | +1.32 [+0.68, +2.04] | +1.56 [+0.88, +2.31] |"
+        in (out / "profile_worth.md").read_text()
+    )
+    with pytest.raises(KeyError, match="on-vs-shuffle"):  # this report has no shuffle comparison
+        pw.main(["--jobs", str(jobs), "--synthetic-shuffle", str(syn), "--out", str(out)])
+    jobs.write_text('{"setting": "mixed_cv"\n')
+    with pytest.raises(SystemExit, match="jobs.jsonl:1: not a JSON line"):
+        pw.main(["--jobs", str(jobs), "--out", str(out)])
