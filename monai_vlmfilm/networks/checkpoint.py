@@ -268,9 +268,8 @@ def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], 
             missing = load_off_checkpoint(net, sd)
         except RuntimeError as e:
             raise RuntimeError(f"{source}: {e}") from e
-        encoder_only = [k for k in missing if k.startswith(ENCODER_FILM_PREFIX)]
-        if missing and len(encoder_only) == len(missing):
-            stages = sorted({int(k.split(".")[1]) for k in encoder_only})
+        if missing and all(k.startswith(ENCODER_FILM_PREFIX) for k in missing):
+            stages = encoder_film_stages(missing)
             logger.warning(
                 f"{source}: the checkpoint has no encoder FiLM heads (trained with film_encoder_stages []); the "
                 f"network's heads for encoder stages {stages} ({len(missing)} parameters) keep their identity "
@@ -292,6 +291,11 @@ IMAGE_NORM_KEY = "image_norm_flag"
 ENCODER_FILM_PREFIX = "film_encoder_heads."
 
 
+def encoder_film_stages(keys: Sequence[str]) -> list[int]:
+    """The encoder stages whose FiLM heads (``film_encoder_heads.<stage>.*``) appear among state-dict ``keys``."""
+    return sorted({int(k.split(".")[1]) for k in keys if k.startswith(ENCODER_FILM_PREFIX)})
+
+
 def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
     film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
@@ -310,9 +314,8 @@ def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> 
             "built without it: set image_norm true (network_def#image_norm) to use this checkpoint."
         )
         unexpected = [k for k in unexpected if k != IMAGE_NORM_KEY]
-    enc_missing = [k for k in film if k.startswith(ENCODER_FILM_PREFIX)]
-    if enc_missing and len(enc_missing) == len(film):  # a decoder-only FiLM checkpoint in an encoder-FiLM network
-        stages = sorted({int(k.split(".")[1]) for k in enc_missing})
+    if film and all(k.startswith(ENCODER_FILM_PREFIX) for k in film):  # decoder-only checkpoint, encoder-FiLM network
+        stages = encoder_film_stages(film)
         lines.append(
             f"{len(film)} encoder FiLM parameters (film_encoder_heads for encoder stages {stages}) are not in the "
             "checkpoint; they keep their initialisation (zero last layer), so the network starts exactly as the "
@@ -327,9 +330,8 @@ def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> 
         )
     if other:
         lines.append(f"{len(other)} non-FiLM parameters are missing from the checkpoint: {other[:10]}")
-    enc = [k for k in unexpected if k.startswith(ENCODER_FILM_PREFIX)]
-    if enc:  # name the switch rather than the heads: the checkpoint was trained with FiLM on encoder blocks too
-        stages = sorted({int(k.split(".")[1]) for k in enc})
+    stages = encoder_film_stages(unexpected)
+    if stages:  # name the switch rather than the heads: the checkpoint was trained with FiLM on encoder blocks too
         lines.append(
             f"the checkpoint was trained with FiLM on encoder stages {stages} and the network is built without them: "
             f"set film_encoder_stages {stages} (network_def#film_encoder_stages) to use this checkpoint."
