@@ -268,7 +268,7 @@ def load_network_state(network: torch.nn.Module, state_dict: Mapping[str, Any], 
             missing = load_off_checkpoint(net, sd)
         except RuntimeError as e:
             raise RuntimeError(f"{source}: {e}") from e
-        if missing and all(k.startswith(ENCODER_FILM_PREFIX) for k in missing):
+        if only_encoder_film(missing):
             stages = encoder_film_stages(missing)
             logger.warning(
                 f"{source}: the checkpoint has no encoder FiLM heads (trained with film_encoder_stages []); the "
@@ -296,6 +296,12 @@ def encoder_film_stages(keys: Sequence[str]) -> list[int]:
     return sorted({int(k.split(".")[1]) for k in keys if k.startswith(ENCODER_FILM_PREFIX)})
 
 
+def only_encoder_film(keys: Sequence[str]) -> bool:
+    """Whether ``keys`` (missing state-dict keys) are all encoder FiLM heads: a decoder-only FiLM checkpoint loaded
+    into a network built with ``film_encoder_stages``, as opposed to a FiLM-off one."""
+    return bool(keys) and all(k.startswith(ENCODER_FILM_PREFIX) for k in keys)
+
+
 def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     """A plain-language account of a ``load_state_dict(strict=False)`` result for a FiLM network."""
     film = [k for k in missing if k.startswith(FILM_KEY_PREFIXES)]
@@ -314,7 +320,7 @@ def describe_missing_keys(missing: Sequence[str], unexpected: Sequence[str]) -> 
             "built without it: set image_norm true (network_def#image_norm) to use this checkpoint."
         )
         unexpected = [k for k in unexpected if k != IMAGE_NORM_KEY]
-    if film and all(k.startswith(ENCODER_FILM_PREFIX) for k in film):  # decoder-only checkpoint, encoder-FiLM network
+    if only_encoder_film(film):  # decoder-only checkpoint, encoder-FiLM network
         stages = encoder_film_stages(film)
         lines.append(
             f"{len(film)} encoder FiLM parameters (film_encoder_heads for encoder stages {stages}) are not in the "
