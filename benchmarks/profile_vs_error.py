@@ -69,6 +69,7 @@ GAIN_PAIRS = (
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:off"),
     ("mixed:flow-m-ep1+n", "mixed:flow-m-ep1+n:sshuffle"),
     ("flow-m-ep1+n", "flow-m-ep1+n:off"),
+    ("flow-m-ep1+n", "flow-m-ep1+n:sshuffle"),
     # FiLM on the encoder blocks too (two-site and one-site): against the shipped decoder-only FiLM and against off
     ("mixed:flow-m-ep1+ne", "mixed:flow-m-ep1+n"),
     ("mixed:flow-m-ep1+ne", "mixed:flow-m-ep1+n:off"),

@@ -119,7 +119,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.34 * len(rows) + 1.6), sharey=True, constrained_layout=True)
     labels = [
-        f"{r['setting']}: {r['comparison']} (seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))})"
+        f"{r['setting']}: {r['comparison']} (seed{'s' if len(r['seeds']) > 1 else ''} {','.join(map(str, r['seeds']))}"
+        f"; {r['n']} images)"
         for r in rows
     ]
     for ax, metric in zip(axes, ("dice", "cldice")):
