@@ -29,7 +29,8 @@ profile of the same site: the mixed-site control that keeps site information) or
 as on; each test image gets a random training image's profile: in-distribution values, no information on the image) and ``@N`` (N iterations instead of
 ``--iterations``); recipe modifiers after the name, for both kinds (``unet+zi``, ``flow-m-ep1+n:off``): ``+z`` zoom
 0.5-1.8x, ``+i`` wide intensity augmentation, ``+n`` z-scored input (see :class:`GPUAugment`), ``+d`` (flow only)
-condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+g`` (flow only) no difficulty gate, ``+u`` (flow
+condition dropout 0.5 (``FiLMFlowUNet(profile_dropout=0.5)``), ``+j`` (flow only) profile jitter 0.5
+(``FiLMFlowUNet(profile_noise=0.5)``), ``+g`` (flow only) no difficulty gate, ``+u`` (flow
 only) profiles not normalised, ``+e`` (flow only) FiLM on the encoder blocks too, ``+p`` a plain
 UNet's probability map as an extra input channel (nested out-of-fold for the training images; the UNets run first as
 ``prior`` jobs, kept in ``--prior-dir`` and reused: see :func:`prior_jobs`; a ``+p`` flow also records
@@ -103,6 +104,9 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     "n": {"znorm": True},
     # d = condition dropout: half of the training samples get the mean profile (FiLMFlowUNet(profile_dropout=0.5))
     "d": {"profile_dropout": 0.5},
+    # j = profile jitter: Gaussian noise of half the training profiles' spread on each training sample's profile
+    # (FiLMFlowUNet(profile_noise=0.5)); tests whether one-site FiLM's cost is the decoder memorising images by profile
+    "j": {"profile_noise": 0.5},
     # g = no difficulty gate (FiLMFlowUNet(use_difficulty_gate=False)): on the synthetic 0.6 recipe it gained
     # +0.18 (heuristic) / +0.24 (oracle) Dice points over the gate the bundle ships (ablation/synthetic_06_recipe, 3 seeds)
     "g": {"no_gate": True},
@@ -117,7 +121,13 @@ AUG_MODIFIERS: dict[str, dict[str, Any]] = {
     # bundle's decoder-only FiLM, with fewer specks (ablation/synthetic_06_where)
     "e": {"film_encoder": True},
 }
-PROFILE_ONLY_MODIFIERS = ("profile_dropout", "no_gate", "raw_profiles", "film_encoder")  # nothing to act on in a UNet
+PROFILE_ONLY_MODIFIERS = (
+    "profile_dropout",
+    "profile_noise",
+    "no_gate",
+    "raw_profiles",
+    "film_encoder",
+)  # nothing to act on in a UNet
 PRIOR_MODEL = "unet"  # the recipe of the UNets behind "+p" priors: the bar itself
 # per-image figures only some jobs have: two Euler steps (flow), prior starts (+p flows), uncertainty maps (ship jobs)
 # a +p flow also starts from its prior at these fractions of T (FlowSegInferer(start_time=s), issue 14 item 5)
@@ -482,8 +492,9 @@ def build_model(model: str, profile_dim: int) -> tuple[torch.nn.Module, dict]:
     # must not be z-scored, the image is z-scored outside (the same operation, session 7's runs did it that way)
     if not prior and aug.pop("znorm", False):
         cfg["image_norm"] = True
-    if "profile_dropout" in aug:  # a network argument, not an augmentation
-        cfg["profile_dropout"] = aug.pop("profile_dropout")
+    for key in ("profile_dropout", "profile_noise"):  # network arguments, not augmentations
+        if key in aug:
+            cfg[key] = aug.pop(key)
     gate = not aug.pop("no_gate", False)  # likewise
     if aug.pop("film_encoder", False):
         cfg["film_encoder_stages"] = list(range(len(cfg["channels"])))

@@ -70,6 +70,13 @@ def test_model_names_carry_recipe_modifiers():
     assert net.profile_dropout == 0.5 and net.image_norm and info["aug"] == {} and info["profile_dropout"] == 0.5
     with pytest.raises(ValueError, match="no profile"):
         fvu.build_model("unet+d", profile_dim=8)
+    # j: profile jitter, likewise a network argument
+    net, info = fvu.build_model("flow-s+nj", profile_dim=8)
+    assert (
+        net.profile_noise == 0.5 and net.profile_dropout == 0.0 and info["aug"] == {} and info["profile_noise"] == 0.5
+    )
+    with pytest.raises(ValueError, match="no profile"):
+        fvu.build_model("unet+j", profile_dim=8)
     # g: no difficulty gate (the gate's parameters are gone from the network); the bundle's default keeps it
     gated, info = fvu.build_model("flow-s+n", profile_dim=8)
     ungated, info_g = fvu.build_model("flow-s+ng", profile_dim=8)

@@ -15,7 +15,7 @@ from monai_vlmfilm.networks import (
     describe_missing_keys,
     load_off_checkpoint,
 )
-from monai_vlmfilm.profiles import DEFAULT_PROFILE, PROFILE_DIM, VLMProfile
+from monai_vlmfilm.profiles import DEFAULT_PROFILE, FALLBACK_INDEX, PROFILE_DIM, VLMProfile
 
 KW2 = dict(TINY_FLOW_NET, attention_levels=(False, False, True), num_head_channels=8)  # attention on the last level
 KW3 = dict(KW2, spatial_dims=3, attention_levels=(False, False, False))
@@ -467,6 +467,48 @@ def test_profile_dropout_replaces_profiles_by_the_training_mean_in_training_only
     assert 0.35 < share < 0.65, share
     with pytest.raises(ValueError, match="profile_dropout"):
         FiLMFlowUNet(profile_dropout=1.5, **kw)
+
+
+def test_profile_noise_jitters_training_profiles_by_their_spread_and_leaves_eval_alone():
+    """``profile_noise``: in training mode each profile is moved by Gaussian noise of ``profile_noise`` times the
+    encoder's ``feature_std`` per feature (the fallback flag never), so the profile the encoder normalises moves by
+    about ``profile_noise`` standard deviations; eval mode and ``profile_noise=0`` leave it alone; the state dict is
+    the same as without the option; a negative value is refused."""
+    kw = dict(TINY_FLOW_NET, use_vlm_film=True, **FILM)
+    noisy = build(FiLMFlowUNet, profile_noise=0.5, **kw)
+    plain = build(FiLMFlowUNet, **kw)
+    assert list(noisy.state_dict()) == list(plain.state_dict())
+    p = profiles(4).float()
+    std = torch.linspace(0.5, 2.0, p.shape[1])
+    for net in (noisy, plain):
+        net.profile_encoder.set_normalization(p.mean(0), std)
+    seen: dict[str, list[torch.Tensor]] = {"noisy": [], "plain": []}
+    hooks = [
+        net.profile_encoder.register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().clone()))
+        for k, net in (("noisy", noisy), ("plain", plain))
+    ]
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(4, 2, 32, 32, generator=g), torch.full((4,), 1000.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        noisy.train(), plain.train()
+        for _ in range(200):
+            noisy(x, t, p)
+        plain(x, t, p)
+        noisy.eval()
+        noisy(x, t, p)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(seen["plain"][0], p)  # no option: the profile as given
+    torch.testing.assert_close(seen["noisy"][-1], p)  # eval mode: no noise
+    moved = torch.stack(seen["noisy"][:-1]) - p  # [200, B, P]
+    z = moved / std  # in units of the training profiles' spread
+    assert torch.all(moved[..., FALLBACK_INDEX] == 0)  # the fallback flag is a flag
+    spread = z[..., :FALLBACK_INDEX].std(dim=(0, 1))
+    assert torch.all((spread > 0.4) & (spread < 0.6)), spread
+    assert abs(float(z[..., :FALLBACK_INDEX].mean())) < 0.05
+    with pytest.raises(ValueError, match="profile_noise"):
+        FiLMFlowUNet(profile_noise=-0.1, **kw)
 
 
 def test_training_profile_norm_follows_the_transforms_to_the_profile():

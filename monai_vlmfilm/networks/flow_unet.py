@@ -11,7 +11,7 @@ import torch.nn as nn
 from monai.networks.nets import DiffusionModelUNet
 from monai.utils import str2bool
 
-from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, PROFILE_DIM, as_profile_batch
+from monai_vlmfilm.profiles.schema import DIFFICULTY_INDEX, FALLBACK_INDEX, PROFILE_DIM, as_profile_batch
 
 from .film import AdaptiveFiLMHead, ProfileEncoder, film_modulate
 from .image_encoder import ImageSkipEncoder, skip_layout
@@ -99,6 +99,13 @@ class FiLMFlowUNet(DiffusionModelUNet):
             must segment well from the average description, and the profile can only add what it knows about this
             image instead of serving as an image identifier to memorise. No effect in eval mode or with FiLM off;
             nothing is stored in the state dict.
+        profile_noise: in training mode, the standard deviation of Gaussian noise added to each sample's profile, in
+            units of the training profiles' per-feature spread (``profile_encoder.feature_std``): each training image's
+            profile then names a neighbourhood of descriptions, not one point. On one site FiLM costs Dice and a
+            same-site image's profile costs as much as the image's own (``benchmarks/BENCHMARKS.md`` section 9n), as
+            if the decoder memorised each training image by its profile; this option tests that. The fallback flag
+            (last feature) is left unchanged. No effect in eval mode or with FiLM off; nothing is stored in the state
+            dict. Not yet measured on real images.
         kwargs: any other ``DiffusionModelUNet`` argument (``channels``, ``attention_levels``, ``num_res_blocks``, ...).
     """
 
@@ -119,6 +126,7 @@ class FiLMFlowUNet(DiffusionModelUNet):
         image_encoder_channels: Sequence[int] | None = None,
         image_norm: bool | str = False,
         profile_dropout: float = 0.0,
+        profile_noise: float = 0.0,
         **kwargs: Any,
     ) -> None:
         # the UNet first: an OFF network must consume exactly the RNG stream of DiffusionModelUNet
@@ -147,6 +155,9 @@ class FiLMFlowUNet(DiffusionModelUNet):
         if not 0.0 <= float(profile_dropout) <= 1.0:
             raise ValueError(f"profile_dropout must be in [0, 1], got {profile_dropout}.")
         self.profile_dropout = float(profile_dropout)
+        if not float(profile_noise) >= 0.0:
+            raise ValueError(f"profile_noise must be >= 0, got {profile_noise}.")
+        self.profile_noise = float(profile_noise)
         self.profile_dim = profile_dim
         self.use_difficulty_gate = use_difficulty_gate
         if not 0 <= gate_index < profile_dim:
@@ -260,6 +271,11 @@ class FiLMFlowUNet(DiffusionModelUNet):
         if self.training and self.profile_dropout > 0:
             drop = torch.rand(p.shape[0], device=p.device) < self.profile_dropout
             p = torch.where(drop[:, None], self.profile_encoder.feature_mean.to(p.dtype), p)
+        if self.training and self.profile_noise > 0:
+            noise = torch.randn_like(p) * self.profile_encoder.feature_std.to(p.dtype) * self.profile_noise
+            if p.shape[1] > FALLBACK_INDEX:
+                noise[:, FALLBACK_INDEX] = 0.0  # a flag, not a measurement
+            p = p + noise
         self._film_now, self._film_enc_now = self._film(p, encoder=True)
         try:
             return super().forward(*args)
