@@ -452,3 +452,40 @@ def test_profile_worth_pairs_the_shipped_recipe_and_reads_synthetic_reports(tmp_
     jobs.write_text('{"setting": "mixed_cv"\n')
     with pytest.raises(SystemExit, match="jobs.jsonl:1: not a JSON line"):
         pw.main(["--jobs", str(jobs), "--out", str(out)])
+
+
+def test_train_loss_gap_pairs_film_jobs_with_their_off_twin(tmp_path):
+    """benchmarks/train_loss_gap.py: a FiLM job is paired with the FiLM-off job of the same setting, fold and seed;
+    the loss is the mean of the last ``tail`` snapshots, Dice the mean over the job's images (points); jobs without a
+    twin, of other models or without records are left out; a jobs file with no pair at all stops with its name."""
+    import train_loss_gap as tlg
+
+    def job(model, fold, seed, losses, dices, setting="dca1_cv"):
+        recs = [{"image": f"dca1/{i}", "dice": d} for i, d in enumerate(dices)]
+        return {"setting": setting, "fold": fold, "seed": seed, "model": model, "losses": losses, "records": recs}
+
+    rows = []
+    for fold in range(3):  # FiLM fits better by 0.05 + 0.01 * fold and scores 1 + fold points lower
+        rows.append(job("flow-m-ep1+n:off", fold, 0, [9.0] + [0.5] * 10, [0.8, 0.8]))
+        rows.append(job("flow-m-ep1+n", fold, 0, [0.0] + [0.45 - 0.01 * fold] * 10, [0.79 - 0.01 * fold] * 2))
+    rows.append(job("flow-m-ep1+n", 4, 0, [0.1] * 11, [0.5, 0.5]))  # no off twin: left out
+    rows.append(job("unet", 0, 0, [0.1] * 11, [0.9, 0.9]))  # not compared
+    rows.append({"setting": "dca1_cv", "fold": 1, "seed": 0, "model": "flow-m-ep1+n:sshuffle", "error": "x"})
+    gaps = tlg.loss_gaps(rows, tail=10)
+    assert len(gaps) == 1
+    g = gaps[0]
+    assert (g["setting"], g["comparison"], g["pairs"], g["lower_loss"]) == ("dca1_cv", "FiLM on − off", 3, 3)
+    assert g["off_loss"] == pytest.approx(0.5)
+    assert g["loss"][0] == pytest.approx(-0.06) and g["loss"][1] <= -0.06 <= g["loss"][2]
+    assert g["dice"][0] == pytest.approx(-2.0) and g["dice"][2] < 0
+    # tail 11 takes the first snapshot in as well: 9.0 for off, 0.0 for FiLM
+    assert tlg.loss_gaps(rows, tail=11)[0]["loss"][0] == pytest.approx(-0.06 * 10 / 11 - 9.0 / 11)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert tlg.main(["--jobs", str(jobs), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "train_loss_gap.md").read_text()
+    assert "| dca1_cv | FiLM on − off | 3 | 0.500 | -0.0600 [" in table and "| 3 / 3 | -2.00 [" in table
+    lonely = tmp_path / "lonely.jsonl"
+    lonely.write_text(json.dumps(rows[-3]) + "\n")
+    with pytest.raises(SystemExit, match="lonely.jsonl: no FiLM job has a FiLM-off twin"):
+        tlg.main(["--jobs", str(lonely), "--out", str(tmp_path / "out2")])
