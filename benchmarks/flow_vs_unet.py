@@ -1062,6 +1062,23 @@ def plot_pairs(summary: dict, path: Path) -> None:
 PAIR_METRICS = ("dice", "cldice", "b0_err", "b0_err_cc", "b1_err")
 
 
+def read_job_rows(path: str | Path) -> list[dict]:
+    """The rows of a jobs file this script writes (JSON lines; blank lines skipped).
+
+    Raises:
+        SystemExit: a line that is not JSON, named by file and line number.
+    """
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: not a JSON line ({e.msg})") from e
+    return rows
+
+
 def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
     from monai_vlmfilm.ablation.stats import paired_difference, seeds_in_common
 

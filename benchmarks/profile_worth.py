@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_vs_unet import summarise  # noqa: E402  (the script's folder is not a package)
+from flow_vs_unet import read_job_rows, summarise  # noqa: E402  (the script's folder is not a package)
 
 SHIPPED = "flow-m-ep1+n"
 ENCODER = "flow-m-ep1+ne"
@@ -144,15 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-shuffle", help="ablation results.json with on / shuffle (normalised profiles)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    jobs = Path(a.jobs)
-    rows_in = []
-    for i, line in enumerate(jobs.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows_in.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{jobs}:{i}: not a JSON line ({e.msg})") from e
-    summary, _ = summarise(with_encoder_off_twin(rows_in))
+    summary, _ = summarise(with_encoder_off_twin(read_job_rows(a.jobs)))
     rows = real_rows(summary)
     if a.synthetic:
         rep = json.loads(Path(a.synthetic).read_text())
@@ -162,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = json.loads(Path(a.synthetic_shuffle).read_text())
         rows += synthetic_rows(rep, {"on-vs-shuffle": "on − shuffle"}, "synthetic")
     if not rows:
-        raise SystemExit(f"{jobs}: no {SHIPPED} FiLM comparison in these rows")
+        raise SystemExit(f"{a.jobs}: no {SHIPPED} FiLM comparison in these rows")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / "profile_worth.png")

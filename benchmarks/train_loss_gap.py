@@ -16,7 +16,6 @@ Update 10). Writes ``train_loss_gap.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import date
 from pathlib import Path
@@ -26,6 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flow_vs_unet import read_job_rows  # noqa: E402  (the script's folder is not a package)
 
 OFF = "flow-m-ep1+n:off"
 COMPARED = (
@@ -60,10 +62,11 @@ def loss_gaps(rows: list[dict], tail: int = 10) -> list[dict]:
         if "records" not in r or not r.get("losses"):
             continue
         by_key.setdefault((r["setting"], r["fold"], r["seed"]), {})[r["model"]] = job_summary(r, tail)
+    twinned = [(key[0], v) for key, v in sorted(by_key.items(), key=str) if OFF in v]
     out = []
     for setting in SETTINGS:
         for model, label in COMPARED:
-            pairs = [v for (s, _, _), v in sorted(by_key.items(), key=str) if s == setting and model in v and OFF in v]
+            pairs = [v for s, v in twinned if s == setting and model in v]
             if len(pairs) < 2:
                 continue
             dl = np.array([v[model][0] - v[OFF][0] for v in pairs])
@@ -112,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for train_loss_gap.md")
     ap.add_argument("--tail", type=int, default=10, help="training-loss snapshots averaged per job (default 10)")
     a = ap.parse_args(argv)
-    rows = [json.loads(line) for line in Path(a.jobs).read_text().splitlines() if line.strip()]
-    gaps = loss_gaps(rows, a.tail)
+    gaps = loss_gaps(read_job_rows(a.jobs), a.tail)
     if not gaps:
         raise SystemExit(f"{a.jobs}: no FiLM job has a FiLM-off twin of the same setting, fold and seed.")
     out = Path(a.out)
