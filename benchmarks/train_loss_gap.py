@@ -1,7 +1,7 @@
 """Does FiLM fit the training images better while it scores worse on held-out ones? Training loss against test Dice.
 
     python benchmarks/train_loss_gap.py --jobs benchmarks/results/flow_vs_unet_jobs.jsonl \\
-        --out benchmarks/results                                  # CPU, about 2 s
+        --out benchmarks/results               # CPU, about 15 s (most of it importing flow_vs_unet)
 
 Reads the rows of ``benchmarks/flow_vs_unet.py``: each job records its training loss every 100 iterations (one
 batch each, ``losses``) and its per-image test Dice (``records``). For the shipped recipe (``flow-m-ep1+n``) with FiLM
