@@ -540,6 +540,18 @@ def profile_normalization(info: dict, p_train: np.ndarray) -> tuple[np.ndarray, 
     return p_train.mean(0), np.maximum(p_train.std(0), 1e-3)
 
 
+# modifiers that change only how FiLM is trained (the profile it sees), not the network that FiLM off trains
+FILM_TRAINING_MODIFIERS = "dj"
+
+
+def off_twin(model: str) -> str:
+    """The FiLM-off run that ``model`` (FiLM on) is compared with: itself with ``:off``, less the modifiers that act
+    only through the profile (``"flow-m+nj"`` -> ``"flow-m+n:off"``, ``"flow-m+j"`` -> ``"flow-m:off"``)."""
+    base, _, mods = model.partition("+")
+    mods = "".join(c for c in mods if c not in FILM_TRAINING_MODIFIERS)
+    return f"{base}{'+' + mods if mods else ''}:off"
+
+
 def modifier_refs(model: str) -> list[str]:
     """The model names with one recipe modifier fewer, when it has two or more: ``"flow-m+nd:off"`` ->
     ``["flow-m+d:off", "flow-m+n:off"]``."""
@@ -1140,6 +1152,16 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 for m in per_model
                 for v in ("off", "shuffle", "sshuffle", "trainprof")
                 if f"{m}:{v}" in per_model
+            ]
+            # FiLM trained with a regulariser that only acts through the profile against the plain network it shares
+            # ("flow-m+nj" - "flow-m+n:off": with FiLM off, jitter and dropout change nothing), i.e. its on - off
+            pairs += [
+                (m, ref)
+                for m in per_model
+                if ":" not in m
+                and (ref := off_twin(m)) != f"{m}:off"
+                and ref in per_model
+                and (m, ref) not in pairs
             ]
             # a recipe modifier against the same model without it ("unet+zi" - "unet")
             pairs += [(m, ref) for m in per_model if "+" in m and (ref := re.sub(r"\+[a-z]+", "", m)) in per_model]

@@ -74,6 +74,9 @@ GAIN_PAIRS = (
     ("mixed:flow-m-ep1+ne", "mixed:flow-m-ep1+n"),
     ("mixed:flow-m-ep1+ne", "mixed:flow-m-ep1+n:off"),
     ("flow-m-ep1+ne", "flow-m-ep1+n:off"),
+    # one-site FiLM trained with profile jitter / condition dropout (the memorisation test) against off
+    ("flow-m-ep1+nj", "flow-m-ep1+n:off"),
+    ("flow-m-ep1+nd", "flow-m-ep1+n:off"),
 )
 FIT_MODEL = "flow-m-ep1+n:off"  # the model users train on one site (the docs' recommendation), 3 seeds
 

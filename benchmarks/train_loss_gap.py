@@ -5,7 +5,8 @@
 
 Reads the rows of ``benchmarks/flow_vs_unet.py``: each job records its training loss every 100 iterations (one
 batch each, ``losses``) and its per-image test Dice (``records``). For the shipped recipe (``flow-m-ep1+n``) with FiLM
-on, with site-shuffled profiles (``:sshuffle``) and with encoder FiLM (``flow-m-ep1+ne``), each against FiLM off
+on, with site-shuffled profiles (``:sshuffle``), with encoder FiLM (``flow-m-ep1+ne``) and trained with profile jitter or
+condition dropout (``+nj`` / ``+nd``, whose logged loss is the one with jittered / dropped profiles), each against FiLM off
 (``flow-m-ep1+n:off``) of the same setting, fold and seed (same training images, same crop stream), it pairs the jobs
 and reports the mean training loss over the last ``--tail`` snapshots and the mean test Dice, as differences with a
 bootstrap 95 % CI over the (fold, seed) pairs. A profile that acts as a per-image key the decoder memorises shows as a
@@ -34,6 +35,9 @@ COMPARED = (
     ("flow-m-ep1+n", "FiLM on − off"),
     ("flow-m-ep1+n:sshuffle", "site-shuffled profiles − off"),
     ("flow-m-ep1+ne", "encoder FiLM − off"),
+    # training-time regularisers of the profile path (their loss is logged with the jittered / dropped profiles)
+    ("flow-m-ep1+nj", "FiLM with profile jitter − off"),
+    ("flow-m-ep1+nd", "FiLM with condition dropout − off"),
 )
 SETTINGS = ("dca1_cv", "xcad_cv", "mixed_cv", "dca1_to_xcad", "xcad_to_dca1")
 

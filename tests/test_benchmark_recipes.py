@@ -105,6 +105,9 @@ def test_model_names_carry_recipe_modifiers():
     assert fvu.modifier_refs("flow-m-ep1+nd:off") == ["flow-m-ep1+d:off", "flow-m-ep1+n:off"]
     assert fvu.modifier_refs("flow-m-ep1+nd") == ["flow-m-ep1+d", "flow-m-ep1+n"]
     assert fvu.modifier_refs("flow-m+n") == []
+    # FiLM trained with a profile-only regulariser (jitter, dropout) is compared with the FiLM-off run it shares
+    assert fvu.off_twin("flow-m-ep1+nj") == "flow-m-ep1+n:off" and fvu.off_twin("flow-m+dj") == "flow-m:off"
+    assert fvu.off_twin("flow-m+n") == "flow-m+n:off" and fvu.off_twin("flow-m") == "flow-m:off"
 
 
 def test_within_site_permutation_keeps_site_information_only():
@@ -280,6 +283,9 @@ def test_summary_pairs_over_common_seeds_and_folds_filter(tmp_path):
     assert site["flow-m - unet"]["seeds"] == [0]  # seed 1 lacks fold 1: not a complete seed
     assert site["flow-m - unet"]["dice"]["mean"] == pytest.approx(2.0)
     assert site["flow-m+u - flow-m"]["seeds"] == [1] and "flow-m+u - unet" in site
+    rows += [_rows("flow-m+j", 1, 0, a, 0.77), _rows("flow-m:off", 1, 0, a, 0.76)]  # jitter: paired with plain off
+    assert fvu.summarise(rows)[0]["dca1_cv"]["dca1"]["flow-m+j - flow-m:off"]["dice"]["mean"] == pytest.approx(1.0)
+    rows = rows[:-2]
     rows.append(_rows("flow-m:off", 2, 1, b, 0.75))  # shares no seed with the UNet on its images
     assert "flow-m:off - unet" not in fvu.summarise(rows)[0]["dca1_cv"]["dca1"]
     jobs = tmp_path / "jobs.jsonl"
