@@ -1158,10 +1158,7 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
             pairs += [
                 (m, ref)
                 for m in per_model
-                if ":" not in m
-                and (ref := off_twin(m)) != f"{m}:off"
-                and ref in per_model
-                and (m, ref) not in pairs
+                if ":" not in m and (ref := off_twin(m)) != f"{m}:off" and ref in per_model and (m, ref) not in pairs
             ]
             # a recipe modifier against the same model without it ("unet+zi" - "unet")
             pairs += [(m, ref) for m in per_model if "+" in m and (ref := re.sub(r"\+[a-z]+", "", m)) in per_model]
