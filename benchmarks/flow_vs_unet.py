@@ -1269,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     if a.summarise:
-        results = [json.loads(line) for f in a.summarise for line in Path(f).read_text().splitlines() if line.strip()]
+        results = [r for f in a.summarise for r in read_job_rows(f)]
         if a.folds:  # CV rows of these folds only (cross-site rows have no folds and stay)
             results = [r for r in results if in_folds(r, a.folds)]
         summary, table = summarise(results)
@@ -1279,6 +1279,13 @@ def main(argv: list[str] | None = None) -> int:
         plot_pairs(summary, Path(a.out) / "summary_pairs.png")
         print(table)
         return 0
+    # jobs finished in earlier runs (for --skip-done), read before the data so a damaged file stops the run at once
+    done = {
+        (r["setting"], r["fold"], r["seed"], r["model"])
+        for f in a.skip_done or []
+        for r in read_job_rows(f)
+        if "records" in r
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     root = data_root(a.data)
@@ -1296,12 +1303,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.folds:
         jobs = [j for j in jobs if in_folds(j, a.folds)]
     if a.skip_done:  # resume: jobs already finished in earlier runs are not repeated
-        done = {
-            (r["setting"], r["fold"], r["seed"], r["model"])
-            for f in a.skip_done
-            for r in map(json.loads, filter(str.strip, Path(f).read_text().splitlines()))
-            if "records" in r
-        }
         jobs = [j for j in jobs if (j["setting"], j["fold"], j["seed"], j["model"]) not in done]
     jobs = order_jobs(jobs, seeds, a.max_jobs)
     for j in jobs:  # smaller jobs for tests (before the priors are planned: they serve exactly these images)

@@ -495,3 +495,16 @@ def test_train_loss_gap_pairs_film_jobs_with_their_off_twin(tmp_path):
     lonely.write_text(json.dumps(rows[-3]) + "\n")
     with pytest.raises(SystemExit, match="lonely.jsonl: no FiLM job has a FiLM-off twin"):
         tlg.main(["--jobs", str(lonely), "--out", str(tmp_path / "out2")])
+
+
+def test_damaged_jobs_file_stops_naming_file_and_line(tmp_path):
+    """--summarise and --skip-done read jobs files through read_job_rows: a damaged line (a run killed mid-write)
+    stops with the file and line, before anything is summarised or any job is skipped on a guess."""
+    good = json.dumps(_rows("unet", 0, 0, ["a1"], 0.7))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(good + "\n\n" + good[: len(good) // 2] + "\n")
+    with pytest.raises(SystemExit, match=r"jobs\.jsonl:3: not a JSON line"):
+        fvu.main(["--summarise", str(jobs), "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s" / "summary.md").exists()
+    with pytest.raises(SystemExit, match=r"jobs\.jsonl:3: not a JSON line"):
+        fvu.main(["--smoke", "--skip-done", str(jobs), "--out", str(tmp_path / "r")])
