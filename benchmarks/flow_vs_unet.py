@@ -540,15 +540,12 @@ def profile_normalization(info: dict, p_train: np.ndarray) -> tuple[np.ndarray, 
     return p_train.mean(0), np.maximum(p_train.std(0), 1e-3)
 
 
-# modifiers that change only how FiLM is trained (the profile it sees), not the network that FiLM off trains
-FILM_TRAINING_MODIFIERS = "dj"
-
-
 def off_twin(model: str) -> str:
     """The FiLM-off run that ``model`` (FiLM on) is compared with: itself with ``:off``, less the modifiers that act
-    only through the profile (``"flow-m+nj"`` -> ``"flow-m+n:off"``, ``"flow-m+j"`` -> ``"flow-m:off"``)."""
+    only through FiLM (``PROFILE_ONLY_MODIFIERS``: with FiLM off they change nothing), so ``"flow-m+nj"`` ->
+    ``"flow-m+n:off"`` and ``"flow-m+e"`` -> ``"flow-m:off"``."""
     base, _, mods = model.partition("+")
-    mods = "".join(c for c in mods if c not in FILM_TRAINING_MODIFIERS)
+    mods = "".join(c for c in mods if not set(AUG_MODIFIERS.get(c, {"?": 0})) <= set(PROFILE_ONLY_MODIFIERS))
     return f"{base}{'+' + mods if mods else ''}:off"
 
 
@@ -1153,8 +1150,8 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 for v in ("off", "shuffle", "sshuffle", "trainprof")
                 if f"{m}:{v}" in per_model
             ]
-            # FiLM trained with a regulariser that only acts through the profile against the plain network it shares
-            # ("flow-m+nj" - "flow-m+n:off": with FiLM off, jitter and dropout change nothing), i.e. its on - off
+            # FiLM with a modifier that acts only through FiLM against the plain network it shares ("flow-m+nj" -
+            # "flow-m+n:off": with FiLM off, jitter, dropout or encoder FiLM change nothing), i.e. its on - off
             pairs += [
                 (m, ref)
                 for m in per_model

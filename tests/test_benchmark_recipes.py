@@ -105,9 +105,10 @@ def test_model_names_carry_recipe_modifiers():
     assert fvu.modifier_refs("flow-m-ep1+nd:off") == ["flow-m-ep1+d:off", "flow-m-ep1+n:off"]
     assert fvu.modifier_refs("flow-m-ep1+nd") == ["flow-m-ep1+d", "flow-m-ep1+n"]
     assert fvu.modifier_refs("flow-m+n") == []
-    # FiLM trained with a profile-only regulariser (jitter, dropout) is compared with the FiLM-off run it shares
+    # FiLM with a FiLM-only modifier (jitter, dropout, encoder FiLM, ...) is compared with the FiLM-off run it shares
     assert fvu.off_twin("flow-m-ep1+nj") == "flow-m-ep1+n:off" and fvu.off_twin("flow-m+dj") == "flow-m:off"
     assert fvu.off_twin("flow-m+n") == "flow-m+n:off" and fvu.off_twin("flow-m") == "flow-m:off"
+    assert fvu.off_twin("flow-m-ep1+nep") == "flow-m-ep1+np:off"  # encoder FiLM goes, the prior input stays
 
 
 def test_within_site_permutation_keeps_site_information_only():
@@ -390,7 +391,7 @@ def test_film_gain_is_paired_over_shared_seeds_and_set_against_variables_and_the
 
 
 def test_profile_worth_pairs_the_shipped_recipe_and_reads_synthetic_reports(tmp_path):
-    """benchmarks/profile_worth.py: FiLM on − off and encoder − off (through the renamed off twin) are the per-image
+    """benchmarks/profile_worth.py: FiLM on − off and encoder − off (with the shipped recipe's off run, flow_vs_unet.off_twin) are the per-image
     paired differences of the rows it is given; synthetic reports become points; a missing comparison is named."""
     import profile_worth as pw
 
