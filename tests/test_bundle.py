@@ -160,6 +160,24 @@ def test_encoder_film_is_one_switch_in_both_configs():
         assert not hasattr(parser.get_parsed_content("network_def", lazy=False), "film_encoder_heads")
 
 
+def test_profile_jitter_is_one_training_switch():
+    """``--profile_noise 0.5`` (one-site advice, BENCHMARKS 9o) reaches FiLMFlowUNet in both configs; the default is
+    off (the shipped model.pt was trained without it) and the weights are the same either way."""
+    from monai.bundle import ConfigParser
+
+    for name in ("train.yaml", "inference.yaml"):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        parser["profile_norm"] = None
+        for k, v in {"channels": [8, 16, 16, 16], "norm_num_groups": 8, "cond_dim": 16, "film_hidden_dim": 16}.items():
+            parser[f"network_def#{k}"] = v
+        plain = parser.get_parsed_content("network_def", lazy=False)
+        assert parser["profile_noise"] == 0.0 and plain.profile_noise == 0.0
+        parser["profile_noise"] = 0.5
+        jittered = parser.get_parsed_content("network_def", lazy=False)
+        assert jittered.profile_noise == 0.5 and jittered.state_dict().keys() == plain.state_dict().keys()
+
+
 @pytest.mark.parametrize(
     "device, expected",
     [("cpu", True), ("cuda:0", False), ("$torch.device('cpu')", True), ("$torch.device('cuda:0')", False)],
