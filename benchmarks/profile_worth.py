@@ -7,8 +7,8 @@
 
 Real settings come from the per-image rows of ``benchmarks/flow_vs_unet.py`` (summarised by its own
 :func:`summarise`, so the figures equal ``results/flow_vs_unet.md``): for the shipped recipe ``flow-m-ep1+n``, FiLM
-on − off, on − same-site shuffle (``:sshuffle``) and encoder FiLM (``+ne``) against decoder-only FiLM and against
-off, in each setting where they were run. Synthetic rows come from ``python -m monai_vlmfilm.ablation`` reports
+on − off, on − same-site shuffle (``:sshuffle``), encoder FiLM (``+ne``) against decoder-only FiLM and against
+off, and FiLM trained with profile jitter (``+nj``) against off, in each setting where they were run. Synthetic rows come from ``python -m monai_vlmfilm.ablation`` reports
 (``results.json``): heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles
 (``oracle.norm``) against off, and on − shuffle. Writes ``profile_worth.png`` and ``profile_worth.md``.
 """
@@ -27,6 +27,7 @@ from flow_vs_unet import read_job_rows, summarise  # noqa: E402  (the script's f
 
 SHIPPED = "flow-m-ep1+n"
 ENCODER = "flow-m-ep1+ne"
+JITTER = "flow-m-ep1+nj"
 # (label, comparison key in flow_vs_unet's summary); summarise pairs encoder FiLM with the shipped recipe's FiLM-off
 # run (off_twin: with FiLM off, encoder FiLM changes nothing)
 COMPARISONS = (
@@ -34,6 +35,8 @@ COMPARISONS = (
     ("on − same-site shuffle", f"{SHIPPED} - {SHIPPED}:sshuffle"),
     ("encoder FiLM − decoder FiLM", f"{ENCODER} - {SHIPPED}"),
     ("encoder FiLM − off", f"{ENCODER} - {SHIPPED}:off"),
+    # trained with profile jitter (FiLMFlowUNet(profile_noise=0.5)), the one-site memorisation test
+    ("FiLM with profile jitter − off", f"{JITTER} - {SHIPPED}:off"),
 )
 SETTINGS = (
     ("dca1_cv", "dca1", "DCA1 5-fold CV"),
