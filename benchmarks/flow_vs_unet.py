@@ -545,7 +545,7 @@ def off_twin(model: str) -> str:
     only through FiLM (``PROFILE_ONLY_MODIFIERS``: with FiLM off they change nothing), so ``"flow-m+nj"`` ->
     ``"flow-m+n:off"`` and ``"flow-m+e"`` -> ``"flow-m:off"``."""
     base, _, mods = model.partition("+")
-    mods = "".join(c for c in mods if not set(AUG_MODIFIERS.get(c, {"?": 0})) <= set(PROFILE_ONLY_MODIFIERS))
+    mods = "".join(c for c in mods if not (c in AUG_MODIFIERS and set(AUG_MODIFIERS[c]) <= set(PROFILE_ONLY_MODIFIERS)))
     return f"{base}{'+' + mods if mods else ''}:off"
 
 
@@ -1144,18 +1144,14 @@ def summarise(results: list[dict], baseline: str = "unet") -> tuple[dict, str]:
                 )
             # flow - UNet, and for the profile's worth (issue 16) FiLM on - off and on - shuffled profiles
             pairs = [(m, baseline) for m in per_model if m != baseline and baseline in per_model]
-            pairs += [
-                (m, f"{m}:{v}")
-                for m in per_model
-                for v in ("off", "shuffle", "sshuffle", "trainprof")
-                if f"{m}:{v}" in per_model
-            ]
-            # FiLM with a modifier that acts only through FiLM against the plain network it shares ("flow-m+nj" -
-            # "flow-m+n:off": with FiLM off, jitter, dropout or encoder FiLM change nothing), i.e. its on - off
+            # (FiLM on against its off twin: "flow-m+nj" - "flow-m+n:off", as with FiLM off jitter, dropout or encoder
+            # FiLM change nothing)
             pairs += [
                 (m, ref)
                 for m in per_model
-                if ":" not in m and (ref := off_twin(m)) != f"{m}:off" and ref in per_model and (m, ref) not in pairs
+                if ":" not in m
+                for ref in (off_twin(m), *(f"{m}:{v}" for v in ("shuffle", "sshuffle", "trainprof")))
+                if ref in per_model
             ]
             # a recipe modifier against the same model without it ("unet+zi" - "unet")
             pairs += [(m, ref) for m in per_model if "+" in m and (ref := re.sub(r"\+[a-z]+", "", m)) in per_model]

@@ -8,8 +8,8 @@
 Real settings come from the per-image rows of ``benchmarks/flow_vs_unet.py`` (summarised by its own
 :func:`summarise`, so the figures equal ``results/flow_vs_unet.md``): for the shipped recipe ``flow-m-ep1+n``, FiLM
 on − off, on − same-site shuffle (``:sshuffle``), encoder FiLM (``+ne``) against decoder-only FiLM and against
-off, and FiLM trained with profile jitter (``+nj``) against off, in each setting where they were run. Synthetic rows come from ``python -m monai_vlmfilm.ablation`` reports
-(``results.json``): heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles
+off, and FiLM trained with profile jitter (``+nj``) against off, in each setting where they were run. Synthetic rows
+come from ``python -m monai_vlmfilm.ablation`` reports (``results.json``): heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles
 (``oracle.norm``) against off, and on − shuffle. Writes ``profile_worth.png`` and ``profile_worth.md``.
 """
 

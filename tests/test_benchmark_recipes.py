@@ -391,8 +391,9 @@ def test_film_gain_is_paired_over_shared_seeds_and_set_against_variables_and_the
 
 
 def test_profile_worth_pairs_the_shipped_recipe_and_reads_synthetic_reports(tmp_path):
-    """benchmarks/profile_worth.py: FiLM on − off and encoder − off (with the shipped recipe's off run, flow_vs_unet.off_twin) are the per-image
-    paired differences of the rows it is given; synthetic reports become points; a missing comparison is named."""
+    """benchmarks/profile_worth.py: FiLM on − off and encoder − off (against the shipped recipe's off run,
+    flow_vs_unet.off_twin) are the per-image paired differences of the rows it is given; synthetic reports become
+    points; a missing comparison is named."""
     import profile_worth as pw
 
     rng = np.random.default_rng(0)
