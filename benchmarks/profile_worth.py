@@ -8,9 +8,10 @@
 Real settings come from the per-image rows of ``benchmarks/flow_vs_unet.py`` (summarised by its own
 :func:`summarise`, so the figures equal ``results/flow_vs_unet.md``): for the shipped recipe ``flow-m-ep1+n``, FiLM
 on − off, on − same-site shuffle (``:sshuffle``), encoder FiLM (``+ne``) against decoder-only FiLM and against
-off, and FiLM trained with profile jitter (``+nj``) against off, in each setting where they were run. Synthetic rows
-come from ``python -m monai_vlmfilm.ablation`` reports (``results.json``): heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles
-(``oracle.norm``) against off, and on − shuffle. Writes ``profile_worth.png`` and ``profile_worth.md``.
+off, and FiLM trained with profile jitter (``+nj``) or condition dropout (``+nd``) against off, in each setting
+where they were run. Synthetic rows come from ``python -m monai_vlmfilm.ablation`` reports (``results.json``):
+heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles (``oracle.norm``) against
+off, and on − shuffle. Writes ``profile_worth.png`` and ``profile_worth.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flow_vs_unet import read_job_rows, summarise  # noqa: E402  (the script's f
 SHIPPED = "flow-m-ep1+n"
 ENCODER = "flow-m-ep1+ne"
 JITTER = "flow-m-ep1+nj"
+DROPOUT = "flow-m-ep1+nd"
 # (label, comparison key in flow_vs_unet's summary); summarise pairs encoder FiLM with the shipped recipe's FiLM-off
 # run (off_twin: with FiLM off, encoder FiLM changes nothing)
 COMPARISONS = (
@@ -35,8 +37,10 @@ COMPARISONS = (
     ("on − same-site shuffle", f"{SHIPPED} - {SHIPPED}:sshuffle"),
     ("encoder FiLM − decoder FiLM", f"{ENCODER} - {SHIPPED}"),
     ("encoder FiLM − off", f"{ENCODER} - {SHIPPED}:off"),
-    # trained with profile jitter (FiLMFlowUNet(profile_noise=0.5)), the one-site memorisation test
+    # trained with profile jitter (FiLMFlowUNet(profile_noise=0.5)), the memorisation test
     ("FiLM with profile jitter − off", f"{JITTER} - {SHIPPED}:off"),
+    # trained with condition dropout (FiLMFlowUNet(profile_dropout=0.5)), the other regulariser of that test
+    ("FiLM with condition dropout − off", f"{DROPOUT} - {SHIPPED}:off"),
 )
 SETTINGS = (
     ("dca1_cv", "dca1", "DCA1 5-fold CV"),
