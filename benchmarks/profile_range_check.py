@@ -1,6 +1,7 @@
 """Which images does ``FlowSegInferer``'s profile range check flag? Each site's images against each training set.
 
-    python benchmarks/profile_range_check.py --data ../shared/data --out benchmarks/results    # CPU, about a minute
+    python benchmarks/profile_range_check.py --data ../shared/data \\
+        --jobs benchmarks/results/flow_vs_unet_jobs.jsonl --out benchmarks/results    # CPU, about a minute
 
 The check (``monai_vlmfilm.inferers.warn_profiles_out_of_range``) warns when an image's heuristic profile lies
 beyond the FiLM encoder's clip (``|z| > 5`` on a feature, z from the training profiles' mean / std; the fallback flag
@@ -8,6 +9,12 @@ aside). Here the statistics come from (a) the shipped ``model.pt`` (DCA1 + XCAD 
 image, (c) every XCAD image, as ``flow_vs_unet.py`` sets them for its one-site jobs; the share of each site's images
 flagged against each is a false-alarm rate where the statistics include the site and a detection rate where they do
 not. The check runs on the real encoder of the shipped network. Writes ``profile_range_check.{md,json}``.
+
+With ``--jobs benchmarks/results/flow_vs_unet_jobs.jsonl`` it also asks whether FiLM's cost across sites follows the
+distance: for each cross-site setting (train on one site, test on the other) the per-image Dice of FiLM on minus off
+(``flow-m-ep1+n`` - ``flow-m-ep1+n:off``, averaged over the seeds both have) against the image's largest |z| under the
+training site's statistics (Spearman rho, bootstrap 95 % CI), and the mean on - off per tercile of that distance and
+for flagged / unflagged images (paired bootstrap 95 % CIs).
 """
 
 from __future__ import annotations
@@ -27,6 +34,60 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 SITES = ("dca1", "xcad")
+CROSS = {"dca1_to_xcad": ("dca1", "xcad"), "xcad_to_dca1": ("xcad", "dca1")}  # setting: (training, test) site
+ON, OFF = "flow-m-ep1+n", "flow-m-ep1+n:off"
+
+
+def cross_site_gains(jobs_file: str, setting: str) -> tuple[dict[str, float], list[int]]:
+    """Per test image, Dice points of ``ON`` minus ``OFF`` in ``setting``, averaged over the seeds both models ran."""
+    from flow_vs_unet import read_job_rows
+
+    from monai_vlmfilm.ablation.stats import seeds_in_common
+
+    dice: dict[str, dict[str, dict[int, float]]] = {ON: {}, OFF: {}}
+    for job in read_job_rows(jobs_file):  # a damaged line stops with the file and line
+        if job["setting"] == setting and job["model"] in dice and "records" in job:
+            for r in job["records"]:
+                dice[job["model"]].setdefault(r["image"], {})[job["seed"]] = r["dice"]
+    seeds = seeds_in_common(dice[ON], dice[OFF])
+    names = sorted(set(dice[ON]) & set(dice[OFF]))
+    gains = {n: 100 * sum(dice[ON][n][s] - dice[OFF][n][s] for s in seeds) / len(seeds) for n in names} if seeds else {}
+    return gains, seeds
+
+
+def distance_rows(jobs_file: str, data: Path, prof: dict[str, torch.Tensor], enc) -> list[dict]:
+    """FiLM on - off across sites against each test image's largest |z| under the training site's statistics."""
+    import numpy as np
+    from flow_vs_unet import load_site
+    from profile_vs_error import spearman_ci
+
+    from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
+    from monai_vlmfilm.inferers import profile_range_z
+
+    rows = []
+    for setting, (train, test) in CROSS.items():
+        gains, seeds = cross_site_gains(jobs_file, setting)
+        if not gains:
+            continue
+        names = [d["name"] for d in load_site(data, test)]
+        keep = [i for i, n in enumerate(names) if n in gains]
+        mean, std = prof[train].mean(0), prof[train].std(0, unbiased=False).clamp_min(1e-3)
+        enc.set_normalization(mean, std)
+        z = profile_range_z(enc, prof[test][keep]).abs().max(1).values.numpy()
+        g = np.array([gains[names[i]] for i in keep])
+        rho, lo, hi = spearman_ci(z, g)
+        row = {"setting": setting, "seeds": seeds, "images": len(g), "rho": [rho, lo, hi], "groups": []}
+        ter = difficulty_terciles(z)
+        groups = [
+            (f"distance tercile {t + 1} (largest abs z {z[ter == t].min():.1f}-{z[ter == t].max():.1f})", ter == t)
+            for t in range(3)
+        ]
+        groups += [(f"flagged (abs z > {enc.clip:g})", z > enc.clip), ("not flagged", z <= enc.clip)]
+        for label, sel in groups:
+            if sel.any():
+                row["groups"].append({"group": label, **paired_difference(g[sel]).to_dict()})
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--jobs", help="flow_vs_unet jobs file: relate FiLM's cross-site cost to the distance")
     a = ap.parse_args(argv)
     logging.getLogger("monai_vlmfilm.inferers").setLevel(logging.ERROR)  # counted here, not one warning per image
 
@@ -64,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                     "max_abs_z_median": round(float(z.median()), 2),
                 }
             )
+    cross = distance_rows(a.jobs, Path(a.data), prof, enc) if a.jobs else []
     enc.set_normalization(*shipped)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "clip": enc.clip}
-    (out / "profile_range_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    (out / "profile_range_check.json").write_text(json.dumps({**meta, "rows": rows, "cross_site": cross}, indent=1))
     lines = [
         f"{meta['date']}, CPU, `{meta['command']}`; flagged: a heuristic profile with |z| > {enc.clip:g} on a feature",
         "",
@@ -80,6 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['max_abs_z_median']:.2f} |"
         for r in rows
     ]
+    for r in cross:
+        rho, lo, hi = r["rho"]
+        lines += [
+            "",
+            f"{r['setting']}: FiLM on - off ({ON} - {OFF}, Dice points, seeds {r['seeds']} averaged) against the "
+            f"test image's largest abs z under the training site's statistics: Spearman rho {rho:+.2f} "
+            f"[{lo:+.2f}, {hi:+.2f}] over {r['images']} images",
+            "",
+            "| images | n | on - off [95 % CI] |",
+            "|---|---:|---|",
+        ]
+        lines += [
+            f"| {g['group']} | {g['n']} | {g['mean']:+.2f} [{g['ci_lo']:+.2f}, {g['ci_hi']:+.2f}] |"
+            for g in r["groups"]
+        ]
     (out / "profile_range_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

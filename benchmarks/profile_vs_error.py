@@ -58,6 +58,11 @@ TERCILE_PAIRS = (
     # a UNet's out-of-fold map as an extra input (issue 14 item 5; folds 0-2 of DCA1, 0-1 of XCAD)
     ("flow-m-ep1+np:off", "unet"),
     ("flow-m-ep1+np:off", "flow-m-ep1+n:off"),
+    # FiLM trained with profile jitter / condition dropout (one-site and two-site, seed 0) against off
+    ("flow-m-ep1+nj", "flow-m-ep1+n:off"),
+    ("flow-m-ep1+nd", "flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+nj", "mixed:flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+nd", "mixed:flow-m-ep1+n:off"),
 )
 
 
@@ -77,6 +82,8 @@ GAIN_PAIRS = (
     # one-site FiLM trained with profile jitter / condition dropout (the memorisation test) against off
     ("flow-m-ep1+nj", "flow-m-ep1+n:off"),
     ("flow-m-ep1+nd", "flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+nj", "mixed:flow-m-ep1+n:off"),
+    ("mixed:flow-m-ep1+nd", "mixed:flow-m-ep1+n:off"),
 )
 FIT_MODEL = "flow-m-ep1+n:off"  # the model users train on one site (the docs' recommendation), 3 seeds
 

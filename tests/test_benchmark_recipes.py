@@ -510,3 +510,30 @@ def test_damaged_jobs_file_stops_naming_file_and_line(tmp_path):
     assert not (tmp_path / "s" / "summary.md").exists()
     with pytest.raises(SystemExit, match=r"jobs\.jsonl:3: not a JSON line"):
         fvu.main(["--smoke", "--skip-done", str(jobs), "--out", str(tmp_path / "r")])
+
+
+def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
+    """profile_range_check's cross-site FiLM cost: per test image, on - off in Dice points over the seeds both
+    models ran; other settings, other models and jobs without records are left out."""
+    import profile_range_check as prc
+
+    def job(model, seed, dices, setting="dca1_to_xcad"):
+        recs = [{"image": f"xcad/{i}", "dice": d} for i, d in enumerate(dices)]
+        return {"setting": setting, "fold": 0, "seed": seed, "model": model, "records": recs}
+
+    rows = [
+        job(prc.OFF, 0, [0.70, 0.60]),
+        job(prc.ON, 0, [0.66, 0.61]),
+        job(prc.OFF, 1, [0.72, 0.62]),
+        job(prc.ON, 1, [0.70, 0.59]),
+        job(prc.ON, 2, [0.10, 0.10]),  # no off twin for seed 2: not averaged in
+        job(prc.ON, 0, [0.0, 0.0], setting="xcad_to_dca1"),
+        job("unet", 0, [0.9, 0.9]),
+        {"setting": "dca1_to_xcad", "fold": 0, "seed": 3, "model": prc.OFF, "error": "x"},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    gains, seeds = prc.cross_site_gains(str(jobs), "dca1_to_xcad")
+    assert seeds == [0, 1]
+    assert gains == {"xcad/0": pytest.approx(-3.0), "xcad/1": pytest.approx(-1.0)}
+    assert prc.cross_site_gains(str(jobs), "xcad_to_dca1") == ({}, [])
