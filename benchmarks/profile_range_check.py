@@ -38,43 +38,40 @@ CROSS = {"dca1_to_xcad": ("dca1", "xcad"), "xcad_to_dca1": ("xcad", "dca1")}  # 
 ON, OFF = "flow-m-ep1+n", "flow-m-ep1+n:off"
 
 
-def cross_site_gains(jobs_file: str, setting: str) -> tuple[dict[str, float], list[int]]:
-    """Per test image, Dice points of ``ON`` minus ``OFF`` in ``setting``, averaged over the seeds both models ran."""
-    from flow_vs_unet import read_job_rows
+def cross_site_gains(jobs_file: str) -> dict[str, tuple[dict[str, float], list[int]]]:
+    """Per cross-site setting: ``{test image: Dice points of ON minus OFF}`` averaged over the seeds both models ran
+    (``profile_vs_error.paired_gains``), and those seeds."""
+    from profile_vs_error import oof_dice_by_seed, paired_gains
 
     from monai_vlmfilm.ablation.stats import seeds_in_common
 
-    dice: dict[str, dict[str, dict[int, float]]] = {ON: {}, OFF: {}}
-    for job in read_job_rows(jobs_file):  # a damaged line stops with the file and line
-        if job["setting"] == setting and job["model"] in dice and "records" in job:
-            for r in job["records"]:
-                dice[job["model"]].setdefault(r["image"], {})[job["seed"]] = r["dice"]
-    seeds = seeds_in_common(dice[ON], dice[OFF])
-    names = sorted(set(dice[ON]) & set(dice[OFF]))
-    gains = {n: 100 * sum(dice[ON][n][s] - dice[OFF][n][s] for s in seeds) / len(seeds) for n in names} if seeds else {}
-    return gains, seeds
+    dice = oof_dice_by_seed([jobs_file], settings=tuple(CROSS))  # the two settings test different sites
+    out = {}
+    for setting, (_, test) in CROSS.items():
+        seeds = seeds_in_common(dice.get((test, ON), {}), dice.get((test, OFF), {}))
+        out[setting] = (paired_gains(dice, test, ON, OFF), seeds)
+    return out
 
 
-def distance_rows(jobs_file: str, data: Path, prof: dict[str, torch.Tensor], enc) -> list[dict]:
-    """FiLM on - off across sites against each test image's largest |z| under the training site's statistics."""
+def distance_rows(jobs_file: str, names: dict[str, list[str]], prof: dict[str, torch.Tensor], enc) -> list[dict]:
+    """FiLM on - off across sites against each test image's largest |z| under the training site's statistics;
+    ``names`` and ``prof`` hold each site's image names and heuristic profiles in the same order."""
     import numpy as np
-    from flow_vs_unet import load_site
     from profile_vs_error import spearman_ci
 
     from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
     from monai_vlmfilm.inferers import profile_range_z
 
     rows = []
-    for setting, (train, test) in CROSS.items():
-        gains, seeds = cross_site_gains(jobs_file, setting)
+    for setting, (gains, seeds) in cross_site_gains(jobs_file).items():
         if not gains:
             continue
-        names = [d["name"] for d in load_site(data, test)]
-        keep = [i for i, n in enumerate(names) if n in gains]
+        train, test = CROSS[setting]
+        keep = [i for i, n in enumerate(names[test]) if n in gains]
         mean, std = prof[train].mean(0), prof[train].std(0, unbiased=False).clamp_min(1e-3)
         enc.set_normalization(mean, std)
         z = profile_range_z(enc, prof[test][keep]).abs().max(1).values.numpy()
-        g = np.array([gains[names[i]] for i in keep])
+        g = np.array([gains[names[test][i]] for i in keep])
         rho, lo, hi = spearman_ci(z, g)
         row = {"setting": setting, "seeds": seeds, "images": len(g), "rho": [rho, lo, hi], "groups": []}
         ter = difficulty_terciles(z)
@@ -103,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.getLogger("monai_vlmfilm.inferers").setLevel(logging.ERROR)  # counted here, not one warning per image
 
-    prof = {s: torch.as_tensor(profiles_of(load_site(Path(a.data), s))) for s in SITES}
+    names: dict[str, list[str]] = {}
+    prof: dict[str, torch.Tensor] = {}
+    for s in SITES:  # the images are read once; names keep their order for the cross-site rows
+        items = load_site(Path(a.data), s)
+        names[s] = [d["name"] for d in items]
+        prof[s] = torch.as_tensor(profiles_of(items))
     net = shipped_flow(True, torch.device("cpu"))
     enc = net.profile_encoder
     shipped = (enc.feature_mean.clone(), enc.feature_std.clone())
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_abs_z_median": round(float(z.median()), 2),
                 }
             )
-    cross = distance_rows(a.jobs, Path(a.data), prof, enc) if a.jobs else []
+    cross = distance_rows(a.jobs, names, prof, enc) if a.jobs else []
     enc.set_normalization(*shipped)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

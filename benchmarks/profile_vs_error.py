@@ -127,14 +127,19 @@ def candidate_features(image: np.ndarray) -> dict[str, float]:
     }
 
 
-def oof_dice_by_seed(jobs_files: list[str]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
-    """``{(site, model): {image: {seed: Dice}}}`` of every model in the cross-validation jobs (a job run twice: the
-    mean of its runs); models of the two-site cross-validation (``mixed_cv``) are named ``mixed:<model>``."""
+def oof_dice_by_seed(
+    jobs_files: list[str], settings: Sequence[str] = ("dca1_cv", "xcad_cv", "mixed_cv")
+) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """``{(site, model): {image: {seed: Dice}}}`` of every model in the jobs of ``settings`` (by default the
+    cross-validations; a job run twice: the mean of its runs); models of the two-site cross-validation (``mixed_cv``)
+    are named ``mixed:<model>``. The settings must not share a test site under one model name. Jobs files are read
+    through ``flow_vs_unet.read_job_rows``: a damaged line stops with the file and line."""
+    from flow_vs_unet import read_job_rows
+
     acc: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     for f in jobs_files:
-        for line in Path(f).read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("setting") not in ("dca1_cv", "xcad_cv", "mixed_cv") or "records" not in r:
+        for r in read_job_rows(f):
+            if r.get("setting") not in settings or "records" not in r:
                 continue
             model = f"mixed:{r['model']}" if r["setting"] == "mixed_cv" else r["model"]
             for x in r["records"]:

@@ -518,7 +518,8 @@ def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
     import profile_range_check as prc
 
     def job(model, seed, dices, setting="dca1_to_xcad"):
-        recs = [{"image": f"xcad/{i}", "dice": d} for i, d in enumerate(dices)]
+        site = setting.split("_to_")[1]
+        recs = [{"image": f"{site}/{i}", "site": site, "dice": d} for i, d in enumerate(dices)]
         return {"setting": setting, "fold": 0, "seed": seed, "model": model, "records": recs}
 
     rows = [
@@ -533,7 +534,8 @@ def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    gains, seeds = prc.cross_site_gains(str(jobs), "dca1_to_xcad")
+    by_setting = prc.cross_site_gains(str(jobs))
+    gains, seeds = by_setting["dca1_to_xcad"]
     assert seeds == [0, 1]
     assert gains == {"xcad/0": pytest.approx(-3.0), "xcad/1": pytest.approx(-1.0)}
-    assert prc.cross_site_gains(str(jobs), "xcad_to_dca1") == ({}, [])
+    assert by_setting["xcad_to_dca1"] == ({}, [])
