@@ -3,6 +3,7 @@
     python benchmarks/profile_worth.py --jobs benchmarks/results/flow_vs_unet_jobs.jsonl \\
         --synthetic benchmarks/ablation/synthetic_06_recipe/results.json \\
         --synthetic-shuffle benchmarks/ablation/synthetic_06_window/crop64/results.json \\
+            benchmarks/ablation/synthetic_06_shuffle/seed2/results.json \\
         --out benchmarks/results                                  # CPU, about 30 s
 
 Real settings come from the per-image rows of ``benchmarks/flow_vs_unet.py`` (summarised by its own
@@ -11,7 +12,8 @@ on − off, on − same-site shuffle (``:sshuffle``), encoder FiLM (``+ne``) aga
 off, and FiLM trained with profile jitter (``+nj``) or condition dropout (``+nd``) against off, in each setting
 where they were run. Synthetic rows come from ``python -m monai_vlmfilm.ablation`` reports (``results.json``):
 heuristic profiles with training-set normalisation (``on.norm``) and ground-truth profiles (``oracle.norm``) against
-off, and on − shuffle. Writes ``profile_worth.png`` and ``profile_worth.md``.
+off, and on − shuffle. Several reports of one data set (e.g. seeds run at different times) are pooled: their
+per-image records are paired again over all their seeds. Writes ``profile_worth.png`` and ``profile_worth.md``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,43 @@ def real_rows(summary: dict) -> list[dict]:
                 }
             )
     return out
+
+
+def synthetic_report(paths: list[str]) -> dict:
+    """One ablation report from one or more ``results.json``: a single one as it is; several pooled.
+
+    Pooling re-runs the ablation's own analysis (:func:`monai_vlmfilm.ablation.stats.analyse`) on the union of
+    their per-image records, so a comparison pairs on (seed, fold, image) across reports and averages over every
+    seed, as one run with all the seeds would. Reports must be of the same images and share no (mode, seed).
+
+    Raises:
+        ValueError: a (mode, seed) in two reports, or reports of different images (both named).
+    """
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    if len(reports) == 1:
+        return reports[0]
+    from monai_vlmfilm.ablation.stats import analyse
+
+    records: list[dict] = []
+    owner: dict[tuple, str] = {}
+    images: dict[str, frozenset] = {}
+    for path, rep in zip(paths, reports):
+        images[path] = frozenset(str(r["image"]) for r in rep["records"])
+        for r in rep["records"]:
+            key = (r["mode"], r.get("seed"))
+            if owner.setdefault(key, path) != path:
+                raise ValueError(f"{path}: mode {key[0]!r} seed {key[1]} is also in {owner[key]}; pool disjoint runs")
+        records += rep["records"]
+    first = paths[0]
+    for path in paths[1:]:
+        if images[path] != images[first]:
+            raise ValueError(f"{path}: not the images of {first}; pool runs of the same data set only")
+    modes = sorted({r["mode"] for r in records}, key=lambda m: (m != "off", m))
+    return {
+        "title": " + ".join(paths),
+        "seeds": sorted({r.get("seed") for r in records}),
+        "analysis": analyse(records, modes, ref="off"),
+    }
 
 
 def synthetic_rows(report: dict, mode_labels: dict[str, str], where: str) -> list[dict]:
@@ -142,25 +181,27 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", required=True, help="flow_vs_unet per-image rows (JSON lines)")
-    ap.add_argument("--synthetic", help="ablation results.json with off / on.norm / oracle.norm")
-    ap.add_argument("--synthetic-shuffle", help="ablation results.json with on / shuffle (normalised profiles)")
+    ap.add_argument("--synthetic", nargs="+", help="ablation results.json with off / on.norm / oracle.norm")
+    ap.add_argument(
+        "--synthetic-shuffle", nargs="+", help="ablation results.json with on / shuffle (normalised profiles)"
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     summary, _ = summarise(read_job_rows(a.jobs))
     rows = real_rows(summary)
     if a.synthetic:
-        rep = json.loads(Path(a.synthetic).read_text())
+        rep = synthetic_report(a.synthetic)
         labels = {"on.norm": "FiLM on − off", "oracle.norm": "ground-truth profiles − off"}
         rows += synthetic_rows(rep, labels, "synthetic")
     if a.synthetic_shuffle:
-        rep = json.loads(Path(a.synthetic_shuffle).read_text())
+        rep = synthetic_report(a.synthetic_shuffle)
         rows += synthetic_rows(rep, {"on-vs-shuffle": "on − shuffle"}, "synthetic")
     if not rows:
         raise SystemExit(f"{a.jobs}: no {SHIPPED} FiLM comparison in these rows")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, out / "profile_worth.png")
-    sources = ", ".join(f"`{p}`" for p in (a.jobs, a.synthetic, a.synthetic_shuffle) if p)
+    sources = ", ".join(f"`{p}`" for p in [a.jobs, *(a.synthetic or []), *(a.synthetic_shuffle or [])])
     (out / "profile_worth.md").write_text(
         f"{date.today().isoformat()}, CPU. What the profile is worth per setting (`benchmarks/profile_worth.py`; from "
         f"{sources}). Dice points, paired "

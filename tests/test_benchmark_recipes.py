@@ -462,6 +462,64 @@ def test_profile_worth_pairs_the_shipped_recipe_and_reads_synthetic_reports(tmp_
         pw.main(["--jobs", str(jobs), "--out", str(out)])
 
 
+def test_profile_worth_pools_ablation_reports_by_image_and_seed(tmp_path):
+    """benchmarks/profile_worth.py --synthetic-shuffle A B: two reports of the same images (seeds run apart) are
+    analysed as one run with every seed (the ablation's own ``analyse``, paired on seed and image); a (mode, seed)
+    in both, or reports of other images, stop with both names."""
+    import profile_worth as pw
+
+    from monai_vlmfilm.ablation.stats import analyse
+
+    rng = np.random.default_rng(1)
+    images = [f"/data/test_{i:03d}.png" for i in range(30)]
+    base = rng.uniform(0.6, 0.9, len(images))
+    shift = {"off": 0.0, "on": 0.02, "shuffle": 0.005}
+    records = [
+        {"mode": m, "seed": seed, "fold": None, "image": img, "difficulty": float(i % 5), "dice": b + s + e,
+         "cldice": b + 2 * s}
+        for m, s in shift.items()
+        for seed in (0, 1, 2)
+        for i, (img, b, e) in enumerate(zip(images, base, rng.normal(0, 0.01, len(images))))
+    ]  # fmt: skip
+    paths = []
+    for name, seeds in (("a", (0, 1)), ("b", (2,))):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"seeds": list(seeds), "records": [r for r in records if r["seed"] in seeds]}))
+        paths.append(str(p))
+    pooled = pw.synthetic_report(paths)
+    assert pooled["seeds"] == [0, 1, 2]
+    whole = analyse(records, ["off", "on", "shuffle"])["paired"]
+    got = pooled["analysis"]["paired"]
+    for key in ("on", "shuffle", "on-vs-shuffle"):
+        for metric in ("dice", "cldice"):
+            assert got[key]["overall"][metric] == pytest.approx(whole[key]["overall"][metric], nan_ok=True)
+    on_minus_shuffle = np.mean([b - a for a, b in zip(
+        np.mean([[r["dice"] for r in records if r["mode"] == "shuffle" and r["seed"] == s] for s in (0, 1, 2)], 0),
+        np.mean([[r["dice"] for r in records if r["mode"] == "on" and r["seed"] == s] for s in (0, 1, 2)], 0))])  # fmt: skip
+    assert got["on-vs-shuffle"]["overall"]["dice"]["mean"] == pytest.approx(on_minus_shuffle)
+    assert got["on-vs-shuffle"]["overall"]["cldice"]["mean"] == pytest.approx(0.03)
+
+    jobs = tmp_path / "jobs.jsonl"  # a real row is needed for the table; one FiLM pair of one image
+    rec = {"image": "x", "site": "xcad", "dice": 0.7, "cldice": 0.7, "b0_err": 1, "b1_err": 0, "dice_cc": 0.7,
+           "b0_err_cc": 1, "dice_notta": 0.7}  # fmt: skip
+    jobs.write_text("".join(
+        json.dumps({"setting": "mixed_cv", "fold": 0, "seed": 0, "model": m, "records": [rec]}) + "\n"
+        for m in ("flow-m-ep1+n", "flow-m-ep1+n:off")))  # fmt: skip
+    out = tmp_path / "out"
+    assert pw.main(["--jobs", str(jobs), "--synthetic-shuffle", *paths, "--out", str(out)]) == 0
+    row = next(r for r in (out / "profile_worth.md").read_text().splitlines() if r.startswith("| synthetic"))
+    assert row.startswith(f"| synthetic | on − shuffle | 0, 1, 2 | 30 | {100 * on_minus_shuffle:+.2f} [")
+
+    with pytest.raises(ValueError, match=r"b\.json: mode 'off' seed 2 is also in .*c\.json"):
+        c = tmp_path / "c.json"
+        c.write_text(Path(paths[1]).read_text())
+        pw.synthetic_report([str(c), paths[1]])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"records": [dict(r, image="/x/" + r["image"]) for r in records if r["seed"] == 2]}))
+    with pytest.raises(ValueError, match=r"other\.json: not the images of .*a\.json"):
+        pw.synthetic_report([paths[0], str(other)])
+
+
 def test_train_loss_gap_pairs_film_jobs_with_their_off_twin(tmp_path):
     """benchmarks/train_loss_gap.py: a FiLM job is paired with the FiLM-off job of the same setting, fold and seed;
     the loss is the mean of the last ``tail`` snapshots, Dice the mean over the job's images (points); jobs without a
