@@ -81,7 +81,8 @@ def synthetic_report(paths: list[str]) -> dict:
 
     Pooling re-runs the ablation's own analysis (:func:`monai_vlmfilm.ablation.stats.analyse`) on the union of
     their per-image records, so a comparison pairs on (seed, fold, image) across reports and averages over every
-    seed, as one run with all the seeds would. Reports must be of the same images and share no (mode, seed).
+    seed, as one run with all the seeds would. Reports must be of the same images (same paths, and the same
+    difficulties, as ``compare_runs`` checks) and share no (mode, seed).
 
     Raises:
         ValueError: a (mode, seed) in two reports, or reports of different images (both named).
@@ -89,22 +90,20 @@ def synthetic_report(paths: list[str]) -> dict:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     if len(reports) == 1:
         return reports[0]
-    from monai_vlmfilm.ablation.stats import analyse
+    from monai_vlmfilm.ablation.stats import analyse, difficulty_clashes
 
+    first, base = paths[0], reports[0]["records"]
+    images = {str(r["image"]) for r in base}
     records: list[dict] = []
     owner: dict[tuple, str] = {}
-    images: dict[str, frozenset] = {}
     for path, rep in zip(paths, reports):
-        images[path] = frozenset(str(r["image"]) for r in rep["records"])
+        if {str(r["image"]) for r in rep["records"]} != images or difficulty_clashes(base, rep["records"]):
+            raise ValueError(f"{path}: not the images of {first}; pool runs of the same data set only")
         for r in rep["records"]:
             key = (r["mode"], r.get("seed"))
             if owner.setdefault(key, path) != path:
                 raise ValueError(f"{path}: mode {key[0]!r} seed {key[1]} is also in {owner[key]}; pool disjoint runs")
         records += rep["records"]
-    first = paths[0]
-    for path in paths[1:]:
-        if images[path] != images[first]:
-            raise ValueError(f"{path}: not the images of {first}; pool runs of the same data set only")
     modes = sorted({r["mode"] for r in records}, key=lambda m: (m != "off", m))
     return {
         "title": " + ".join(paths),

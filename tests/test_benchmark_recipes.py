@@ -518,6 +518,10 @@ def test_profile_worth_pools_ablation_reports_by_image_and_seed(tmp_path):
     other.write_text(json.dumps({"records": [dict(r, image="/x/" + r["image"]) for r in records if r["seed"] == 2]}))
     with pytest.raises(ValueError, match=r"other\.json: not the images of .*a\.json"):
         pw.synthetic_report([paths[0], str(other)])
+    regenerated = tmp_path / "regenerated.json"  # the same paths, other data behind them (other difficulties)
+    regenerated.write_text(json.dumps({"records": [dict(r, difficulty=9.0) for r in records if r["seed"] == 2]}))
+    with pytest.raises(ValueError, match=r"regenerated\.json: not the images of .*a\.json"):
+        pw.synthetic_report([paths[0], str(regenerated)])
 
 
 def test_train_loss_gap_pairs_film_jobs_with_their_off_twin(tmp_path):

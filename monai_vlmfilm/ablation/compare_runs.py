@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import image_difficulty, paired_by_image, paired_difference
+from .stats import difficulty_clashes, paired_by_image, paired_difference
 
 __all__ = ["compare_runs", "main"]
 
@@ -49,8 +48,7 @@ def compare_runs(
             difficulties in the two runs (they were made from different data).
     """
     ra, rb = a["records"], b["records"]
-    da, db = image_difficulty(ra), image_difficulty(rb)
-    clash = [i for i in da.keys() & db.keys() if not math.isclose(da[i], db[i], abs_tol=1e-4)]
+    clash = difficulty_clashes(ra, rb)
     if clash:
         raise ValueError(f"{len(clash)} image(s) have different difficulties in the two runs, e.g. {clash[0]}: "
                          "they were not made from the same data")  # fmt: skip

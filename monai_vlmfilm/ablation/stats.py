@@ -42,6 +42,8 @@ __all__ = [
     "per_image_means",
     "mode_summary",
     "paired_by_image",
+    "image_difficulty",
+    "difficulty_clashes",
     "analyse",
     "sites_of",
     "analyse_by_site",
@@ -286,6 +288,16 @@ def image_difficulty(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         if img not in out and v is not None and math.isfinite(float(v)):
             out[img] = float(v)
     return out
+
+
+def difficulty_clashes(a: Iterable[Mapping[str, Any]], b: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Images both record sets hold with different difficulties: two runs that cannot be of the same data.
+
+    Difficulty is a property of the image (its heuristic profile), so equal paths with unequal difficulties mean the
+    data behind the paths changed between the runs.
+    """
+    da, db = image_difficulty(a), image_difficulty(b)
+    return sorted(i for i in da.keys() & db.keys() if not math.isclose(da[i], db[i], abs_tol=1e-4))
 
 
 def analyse(
