@@ -14,7 +14,9 @@ With ``--jobs benchmarks/results/flow_vs_unet_jobs.jsonl`` it also asks whether 
 distance: for each cross-site setting (train on one site, test on the other) the per-image Dice of FiLM on minus off
 (``flow-m-ep1+n`` - ``flow-m-ep1+n:off``, averaged over the seeds both have) against the image's largest |z| under the
 training site's statistics (Spearman rho, bootstrap 95 % CI), and the mean on - off per tercile of that distance and
-for flagged / unflagged images (paired bootstrap 95 % CIs).
+for flagged / unflagged images (paired bootstrap 95 % CIs). The same for FiLM on minus the same-site shuffle
+(``flow-m-ep1+n:sshuffle``: trained and tested with another image's profile of the same site), where it ran: is the
+image's own profile worth more, or less, the further it lies from the training profiles?
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 SITES = ("dca1", "xcad")
 CROSS = {"dca1_to_xcad": ("dca1", "xcad"), "xcad_to_dca1": ("xcad", "dca1")}  # setting: (training, test) site
-ON, OFF = "flow-m-ep1+n", "flow-m-ep1+n:off"
+ON, OFF, SSHUFFLE = "flow-m-ep1+n", "flow-m-ep1+n:off", "flow-m-ep1+n:sshuffle"
+REFS = (OFF, SSHUFFLE)  # what FiLM on is compared with, per test image
 
 
-def cross_site_gains(jobs_file: str) -> dict[str, tuple[dict[str, float], list[int]]]:
-    """Per cross-site setting: ``{test image: Dice points of ON minus OFF}`` averaged over the seeds both models ran
-    (``profile_vs_error.paired_gains``), and those seeds."""
+def cross_site_gains(jobs_file: str, ref: str = OFF) -> dict[str, tuple[dict[str, float], list[int]]]:
+    """Per cross-site setting: ``{test image: Dice points of ON minus ref}`` averaged over the seeds both models ran
+    (``profile_vs_error.paired_gains``), and those seeds.
+
+    Args:
+        jobs_file: ``flow_vs_unet.py``'s jobs file.
+        ref: the model FiLM on is compared with (``OFF`` or ``SSHUFFLE``).
+    """
     from profile_vs_error import oof_dice_by_seed, paired_gains
 
     from monai_vlmfilm.ablation.stats import seeds_in_common
@@ -48,42 +56,47 @@ def cross_site_gains(jobs_file: str) -> dict[str, tuple[dict[str, float], list[i
     dice = oof_dice_by_seed([jobs_file], settings=tuple(CROSS))  # the two settings test different sites
     out = {}
     for setting, (_, test) in CROSS.items():
-        seeds = seeds_in_common(dice.get((test, ON), {}), dice.get((test, OFF), {}))
-        out[setting] = (paired_gains(dice, test, ON, OFF), seeds)
+        seeds = seeds_in_common(dice.get((test, ON), {}), dice.get((test, ref), {}))
+        out[setting] = (paired_gains(dice, test, ON, ref), seeds)
     return out
 
 
-def distance_rows(jobs_file: str, names: dict[str, list[str]], prof: dict[str, torch.Tensor], enc) -> list[dict]:
-    """FiLM on - off across sites against each test image's largest |z| under the training site's statistics;
-    ``names`` and ``prof`` hold each site's image names and heuristic profiles in the same order."""
+def _distance_row(setting: str, ref: str, gains: dict[str, float], seeds: list[int], names, prof, enc) -> dict:
+    """One cross-site comparison's per-image gains against the test images' largest |z|: Spearman rho and the mean
+    gain per distance tercile and for flagged / unflagged images."""
     import numpy as np
     from profile_vs_error import spearman_ci
 
     from monai_vlmfilm.ablation.stats import difficulty_terciles, paired_difference
     from monai_vlmfilm.inferers import profile_range_z
 
+    train, test = CROSS[setting]
+    keep = [i for i, n in enumerate(names[test]) if n in gains]
+    mean, std = prof[train].mean(0), prof[train].std(0, unbiased=False).clamp_min(1e-3)
+    enc.set_normalization(mean, std)
+    z = profile_range_z(enc, prof[test][keep]).abs().max(1).values.numpy()
+    g = np.array([gains[names[test][i]] for i in keep])
+    rho, lo, hi = spearman_ci(z, g)
+    row = {"setting": setting, "comparison": f"{ON} - {ref}", "seeds": seeds, "images": len(g), "rho": [rho, lo, hi]}
+    ter = difficulty_terciles(z)
+    groups = [
+        (f"distance tercile {t + 1} (largest abs z {z[ter == t].min():.1f}-{z[ter == t].max():.1f})", ter == t)
+        for t in range(3)
+    ]
+    groups += [(f"flagged (abs z > {enc.clip:g})", z > enc.clip), ("not flagged", z <= enc.clip)]
+    row["groups"] = [{"group": label, **paired_difference(g[sel]).to_dict()} for label, sel in groups if sel.any()]
+    return row
+
+
+def distance_rows(jobs_file: str, names: dict[str, list[str]], prof: dict[str, torch.Tensor], enc) -> list[dict]:
+    """FiLM on - off (and on - same-site shuffle) across sites against each test image's largest |z| under the
+    training site's statistics; ``names`` and ``prof`` hold each site's image names and heuristic profiles in the
+    same order."""
     rows = []
-    for setting, (gains, seeds) in cross_site_gains(jobs_file).items():
-        if not gains:
-            continue
-        train, test = CROSS[setting]
-        keep = [i for i, n in enumerate(names[test]) if n in gains]
-        mean, std = prof[train].mean(0), prof[train].std(0, unbiased=False).clamp_min(1e-3)
-        enc.set_normalization(mean, std)
-        z = profile_range_z(enc, prof[test][keep]).abs().max(1).values.numpy()
-        g = np.array([gains[names[test][i]] for i in keep])
-        rho, lo, hi = spearman_ci(z, g)
-        row = {"setting": setting, "seeds": seeds, "images": len(g), "rho": [rho, lo, hi], "groups": []}
-        ter = difficulty_terciles(z)
-        groups = [
-            (f"distance tercile {t + 1} (largest abs z {z[ter == t].min():.1f}-{z[ter == t].max():.1f})", ter == t)
-            for t in range(3)
-        ]
-        groups += [(f"flagged (abs z > {enc.clip:g})", z > enc.clip), ("not flagged", z <= enc.clip)]
-        for label, sel in groups:
-            if sel.any():
-                row["groups"].append({"group": label, **paired_difference(g[sel]).to_dict()})
-        rows.append(row)
+    for ref in REFS:
+        for setting, (gains, seeds) in cross_site_gains(jobs_file, ref).items():
+            if gains:
+                rows.append(_distance_row(setting, ref, gains, seeds, names, prof, enc))
     return rows
 
 
@@ -149,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         rho, lo, hi = r["rho"]
         lines += [
             "",
-            f"{r['setting']}: FiLM on - off ({ON} - {OFF}, Dice points, seeds {r['seeds']} averaged) against the "
+            f"{r['setting']}: {r['comparison']} (Dice points, seeds {r['seeds']} averaged) against the "
             f"test image's largest abs z under the training site's statistics: Spearman rho {rho:+.2f} "
             f"[{lo:+.2f}, {hi:+.2f}] over {r['images']} images",
             "",
-            "| images | n | on - off [95 % CI] |",
+            f"| images | n | {r['comparison']} [95 % CI] |",
             "|---|---:|---|",
         ]
         lines += [

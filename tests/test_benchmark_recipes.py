@@ -590,6 +590,7 @@ def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
         job(prc.OFF, 1, [0.72, 0.62]),
         job(prc.ON, 1, [0.70, 0.59]),
         job(prc.ON, 2, [0.10, 0.10]),  # no off twin for seed 2: not averaged in
+        job(prc.SSHUFFLE, 2, [0.05, 0.20]),  # ... but a same-site shuffle twin
         job(prc.ON, 0, [0.0, 0.0], setting="xcad_to_dca1"),
         job("unet", 0, [0.9, 0.9]),
         {"setting": "dca1_to_xcad", "fold": 0, "seed": 3, "model": prc.OFF, "error": "x"},
@@ -601,3 +602,6 @@ def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
     assert seeds == [0, 1]
     assert gains == {"xcad/0": pytest.approx(-3.0), "xcad/1": pytest.approx(-1.0)}
     assert by_setting["xcad_to_dca1"] == ({}, [])
+    gains, seeds = prc.cross_site_gains(str(jobs), prc.SSHUFFLE)["dca1_to_xcad"]
+    assert seeds == [2]
+    assert gains == {"xcad/0": pytest.approx(5.0), "xcad/1": pytest.approx(-10.0)}
