@@ -41,23 +41,27 @@ ON, OFF, SSHUFFLE = "flow-m-ep1+n", "flow-m-ep1+n:off", "flow-m-ep1+n:sshuffle"
 REFS = (OFF, SSHUFFLE)  # what FiLM on is compared with, per test image
 
 
-def cross_site_gains(jobs_file: str, ref: str = OFF) -> dict[str, tuple[dict[str, float], list[int]]]:
-    """Per cross-site setting: ``{test image: Dice points of ON minus ref}`` averaged over the seeds both models ran
-    (``profile_vs_error.paired_gains``), and those seeds.
+def cross_site_gains(
+    jobs_file: str, refs: tuple[str, ...] = REFS
+) -> dict[str, dict[str, tuple[dict[str, float], list[int]]]]:
+    """Per reference model and cross-site setting: ``{test image: Dice points of ON minus the reference}`` averaged
+    over the seeds both models ran (``profile_vs_error.paired_gains``), and those seeds.
 
     Args:
-        jobs_file: ``flow_vs_unet.py``'s jobs file.
-        ref: the model FiLM on is compared with (``OFF`` or ``SSHUFFLE``).
+        jobs_file: ``flow_vs_unet.py``'s jobs file, read once for every reference.
+        refs: the models FiLM on is compared with (``OFF``, ``SSHUFFLE``).
     """
     from profile_vs_error import oof_dice_by_seed, paired_gains
 
     from monai_vlmfilm.ablation.stats import seeds_in_common
 
     dice = oof_dice_by_seed([jobs_file], settings=tuple(CROSS))  # the two settings test different sites
-    out = {}
-    for setting, (_, test) in CROSS.items():
-        seeds = seeds_in_common(dice.get((test, ON), {}), dice.get((test, ref), {}))
-        out[setting] = (paired_gains(dice, test, ON, ref), seeds)
+    out: dict[str, dict[str, tuple[dict[str, float], list[int]]]] = {}
+    for ref in refs:
+        out[ref] = {}
+        for setting, (_, test) in CROSS.items():
+            seeds = seeds_in_common(dice.get((test, ON), {}), dice.get((test, ref), {}))
+            out[ref][setting] = (paired_gains(dice, test, ON, ref), seeds)
     return out
 
 
@@ -93,8 +97,8 @@ def distance_rows(jobs_file: str, names: dict[str, list[str]], prof: dict[str, t
     training site's statistics; ``names`` and ``prof`` hold each site's image names and heuristic profiles in the
     same order."""
     rows = []
-    for ref in REFS:
-        for setting, (gains, seeds) in cross_site_gains(jobs_file, ref).items():
+    for ref, by_setting in cross_site_gains(jobs_file).items():
+        for setting, (gains, seeds) in by_setting.items():
             if gains:
                 rows.append(_distance_row(setting, ref, gains, seeds, names, prof, enc))
     return rows

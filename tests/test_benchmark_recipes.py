@@ -597,11 +597,12 @@ def test_cross_site_gain_averages_the_seeds_both_film_models_ran(tmp_path):
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    by_setting = prc.cross_site_gains(str(jobs))
+    by_ref = prc.cross_site_gains(str(jobs))
+    by_setting = by_ref[prc.OFF]
     gains, seeds = by_setting["dca1_to_xcad"]
     assert seeds == [0, 1]
     assert gains == {"xcad/0": pytest.approx(-3.0), "xcad/1": pytest.approx(-1.0)}
     assert by_setting["xcad_to_dca1"] == ({}, [])
-    gains, seeds = prc.cross_site_gains(str(jobs), prc.SSHUFFLE)["dca1_to_xcad"]
+    gains, seeds = by_ref[prc.SSHUFFLE]["dca1_to_xcad"]
     assert seeds == [2]
     assert gains == {"xcad/0": pytest.approx(5.0), "xcad/1": pytest.approx(-10.0)}
